@@ -1,0 +1,25 @@
+"""loramix: Mixture-of-LoRA-Experts fine-tuning for Hugging Face causal language models."""
+
+from ._version import __version__
+from .checkpoint import AdapterLoadError, load_adapter, save_adapter
+from .config import ConfigError, MixLoraConfig
+from .ffn import FFNNotSupportedError
+from .injection import compute_aux_loss, get_config, inject, routing_stats, unload
+from .merge import merge_and_unload, merge_attention
+
+__all__ = [
+    "AdapterLoadError",
+    "ConfigError",
+    "FFNNotSupportedError",
+    "MixLoraConfig",
+    "__version__",
+    "compute_aux_loss",
+    "get_config",
+    "inject",
+    "load_adapter",
+    "merge_and_unload",
+    "merge_attention",
+    "routing_stats",
+    "save_adapter",
+    "unload",
+]

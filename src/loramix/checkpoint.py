@@ -1,0 +1,168 @@
+"""Adapter checkpoints: trainable weights as safetensors + adapter_config.json, verified on load.
+
+Loading checks everything before touching the model: the config keys, the base architecture's
+fingerprint, the weights file's SHA-256 and every tensor's name and shape. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ._version import __version__
+from .config import ConfigError, MixLoraConfig
+from .injection import architecture_fingerprint, get_state, inject, is_trainable_name, unload
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "loramix"
+FORMAT_VERSION = 1
+TOP_LEVEL_KEYS = {
+    "format",
+    "format_version",
+    "loramix_version",
+    "base_model_name_or_path",
+    "architecture",
+    "weights_file",
+    "weights_sha256",
+    "config",
+}
+
+
+class AdapterLoadError(ValueError):
+    """An adapter directory cannot be loaded onto this base model; nothing was changed."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's own tensors (names with a ``lora_`` / ``mixlora_`` marker)."""
+    return {n: t for n, t in model.state_dict().items() if is_trainable_name(n)}
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+    """Write only the trainable weights and the metadata needed to rebuild the model."""
+    state = get_state(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in trainable_state_dict(model).items()}
+    weights = directory / WEIGHTS_NAME
+    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "producer": FORMAT}))
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "loramix_version": __version__,
+        "base_model_name_or_path": state.base_model_name,
+        "architecture": state.fingerprint,
+        "weights_file": WEIGHTS_NAME,
+        "weights_sha256": _sha256(weights),
+        "config": state.config.to_dict(),
+    }
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """Parse and check ``adapter_config.json`` (unknown keys are refused)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {directory}")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterLoadError(f"{path} is missing: not an adapter directory")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterLoadError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise AdapterLoadError(f"{path}: expected a JSON object")
+    if meta.get("format") != FORMAT:
+        raise AdapterLoadError(f"{path}: not a loramix adapter (format={meta.get('format')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterLoadError(f"{path}: format_version {meta['format_version']} is newer than this loramix")
+    unknown = sorted(set(meta) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise AdapterLoadError(f"{path}: unknown keys {unknown}")
+    try:
+        meta["config"] = MixLoraConfig.from_dict(meta["config"])
+    except (ConfigError, TypeError, KeyError) as e:
+        raise AdapterLoadError(f"{path}: bad 'config': {e}") from e
+    return meta
+
+
+def _read_weights(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = directory / meta.get("weights_file", WEIGHTS_NAME)
+    if not path.is_file():
+        raise AdapterLoadError(f"weights file missing: {path}")
+    digest = _sha256(path)
+    if digest != meta.get("weights_sha256"):
+        raise AdapterLoadError(
+            f"{path} does not match the checksum in {CONFIG_NAME} (truncated or altered file): "
+            f"expected {meta.get('weights_sha256')}, got {digest}"
+        )
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise AdapterLoadError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def _check_architecture(expected: dict[str, Any], model: nn.Module) -> None:
+    actual = architecture_fingerprint(model)
+    diff = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
+    if diff:
+        details = "; ".join(f"{k}: adapter has {a!r}, model has {b!r}" for k, (a, b) in diff.items())
+        raise AdapterLoadError(f"adapter was trained for another architecture ({details})")
+
+
+def load_adapter(base_model: nn.Module, directory: str | Path, *, trainable: bool = False) -> nn.Module:
+    """Rebuild the adapted model on ``base_model`` (modified in place) with the saved weights.
+
+    Everything is verified before the model changes; if the injected model's tensors do not match the
+    file, the injection is undone. ``trainable=False`` leaves every parameter frozen (inference).
+    """
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    _check_architecture(meta["architecture"], base_model)
+    tensors = _read_weights(directory, meta)
+    model = inject(base_model, meta["config"])
+    expected = {n: t.shape for n, t in trainable_state_dict(model).items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(tensors) if tensors[n].shape != expected[n])
+    if missing or unexpected or wrong:
+        unload(model)
+        raise AdapterLoadError(
+            f"{directory}: tensors do not match the adapter config: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {wrong[:5]} ({len(wrong)})"
+        )
+    model.load_state_dict(tensors, strict=False)
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model

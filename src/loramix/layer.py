@@ -1,0 +1,229 @@
+"""MixLoraFFN: a frozen FFN plus routed LoRA experts, with a fast path and a plain reference path.
+
+Fast path (``mixlora`` experts), for T tokens and N = valid (token, expert) pairs:
+  1. the frozen gate/up projections run once over all T tokens;
+  2. pairs are sorted by expert, so each expert's LoRA runs on one contiguous slice (a loop over
+     experts, never over tokens);
+  3. the frozen down projection is linear, so it runs once per token on the routing-weighted sum of
+     the chosen experts' activations; each expert's own down-LoRA is added on top.
+The reference path computes every expert's full FFN for every token and mixes the outputs; tests
+check that both agree in values and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MixLoraConfig
+from .ffn import FFNSpec, linear_shape
+from .routers import Routing, build_router
+
+
+class ExpertLoRA(nn.Module):
+    """LoRA weights of E experts on one projection: ``delta_e(x) = scaling * x A_e^T B_e^T``."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, r: int, scaling: float) -> None:
+        super().__init__()
+        self.scaling = scaling
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features))  # (E, r, in)
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, r))  # (E, out, r)
+        for a in self.lora_A:  # PEFT's init: B = 0 makes every expert start as the frozen FFN
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Delta of expert ``e`` for all rows of ``x`` (rows, in) -> (rows, out)."""
+        a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
+        return (x @ a.t()) @ b.t() * self.scaling
+
+    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Delta for rows sorted by expert, ``counts[e]`` rows each: (N, in) -> (N, out)."""
+        return torch.cat([self.expert(chunk, e) for e, chunk in enumerate(x.split(counts))], dim=0)
+
+
+class AdapterExperts(nn.Module):
+    """E small FFN experts ``B_e act(A_e x)`` (rank r bottleneck), B = 0 at init."""
+
+    def __init__(self, num_experts: int, hidden: int, r: int, act: nn.Module) -> None:
+        super().__init__()
+        self.act = act
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, hidden))  # (E, r, H)
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, hidden, r))  # (E, H, r)
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
+        return self.act(x @ a.t()) @ b.t()
+
+    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return torch.cat([self.expert(chunk, e) for e, chunk in enumerate(x.split(counts))], dim=0)
+
+
+def _pairs_by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Valid (token, expert) pairs sorted by expert: token ids (N,), weights (N,), count per expert."""
+    num_tokens, k = routing.indices.shape
+    flat_mask = routing.mask.reshape(-1)  # (T*k,)
+    expert = routing.indices.reshape(-1)[flat_mask]  # (N,)
+    token = torch.arange(num_tokens, device=expert.device).repeat_interleave(k)[flat_mask]  # (N,)
+    weight = routing.weights.reshape(-1)[flat_mask]  # (N,)
+    order = torch.argsort(expert, stable=True)
+    num_experts = routing.probs.shape[-1]
+    counts = torch.bincount(expert, minlength=num_experts).tolist()
+    return token[order], weight[order], counts
+
+
+class MixLoraFFN(nn.Module):
+    """Replaces a decoder layer's FFN. ``base`` stays frozen; trainables live under ``mixlora_*``."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        spec: FFNSpec,
+        targets: list[str],
+        num_experts: int,
+        config: MixLoraConfig,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.spec = spec
+        self.targets = list(targets)
+        self.num_experts = num_experts
+        self.expert_type = config.expert_type
+        self.use_reference = False  # switch to the loop-over-experts path (debugging, tests)
+        hidden, intermediate = linear_shape(self.proj("up"))
+        self.mixlora_router = build_router(hidden, num_experts, config)
+        self.mixlora_dropout = nn.Dropout(config.dropout)
+        if config.expert_type == "mixlora":
+            self.mixlora_experts = nn.ModuleDict()
+            for role in self.targets:
+                fan_in, fan_out = linear_shape(self.proj(role))
+                self.mixlora_experts[role] = ExpertLoRA(num_experts, fan_in, fan_out, config.r, config.scaling)
+        else:
+            self.mixlora_adapters = AdapterExperts(num_experts, hidden, config.r, self.act)
+            self.mixlora_scale = nn.Parameter(torch.tensor(float(config.adapter_scale_init)))
+        self.token_mask: torch.Tensor | None = None  # set per forward by the model hook
+        self.last_routing: Routing | None = None  # kept for the aux loss and statistics
+
+    # --- pieces of the frozen FFN ----------------------------------------------------------------
+    def proj(self, role: str) -> nn.Module:
+        return getattr(self.base, getattr(self.spec, role))
+
+    @property
+    def act(self) -> nn.Module:
+        return getattr(self.base, self.spec.act)
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The base FFN's own output dropout (GPT-2), if any."""
+        return getattr(self.base, self.spec.dropout)(y) if self.spec.dropout else y
+
+    def _activation(self, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        return self.act(gate) * up if gate is not None else self.act(up)
+
+    def _down_bias(self) -> torch.Tensor | None:
+        return getattr(self.proj("down"), "bias", None)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # (T, H)
+        routing = self.mixlora_router(x, self._flat_token_mask(shape))
+        self.last_routing = routing
+        if self.expert_type == "adapter":
+            out = self.adapter_reference(x, routing) if self.use_reference else self.adapter_fast(x, routing)
+        else:
+            out = self.mixlora_reference(x, routing) if self.use_reference else self.mixlora_fast(x, routing)
+        return out.reshape(shape)
+
+    def _flat_token_mask(self, shape: torch.Size) -> torch.Tensor | None:
+        """The attention mask aligned with the current tokens: (B, L) -> (B*T,)."""
+        mask = self.token_mask
+        if mask is None or len(shape) != 3 or mask.dim() != 2 or mask.shape[0] != shape[0]:
+            return None
+        return mask[:, -shape[1] :].reshape(-1).bool()  # (T,) last T positions (KV-cache decoding)
+
+    def mixlora_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        token, weight, counts = _pairs_by_expert(routing)  # (N,), (N,), E ints
+        weight = weight.to(x.dtype)[:, None]  # (N, 1)
+        xd = self.mixlora_dropout(x[token])  # (N, H) each pair its own dropout mask
+        up = self.proj("up")(x)[token]  # (N, I) frozen projection once per token, then gathered
+        if "up" in self.targets:
+            up = up + self.mixlora_experts["up"].grouped(xd, counts)
+        gate = None
+        if self.spec.gated:
+            gate = self.proj("gate")(x)[token]  # (N, I)
+            if "gate" in self.targets:
+                gate = gate + self.mixlora_experts["gate"].grouped(xd, counts)
+        h = self._activation(up, gate)  # (N, I) each pair's expert activation
+        mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
+        mixed = mixed.index_add(0, token, h * weight)  # (T, I) routing-weighted sum per token
+        coverage = torch.zeros(num_tokens, dtype=weight.dtype, device=x.device).index_add(0, token, weight[:, 0])
+        dropped = ~routing.mask.any(dim=-1)  # (T,) tokens no expert took: frozen FFN
+        if dropped.any():
+            idx = dropped.nonzero().squeeze(-1)
+            base_gate = self.proj("gate")(x[idx]) if self.spec.gated else None
+            mixed = mixed.index_add(0, idx, self._activation(self.proj("up")(x[idx]), base_gate))
+            coverage = coverage.index_add(0, idx, torch.ones_like(idx, dtype=coverage.dtype))
+        out = self.proj("down")(mixed)  # (T, H) frozen down projection once per token
+        bias = self._down_bias()
+        if bias is not None:  # down(sum w h) adds the bias once; the mixture adds it sum(w) times
+            out = out + (coverage - 1.0)[:, None] * bias
+        if "down" in self.targets:
+            delta = self.mixlora_experts["down"].grouped(self.mixlora_dropout(h), counts)  # (N, H)
+            out = out.index_add(0, token, delta * weight)
+        return self._finish(out)
+
+    def mixlora_reference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Plain loop: every expert's full FFN on every token, mixed by a dense weight matrix."""
+        dense = self._dense_weights(routing, x.dtype)  # (T, E)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            xd = self.mixlora_dropout(x)
+            proj = {}
+            for role in self.spec.roles():
+                if role == "down":
+                    continue
+                proj[role] = self.proj(role)(x)
+                if role in self.targets:
+                    proj[role] = proj[role] + self.mixlora_experts[role].expert(xd, e)
+            h = self._activation(proj["up"], proj.get("gate"))  # (T, I)
+            y = self.proj("down")(h)
+            if "down" in self.targets:
+                y = y + self.mixlora_experts["down"].expert(self.mixlora_dropout(h), e)
+            out = out + dense[:, e : e + 1] * y
+        dropped = ~routing.mask.any(dim=-1)  # (T,)
+        base = self._plain_ffn(x)
+        out = out + dropped[:, None].to(x.dtype) * base
+        return self._finish(out)
+
+    def adapter_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        token, weight, counts = _pairs_by_expert(routing)
+        z = self.mixlora_adapters.grouped(self.mixlora_dropout(x[token]), counts)  # (N, H)
+        mix = torch.zeros_like(x).index_add(0, token, z * weight.to(x.dtype)[:, None])  # (T, H)
+        return self.base(x) + self.mixlora_scale.to(x.dtype) * mix
+
+    def adapter_reference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        dense = self._dense_weights(routing, x.dtype)  # (T, E)
+        mix = sum(
+            dense[:, e : e + 1] * self.mixlora_adapters.expert(self.mixlora_dropout(x), e)
+            for e in range(self.num_experts)
+        )
+        return self.base(x) + self.mixlora_scale.to(x.dtype) * mix
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _plain_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.proj("gate")(x) if self.spec.gated else None
+        return self.proj("down")(self._activation(self.proj("up")(x), gate))
+
+    def _dense_weights(self, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+        """Routing as a (T, E) matrix with each token's expert weights (0 elsewhere)."""
+        dense = torch.zeros(routing.indices.shape[0], self.num_experts, dtype=torch.float32, device=routing.indices.device)
+        dense = dense.scatter_add(1, routing.indices, routing.weights * routing.mask)  # (T, E)
+        return dense.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, type={self.expert_type}, targets={self.targets}"

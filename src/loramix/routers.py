@@ -1,0 +1,154 @@
+"""Routers: map each token to experts and mixing weights, always in float32.
+
+Every router returns a :class:`Routing` of fixed-width ``(T, K)`` tensors plus a validity mask, so the
+dispatch code never needs to know which rule picked the experts. Routers are registered by name in
+``ROUTERS`` and built with :func:`build_router`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MixLoraConfig
+
+
+@dataclass
+class Routing:
+    """The routing decision for ``T`` tokens over ``E`` experts (``K`` slots per token)."""
+
+    weights: torch.Tensor  # (T, K) float32 mixing weight of each slot (0 where not valid)
+    indices: torch.Tensor  # (T, K) long expert id of each slot
+    mask: torch.Tensor  # (T, K) bool: the slot is used (False for dropped/unused slots and padding)
+    logits: torch.Tensor  # (T, E) float32 router logits (after noise, if any)
+    probs: torch.Tensor  # (T, E) float32 softmax(logits)
+    token_mask: torch.Tensor | None = None  # (T,) bool real (non-padding) tokens; set by Router.forward
+
+
+class Router(nn.Module):
+    """Linear router ``logits = x W^T`` computed in float32; subclasses choose the experts."""
+
+    def __init__(self, hidden_size: int, num_experts: int, config: MixLoraConfig) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.jitter = config.router_jitter
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        nn.init.normal_(self.weight, std=config.router_init_scale)
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # (T, H) routing is done in float32 whatever the model dtype
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        return F.linear(x, self.weight.float())  # (T, E)
+
+    def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> Routing:
+        """Route ``x`` (T, H); ``token_mask`` (T,) marks real (non-padding) tokens."""
+        if token_mask is None:
+            token_mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        routing = self.select(self.compute_logits(x), token_mask)
+        routing.mask = routing.mask & token_mask[:, None]  # padding never reaches an expert
+        routing.weights = routing.weights * routing.mask
+        routing.token_mask = token_mask
+        return routing
+
+
+class TopKRouter(Router):
+    """Softmax over experts, keep the top-k, renormalise the kept weights to sum to one."""
+
+    def __init__(self, hidden_size: int, num_experts: int, config: MixLoraConfig) -> None:
+        super().__init__(hidden_size, num_experts, config)
+        self.top_k = min(config.top_k, num_experts)
+
+    def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
+        probs = logits.softmax(dim=-1)  # (T, E)
+        weights, indices = probs.topk(self.top_k, dim=-1)  # (T, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        mask = torch.ones_like(indices, dtype=torch.bool)
+        return Routing(weights, indices, mask, logits, probs)
+
+
+class NoisyTopKRouter(TopKRouter):
+    """Top-k on logits plus learned Gaussian noise (Shazeer et al. 2017); noise only in training."""
+
+    def __init__(self, hidden_size: int, num_experts: int, config: MixLoraConfig) -> None:
+        super().__init__(hidden_size, num_experts, config)
+        self.noise = nn.Linear(hidden_size, num_experts, bias=False, dtype=torch.float32)
+        nn.init.zeros_(self.noise.weight)
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().compute_logits(x)  # (T, E)
+        if self.training:
+            noise_std = F.softplus(self.noise(x.float()))  # (T, E)
+            logits = logits + torch.randn_like(logits) * noise_std
+        return logits
+
+
+class SwitchRouter(Router):
+    """Top-1 with a per-expert capacity (Switch Transformer); tokens over capacity are dropped.
+
+    The kept weight is 1 in value but carries the router probability's gradient (straight-through),
+    so the adapted model equals the base at initialisation and the router still learns from the LM loss.
+    Dropped tokens fall back to the frozen FFN.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, config: MixLoraConfig) -> None:
+        super().__init__(hidden_size, num_experts, config)
+        self.capacity_factor = config.capacity_factor
+
+    def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
+        probs = logits.softmax(dim=-1)  # (T, E)
+        top_prob, top_idx = probs.max(dim=-1)  # (T,), (T,)
+        num_tokens = int(token_mask.sum())
+        capacity = max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
+        one_hot = F.one_hot(top_idx, self.num_experts) * token_mask[:, None]  # (T, E)
+        position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # (T,) 1-based slot in its expert
+        keep = (position >= 1) & (position <= capacity)  # (T,)
+        weight = top_prob - top_prob.detach() + 1.0  # value 1, gradient of the probability
+        return Routing(weight[:, None], top_idx[:, None], keep[:, None], logits, probs)
+
+
+class DenseRouter(Router):
+    """Soft mixture of all experts with softmax weights (no sparsity)."""
+
+    def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
+        probs = logits.softmax(dim=-1)  # (T, E)
+        indices = torch.arange(self.num_experts, device=logits.device).expand_as(probs)  # (T, E)
+        mask = torch.ones_like(probs, dtype=torch.bool)
+        return Routing(probs, indices, mask, logits, probs)
+
+
+class TopPRouter(Router):
+    """The fewest experts whose probability mass reaches ``top_p`` (at least one), renormalised."""
+
+    def __init__(self, hidden_size: int, num_experts: int, config: MixLoraConfig) -> None:
+        super().__init__(hidden_size, num_experts, config)
+        self.top_p = config.top_p
+
+    def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
+        probs = logits.softmax(dim=-1)  # (T, E)
+        sorted_probs, indices = probs.sort(dim=-1, descending=True)  # (T, E)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (T, E) mass of the better experts
+        mask = mass_before < self.top_p  # the first slot always qualifies
+        kept = sorted_probs * mask
+        weights = kept / kept.sum(dim=-1, keepdim=True)
+        return Routing(weights, indices, mask, logits, probs)
+
+
+ROUTERS: dict[str, type[Router]] = {
+    "topk": TopKRouter,
+    "noisy_topk": NoisyTopKRouter,
+    "switch": SwitchRouter,
+    "dense": DenseRouter,
+    "top_p": TopPRouter,
+}
+
+
+def build_router(hidden_size: int, num_experts: int, config: MixLoraConfig) -> Router:
+    return ROUTERS[config.router](hidden_size, num_experts, config)

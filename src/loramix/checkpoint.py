@@ -151,18 +151,36 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, trainable: boo
     _check_architecture(meta["architecture"], base_model)
     tensors = _read_weights(directory, meta)
     model = inject(base_model, meta["config"])
+    try:
+        _assign(model, tensors, directory)
+    except AdapterLoadError:
+        unload(model)
+        raise
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """Copy ``tensors`` into the model's adapter weights after checking names and shapes match exactly."""
     expected = {n: t.shape for n, t in trainable_state_dict(model).items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(n for n in set(expected) & set(tensors) if tensors[n].shape != expected[n])
     if missing or unexpected or wrong:
-        unload(model)
         raise AdapterLoadError(
             f"{directory}: tensors do not match the adapter config: missing {missing[:5]} ({len(missing)}), "
             f"unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {wrong[:5]} ({len(wrong)})"
         )
     model.load_state_dict(tensors, strict=False)
-    if not trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a checkpoint's weights into an already adapted model with the same config (resume, best model)."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    if meta["config"] != get_state(model).config:
+        raise AdapterLoadError(f"{directory}: adapter config differs from the model's loramix config")
+    _assign(model, _read_weights(directory, meta), directory)
     return model

@@ -1,0 +1,443 @@
+"""`loramix train`: fine-tune a base model with MixLoRA (or plain LoRA) through HF Trainer.
+
+Recipe: (1) resolve the configs, (2) load the base model and data, (3) inject the adapter,
+(4) train with Trainer (AdamW, warmup + cosine, clipping, accumulation, its own router LR,
+adapter-only checkpoints, resumable, stops on divergence), (5) save the adapter, metrics, plots
+and a summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from .checkpoint import load_adapter_weights, save_adapter
+from .config import ConfigError, MixLoraConfig
+from .data import DataConfig, build_datasets
+from .injection import inject
+from .models import load_base_model
+
+ADAPTERS = ("mixlora", "lora")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf or exceeded ``max_loss``; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run (every one is also a CLI flag and a YAML key)."""
+
+    model: str | None = None
+    """Base model: hub id, local HF directory, .gguf file, or None for the packaged SmolLM2-135M-Instruct."""
+    output_dir: str = "runs/loramix"
+    adapter: str = "mixlora"
+    """``mixlora`` or ``lora`` (plain LoRA baseline = one expert with a dense router, i.e. exactly LoRA)."""
+    max_steps: int = 100
+    """Optimiser steps; <= 0 trains for ``num_epochs`` instead."""
+    num_epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    """Gradient accumulation: effective batch = batch_size * grad_accum * processes."""
+    learning_rate: float = 2e-4
+    router_lr: float | None = None
+    """Learning rate of the router weights (None = learning_rate); lower values calm routing."""
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    eval_steps: int = 50
+    """Validate (and checkpoint) every this many steps; the best adapter by validation loss is kept."""
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    precision: str = "auto"
+    """auto = bf16 on CUDA when supported, fp32 on CPU."""
+    quantize: str | None = None
+    """4bit / 8bit base model through bitsandbytes (CUDA only)."""
+    gradient_checkpointing: bool = False
+    model_cache_dir: str | None = None
+    """Where converted GGUF models are cached."""
+    resume: bool | str = False
+    """True = latest checkpoint in output_dir; a path = that checkpoint."""
+    max_loss: float = 20.0
+    """Stop when the training loss is non-finite or above this (divergence)."""
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise ConfigError(f"TrainConfig.adapter: must be one of {ADAPTERS}, got {self.adapter!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"TrainConfig.precision: must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "eval_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or (self.router_lr is not None and self.router_lr < 0):
+            raise ConfigError("TrainConfig.learning_rate / router_lr: must be positive")
+        if self.max_steps <= 0 and self.num_epochs <= 0:
+            raise ConfigError("TrainConfig.max_steps / num_epochs: one of them must be positive")
+
+
+SECTIONS: dict[str, type] = {"train": TrainConfig, "data": DataConfig, "mixlora": MixLoraConfig}
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def split_options(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Send each flat option to every config section that declares it (``seed`` goes to train and data)."""
+    known = {name: [s for s, cls in SECTIONS.items() if name in field_names(cls)] for name in options}
+    unknown = sorted(k for k, owners in known.items() if not owners)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; see `loramix train --help`")
+    out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for name, value in options.items():
+        for section in known[name]:
+            out[section][name] = value
+    return out
+
+
+def load_options_file(path: str | Path) -> dict[str, Any]:
+    """Read a flat YAML/JSON options file (keys = CLI flag names with underscores)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of options")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve(config: str | Path | None = None, **overrides: Any) -> tuple[TrainConfig, DataConfig, MixLoraConfig]:
+    """Options file first, explicit keyword arguments win."""
+    options = load_options_file(config) if config else {}
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    sections = split_options(options)
+    if "data" not in sections["data"]:
+        raise ConfigError("DataConfig.data: a data set is required (--data <hub name or file>)")
+    train_cfg = TrainConfig(**sections["train"])
+    data_cfg = DataConfig(**sections["data"])
+    mix = sections["mixlora"]
+    if train_cfg.adapter == "lora":  # one always-chosen expert == plain LoRA on the same projections
+        mix.update(num_experts=1, router="dense", balance_coef=0.0, z_loss_coef=0.0, entropy_coef=0.0)
+    return train_cfg, data_cfg, MixLoraConfig(**mix)
+
+
+# --- Trainer pieces ----------------------------------------------------------------------------------
+class LoramixTrainer(Trainer):
+    """Trainer that checkpoints only adapter weights, logs the aux loss and stops on divergence."""
+
+    def __init__(self, *args: Any, router_lr: float | None = None, max_loss: float = 20.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.router_lr = router_lr
+        self.max_loss = max_loss
+        self.model_accepts_loss_kwargs = False  # loss is a per-batch mean; Trainer scales it for accumulation
+        self.running: dict[str, float] = {"aux_loss": 0.0, "lm_loss": 0.0, "tokens": 0.0, "n": 0.0}
+        self.expert_counts: torch.Tensor | None = None  # (L, E) tokens per expert over training
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            router = [p for n, p in params if "mixlora_router" in n]
+            other = [p for n, p in params if "mixlora_router" not in n]
+            groups = [{"params": other, "lr": self.args.learning_rate}]
+            if router:
+                groups.append({"params": router, "lr": self.router_lr or self.args.learning_rate})
+            self.optimizer = torch.optim.AdamW(groups, weight_decay=self.args.weight_decay, betas=(0.9, 0.999))
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        outputs = model(**inputs)
+        loss = outputs["loss"]
+        aux = outputs.get("aux_loss")
+        aux = aux.detach() if aux is not None else torch.zeros((), device=loss.device)
+        if model.training:
+            value = float(loss.detach())
+            if not math.isfinite(value) or value > self.max_loss:
+                raise TrainingDivergedError(
+                    f"training loss {value:.4g} at step {self.state.global_step + 1} is "
+                    f"{'not finite' if not math.isfinite(value) else f'above max_loss={self.max_loss}'}"
+                )
+            self.running["aux_loss"] += float(aux)
+            self.running["lm_loss"] += value - float(aux)
+            self.running["tokens"] += float(inputs["attention_mask"].sum())
+            self.running["n"] += 1
+            stats = outputs.get("routing_stats")
+            if stats is not None:
+                counts = stats["tokens_per_expert"].detach().cpu()
+                self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
+        else:
+            loss = loss - aux  # validation reports the language-model loss alone
+        return (loss, outputs) if return_outputs else loss
+
+    def pop_running(self) -> dict[str, float]:
+        n = max(self.running["n"], 1.0)
+        out = {"aux_loss": self.running["aux_loss"] / n, "lm_loss": self.running["lm_loss"] / n,
+               "tokens": self.running["tokens"]}
+        self.running = dict.fromkeys(self.running, 0.0)
+        return out
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            save_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        load_adapter_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_adapter_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+
+class MetricsCallback(TrainerCallback):
+    """Progress bar (loss, aux loss, lr, tokens/s) and one JSON line of metrics per log event."""
+
+    def __init__(self, trainer: LoramixTrainer, path: Path) -> None:
+        self.trainer = trainer
+        self.path = path
+        self.bar = None
+        self.last_time = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+        self.last_time = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        logs = dict(logs or {})
+        if "loss" in logs:
+            now = time.perf_counter()
+            run = self.trainer.pop_running()
+            logs.update(aux_loss=run["aux_loss"], lm_loss=run["lm_loss"],
+                        tokens_per_s=run["tokens"] / max(now - self.last_time, 1e-9))
+            self.last_time = now
+        if not state.is_world_process_zero:
+            return
+        record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.bar is not None and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", aux=f"{logs['aux_loss']:.4f}",
+                                 lr=f"{logs.get('learning_rate', 0):.2e}", tok_s=f"{logs['tokens_per_s']:.0f}")
+        elif self.bar is not None and "eval_loss" in logs:
+            self.bar.write(f"step {state.global_step}: validation loss {logs['eval_loss']:.4f}")
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.bar is not None:
+            self.bar.close()
+
+
+class InterruptCallback(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        def handler(signum, frame):  # noqa: ANN001
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nInterrupt: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self._previous = None
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _precision_flags(precision: str) -> dict[str, bool]:
+    if precision == "auto":
+        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return {"bf16": use_bf16, "fp16": False}
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _training_args(cfg: TrainConfig, has_val: bool) -> TrainingArguments:
+    try:
+        import tensorboard  # noqa: F401
+
+        report_to = ["tensorboard"]
+    except ImportError:
+        report_to = "none"
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        num_train_epochs=cfg.num_epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.eval_steps,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss" if has_val else None,
+        greater_is_better=False,
+        report_to=report_to,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        **_precision_flags(cfg.precision),
+    )
+
+
+def _keep_model_columns(ds: Any) -> Any:
+    if ds is None:
+        return None
+    extra = [c for c in ds.column_names if c not in ("input_ids", "attention_mask", "labels")]
+    return ds.remove_columns(extra) if extra else ds
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+def train(config: str | Path | None = None, **options: Any) -> dict[str, Any]:
+    """Fine-tune a model; returns the run summary (also written to ``<output_dir>/summary.json``).
+
+    ``config`` is an optional YAML file of options; keyword ``options`` override it. Options are the
+    fields of TrainConfig, DataConfig and MixLoraConfig (e.g. ``data=..., num_experts=8, top_k=2``).
+    """
+    # 1. configs
+    train_cfg, data_cfg, mix_cfg = resolve(config, **options)
+    out = Path(train_cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {"train": dataclasses.asdict(train_cfg), "data": dataclasses.asdict(data_cfg),
+                "mixlora": mix_cfg.to_dict()}
+    torch.manual_seed(train_cfg.seed)
+
+    # 2. model and data
+    precision_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(train_cfg.precision, "auto")
+    base, tokenizer = load_base_model(
+        train_cfg.model,
+        cache_dir=train_cfg.model_cache_dir,
+        dtype=precision_dtype,
+        quantize=train_cfg.quantize,
+        gradient_checkpointing=train_cfg.gradient_checkpointing,
+    )
+    train_ds, val_ds, data_stats = build_datasets(data_cfg, tokenizer)
+    train_ds, val_ds = _keep_model_columns(train_ds), _keep_model_columns(val_ds)
+
+    # 3. adapter
+    model = inject(base, mix_cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    # 4. train
+    has_val = val_ds is not None and len(val_ds) > 0
+    trainer = LoramixTrainer(
+        model=model,
+        args=_training_args(train_cfg, has_val),
+        train_dataset=train_ds,
+        eval_dataset=val_ds if has_val else None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        router_lr=train_cfg.router_lr,
+        max_loss=train_cfg.max_loss,
+    )
+    metrics_path = out / "metrics.jsonl"
+    if not train_cfg.resume and trainer.is_world_process_zero() and metrics_path.exists():
+        metrics_path.unlink()
+    trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed dicts
+    trainer.add_callback(MetricsCallback(trainer, metrics_path))
+    interrupt = InterruptCallback()
+    trainer.add_callback(interrupt)
+    if trainer.is_world_process_zero():
+        (out / "resolved_config.yaml").write_text(_yaml(resolved))
+
+    base_val = None
+    if has_val and not train_cfg.resume:  # at init the adapted model equals the base model
+        base_val = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+    resume = train_cfg.resume
+    if resume is True and not any(out.glob("checkpoint-*")):
+        raise FileNotFoundError(f"--resume: no checkpoint-* directory in {out}")
+    started = time.perf_counter()
+    diverged = None
+    try:
+        trainer.train(resume_from_checkpoint=resume or None)
+    except TrainingDivergedError as e:
+        diverged = str(e)
+        save_adapter(model, out / "last_good")  # the update that diverged was never applied
+    elapsed = time.perf_counter() - started
+    final_val = trainer.evaluate()["eval_loss"] if has_val and diverged is None else None
+
+    # 5. save and report
+    summary: dict[str, Any] = {
+        "output_dir": str(out),
+        "adapter_dir": str(out / "adapter"),
+        "steps": trainer.state.global_step,
+        "interrupted": interrupt.requested,
+        "diverged": diverged,
+        "train_seconds": round(elapsed, 1),
+        "trainable_params": trainable,
+        "total_params": total,
+        "base_val_loss": base_val,
+        "final_val_loss": final_val,
+        "best_val_loss": trainer.state.best_metric,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "data": data_stats if isinstance(data_stats, dict) else str(data_stats),
+    }
+    if trainer.expert_counts is not None:
+        counts = trainer.expert_counts.float()
+        share = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
+        summary["expert_share_min"] = float(share[counts.sum(-1) > 0].min()) if counts.sum() > 0 else None
+        summary["expert_share"] = share.tolist()
+    if trainer.is_world_process_zero():
+        if diverged is None:
+            save_adapter(model, out / "adapter")
+            tokenizer.save_pretrained(out / "adapter")
+        if train_cfg.plots:
+            from .plots import plot_expert_utilisation, plot_loss_curves
+
+            plot_loss_curves(metrics_path, out / "loss_curves.png")
+            if trainer.expert_counts is not None:
+                plot_expert_utilisation(trainer.expert_counts, out / "expert_utilisation.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if diverged is not None:
+        raise TrainingDivergedError(f"{diverged}; the last good adapter is in {out / 'last_good'}"
+                                    f" (checkpoints: {sorted(p.name for p in out.glob('checkpoint-*'))})")
+    return summary
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+

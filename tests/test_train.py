@@ -1,0 +1,121 @@
+"""Training recipe on tiny local models: end to end, resume, interrupt, divergence, multi-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from loramix.config import ConfigError
+from loramix.train import TrainingDivergedError, resolve, train
+from tiny_lm import save_tiny_lm
+
+ROWS = [{"Context": f"question {i}: how do I cope with stress at work?",
+         "Response": f"answer {i}: breathe, rest and talk to someone you trust."} for i in range(48)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    model_dir = save_tiny_lm(d / "model")
+    data = d / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    return model_dir, str(data)
+
+
+def _opts(model_dir, data, out, **kw):
+    opts = dict(model=model_dir, data=data, output_dir=str(out), max_steps=6, eval_steps=3, num_experts=4,
+                top_k=2, r=4, attn_r=4, learning_rate=5e-3, batch_size=4, val_size=0, plots=False, seed=1)
+    opts.update(kw)
+    return opts
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_train_end_to_end_writes_adapter_metrics_plots(tiny_run_inputs, tmp_path):
+    """A run writes the adapter, resolved config, metrics with aux loss, plots, and lowers val loss."""
+    model_dir, data = tiny_run_inputs
+    s = train(**_opts(model_dir, data, tmp_path / "run", max_steps=12, val_size=8, plots=True))
+    run = tmp_path / "run"
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "resolved_config.yaml",
+                 "metrics.jsonl", "summary.json", "loss_curves.png", "expert_utilisation.png"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert len(train_rows) == 12 and all("aux_loss" in r and "tokens_per_s" in r for r in train_rows)
+    assert s["final_val_loss"] < s["base_val_loss"]
+    assert s["steps"] == 12
+
+
+def test_resume_matches_uninterrupted_run(tiny_run_inputs, tmp_path):
+    """Stopping at step 3 (as Ctrl-C does) and resuming ends with the same weights as one straight run."""
+    model_dir, data = tiny_run_inputs
+    train(**_opts(model_dir, data, tmp_path / "straight"))
+
+    class InterruptAt3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # Ctrl-C during the third step
+                os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C path: the handler asks for save + stop
+
+    first = train(**_opts(model_dir, data, tmp_path / "resumed"), callbacks=[InterruptAt3()])
+    assert first["interrupted"] and first["steps"] == 3
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
+    second = train(**_opts(model_dir, data, tmp_path / "resumed", resume=True))
+    assert second["steps"] == 6
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_divergence_stops_and_keeps_last_good(tiny_run_inputs, tmp_path):
+    """A loss above max_loss stops the run with a clear error and keeps the last good adapter."""
+    model_dir, data = tiny_run_inputs
+    with pytest.raises(TrainingDivergedError, match="max_loss"):
+        train(**_opts(model_dir, data, tmp_path / "run", max_loss=1.0))
+    assert (tmp_path / "run" / "last_good" / "adapter_model.safetensors").is_file()
+
+
+def test_options_are_validated_and_yaml_config_works(tiny_run_inputs, tmp_path):
+    """Unknown options and bad values fail naming the option; YAML options resolve like flags."""
+    model_dir, data = tiny_run_inputs
+    with pytest.raises(ConfigError, match="num_expertz"):
+        resolve(data=data, num_expertz=3)
+    with pytest.raises(ConfigError, match="adapter"):
+        resolve(data=data, adapter="qlora")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {data}\nnum_experts: 3\ntop_k: 1\nlearning_rate: 1.0e-3\n")
+    t, d, m = resolve(cfg, top_k=2)
+    assert (m.num_experts, m.top_k, t.learning_rate, d.data) == (3, 2, 1e-3, data)
+    t, d, m = resolve(cfg, adapter="lora")
+    assert (m.num_experts, m.router) == (1, "dense")
+
+
+@pytest.mark.slow
+def test_accelerate_two_cpu_processes_end_with_same_weights(tiny_run_inputs, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo) trains and both ranks end with identical weights."""
+    model_dir, data = tiny_run_inputs
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    loramix_bin = shutil.which("loramix", path=str(Path(sys.executable).parent))
+    out = tmp_path / "ddp"
+    cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", loramix_bin, "train", "--model", model_dir,
+           "--data", data, "--output-dir", str(out), "--max-steps", "4", "--num-experts", "4", "--r", "4",
+           "--attn-r", "4", "--batch-size", "2", "--val-size", "0", "--no-plots", "--learning-rate", "5e-3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = sorted((out / "rank_digests").glob("rank*.txt"))
+    assert len(digests) == 2
+    assert digests[0].read_text() == digests[1].read_text()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

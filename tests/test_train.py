@@ -109,7 +109,8 @@ def test_accelerate_two_cpu_processes_end_with_same_weights(tiny_run_inputs, tmp
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     loramix_bin = shutil.which("loramix", path=str(Path(sys.executable).parent))
     out = tmp_path / "ddp"
-    cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # accelerate's multi-process (torchrun) launcher; without CUDA, Trainer uses the gloo backend on CPU
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", loramix_bin, "train", "--model", model_dir,
            "--data", data, "--output-dir", str(out), "--max-steps", "4", "--num-experts", "4", "--r", "4",
            "--attn-r", "4", "--batch-size", "2", "--val-size", "0", "--no-plots", "--learning-rate", "5e-3"]

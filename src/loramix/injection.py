@@ -38,6 +38,7 @@ class LoramixState:
     moe_layers: dict[str, MixLoraFFN] = field(default_factory=dict)  # full module name -> layer
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
     hooks: list[Any] = field(default_factory=list)
+    added_peft_config: bool = False  # PEFT set model.peft_config; unload removes it
 
 
 def get_state(model: nn.Module) -> LoramixState:
@@ -62,9 +63,11 @@ def find_ffns(model: nn.Module, mlp_name: str) -> list[tuple[int, str]]:
     found = [(int(m.group(2)), name) for name, _ in model.named_modules() if (m := pattern.match(name))]
     if not found:
         top = ", ".join(n for n, _ in model.named_children())
+        layer = next((m for n, m in model.named_modules() if re.search(r"\.\d+$", n)), None)
+        inside = ", ".join(n for n, _ in layer.named_children()) if layer is not None else "none found"
         raise ValueError(
-            f"no decoder-layer FFN named '{mlp_name}' found in {type(model).__name__} (top-level modules: "
-            f"{top}); set MixLoraConfig.mlp_name to the FFN's attribute name"
+            f"no decoder-layer FFN named '{mlp_name}' found in {type(model).__name__} (decoder-layer "
+            f"children: {inside}; top-level modules: {top}); set MixLoraConfig.mlp_name to the FFN's attribute name"
         )
     return found
 
@@ -136,6 +139,7 @@ def inject(model: nn.Module, config: MixLoraConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     if attn_targets:
+        state.added_peft_config = not hasattr(model, "peft_config")
         _inject_attention_lora(model, config, attn_targets)
     for (_, name), n_exp, (spec, targets) in zip(ffns, counts, specs, strict=True):
         if n_exp == 0:
@@ -145,8 +149,10 @@ def inject(model: nn.Module, config: MixLoraConfig) -> nn.Module:
         layer = MixLoraFFN(base, spec, targets, n_exp, config)
         device = next(base.parameters()).device
         layer.to(device)  # new weights stay float32 (master copy); they are cast per forward
+        layer.train(base.training)  # new modules start in training mode; follow the model's mode
         setattr(model.get_submodule(parent_name), child, layer)
         state.moe_layers[name] = layer
+    model.train(model.training)  # new modules follow the model's mode (an eval model stays deterministic)
     setattr(model, STATE_ATTR, state)
     state.hooks = [
         model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
@@ -167,7 +173,10 @@ def _inject_attention_lora(model: nn.Module, config: MixLoraConfig, targets: lis
         use_rslora=config.use_rslora,
         fan_in_fan_out=conv1d,
     )
+    modes = {t: model.get_submodule(t).training for t in targets}
     inject_adapter_in_model(lora, model)
+    for t, training in modes.items():  # PEFT's new LoRA modules start in training mode (dropout on)
+        model.get_submodule(t).train(training)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -185,8 +194,16 @@ def unload(model: nn.Module) -> nn.Module:
             setattr(model.get_submodule(parent_name), child, module.get_base_layer())
     for n, p in model.named_parameters():
         p.requires_grad_(state.original_requires_grad.get(n, p.requires_grad))
-    delattr(model, STATE_ATTR)
+    drop_state(model)
     return model
+
+
+def drop_state(model: nn.Module) -> None:
+    """Remove the loramix state and what PEFT attached (a later inject must start clean)."""
+    state = get_state(model)
+    if state.added_peft_config and hasattr(model, "peft_config"):
+        delattr(model, "peft_config")
+    delattr(model, STATE_ATTR)
 
 
 # --- forward hooks --------------------------------------------------------------------------------

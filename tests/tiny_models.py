@@ -41,7 +41,7 @@ def tiny_config(arch: str, **overrides: Any):
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> torch.nn.Module:
-    """A freshly initialised tiny model in eval mode; the same (arch, seed, overrides) gives the same weights."""
+    """A freshly initialised tiny model in eval mode; equal (arch, seed, overrides) give equal weights."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
     model.config._name_or_path = f"tiny-{arch}"
@@ -78,6 +78,16 @@ def perturb_adapters(model: nn.Module, seed: int = 123, scale: float = 0.2) -> N
     for name, p in model.named_parameters():
         if "lora_" in name or "mixlora_" in name:
             p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+
+
+@torch.no_grad()
+def randomize_biases(model: nn.Module, seed: int = 321, scale: float = 0.1) -> nn.Module:
+    """Random values for every bias (GPT-2 initialises them to zero, which hides wrong bias handling)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+    return model
 
 
 def module_types(model: nn.Module) -> dict[str, type]:

@@ -69,6 +69,11 @@ def _atomic_write(path: Path, write: Any) -> None:
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write only the trainable weights and the metadata needed to rebuild the model."""
     state = get_state(model)
+    if state.config.attn_r > 0 and not state.attn_targets:  # the config would re-create attention LoRA
+        raise ValueError(
+            "the attention LoRA was merged into the base weights (merge_attention); this adapter can no "
+            "longer be saved on its own: save the merged model with save_pretrained instead"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in trainable_state_dict(model).items()}

@@ -11,6 +11,10 @@ from typing import Any
 ROUTERS = ("topk", "noisy_topk", "switch", "dense", "top_p")
 EXPERT_TYPES = ("mixlora", "adapter")
 FFN_ROLES = ("gate", "up", "down")
+_FLOAT_FIELDS = (
+    "alpha", "dropout", "adapter_scale_init", "top_p", "capacity_factor", "router_init_scale",
+    "router_jitter", "attn_alpha", "attn_dropout", "balance_coef", "z_loss_coef", "entropy_coef",
+)
 
 
 class ConfigError(ValueError):
@@ -89,22 +93,40 @@ class MixLoraConfig:
     """Override of role -> module name inside the FFN, e.g. {"gate": "w1", "up": "w3", "down": "w2"}."""
 
     def __post_init__(self) -> None:
+        for name in ("expert_targets", "attn_targets"):  # list("up") would silently become ["u", "p"]
+            if isinstance(getattr(self, name), str):
+                _fail(name, f"must be a list of names, not the string {getattr(self, name)!r}")
         if self.expert_targets is not None:
             self.expert_targets = list(self.expert_targets)
         if self.attn_targets is not None:
             self.attn_targets = list(self.attn_targets)
         if isinstance(self.num_experts, dict):
-            self.num_experts = {int(k): v for k, v in self.num_experts.items()}
+            try:
+                self.num_experts = {int(k): v for k, v in self.num_experts.items()}
+            except (TypeError, ValueError):
+                _fail("num_experts", f"dict keys must be layer indices, got {list(self.num_experts)}")
         self._validate()
 
     def _validate(self) -> None:
+        # Types first, so a wrong type (e.g. r: "8" or 8.0 from a YAML file) names its field instead of
+        # surfacing as a TypeError here or deep inside inject().
+        for name in ("top_k", "r", "attn_r", "default_num_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                _fail(name, f"must be an int, got {value!r}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                _fail(name, f"must be a number, got {value!r}")
+        if not isinstance(self.use_rslora, bool):
+            _fail("use_rslora", f"must be true or false, got {self.use_rslora!r}")
+        if self.default_num_experts < 0:
+            _fail("default_num_experts", "must be >= 0")
         counts = self._count_values()
         if not counts or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in counts):
             _fail("num_experts", f"expected a non-negative int, a list or a dict of them, got {self.num_experts!r}")
         if isinstance(self.num_experts, dict) and any(k < 0 for k in self.num_experts):
             _fail("num_experts", "layer indices must be >= 0")
-        if self.default_num_experts < 0:
-            _fail("default_num_experts", "must be >= 0")
         if self.router not in ROUTERS:
             _fail("router", f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
         if self.expert_type not in EXPERT_TYPES:

@@ -67,7 +67,8 @@ def find_ffns(model: nn.Module, mlp_name: str) -> list[tuple[int, str]]:
         inside = ", ".join(n for n, _ in layer.named_children()) if layer is not None else "none found"
         raise ValueError(
             f"no decoder-layer FFN named '{mlp_name}' found in {type(model).__name__} (decoder-layer "
-            f"children: {inside}; top-level modules: {top}); set MixLoraConfig.mlp_name to the FFN's attribute name"
+            f"children: {inside}; top-level modules: {top}); set MixLoraConfig.mlp_name to the FFN's "
+            "attribute name"
         )
     return found
 

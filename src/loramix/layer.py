@@ -37,11 +37,29 @@ class ExpertLoRA(nn.Module):
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Delta of expert ``e`` for all rows of ``x`` (rows, in) -> (rows, out)."""
         a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
-        return (x @ a.t()) @ b.t() * self.scaling
+        return ((x @ a.t()) * self.scaling) @ b.t()  # scale the (rows, r) product, not the wide output
 
     def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Delta for rows sorted by expert, ``counts[e]`` rows each: (N, in) -> (N, out)."""
-        return torch.cat([self.expert(chunk, e) for e, chunk in enumerate(x.split(counts))], dim=0)
+        a_all = self.lora_A.to(x.dtype).unbind(0)  # E x (r, in); one backward node instead of E selects
+        b_all = self.lora_B.to(x.dtype).unbind(0)  # E x (out, r)
+        chunks = x.split(counts)
+        return torch.cat([((c @ a.t()) * self.scaling) @ b.t() for c, a, b in zip(chunks, a_all, b_all, strict=True)])
+
+
+def grouped_pair(
+    first: ExpertLoRA, second: ExpertLoRA, x: torch.Tensor, counts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deltas of two projections that read the same input (gate and up), with one A matmul per expert."""
+    r = first.lora_A.shape[1]
+    a_all = torch.cat([first.lora_A, second.lora_A], dim=1).to(x.dtype).unbind(0)  # E x (2r, in)
+    b1, b2 = first.lora_B.to(x.dtype).unbind(0), second.lora_B.to(x.dtype).unbind(0)  # E x (out, r)
+    outs_1, outs_2 = [], []
+    for e, chunk in enumerate(x.split(counts)):
+        z = (chunk @ a_all[e].t()) * first.scaling  # (n_e, 2r)
+        outs_1.append(z[:, :r] @ b1[e].t())  # (n_e, out)
+        outs_2.append(z[:, r:] @ b2[e].t())
+    return torch.cat(outs_1), torch.cat(outs_2)
 
 
 class AdapterExperts(nn.Module):
@@ -149,15 +167,18 @@ class MixLoraFFN(nn.Module):
         num_tokens = x.shape[0]
         token, weight, counts = _pairs_by_expert(routing)  # (N,), (N,), E ints
         weight = weight.to(x.dtype)[:, None]  # (N, 1)
-        xd = self.mixlora_dropout(x[token])  # (N, H) each pair its own dropout mask
-        up = self.proj("up")(x)[token]  # (N, I) frozen projection once per token, then gathered
-        if "up" in self.targets:
-            up = up + self.mixlora_experts["up"].grouped(xd, counts)
-        gate = None
-        if self.spec.gated:
-            gate = self.proj("gate")(x)[token]  # (N, I)
-            if "gate" in self.targets:
-                gate = gate + self.mixlora_experts["gate"].grouped(xd, counts)
+        xd = self.mixlora_dropout(x).index_select(0, token)  # (N, H) one mask per token: half the RNG work
+        up = self.proj("up")(x).index_select(0, token)  # (N, I) frozen projection once per token, gathered
+        gate = self.proj("gate")(x).index_select(0, token) if self.spec.gated else None  # (N, I)
+        lora = self.mixlora_experts
+        if gate is not None and "gate" in self.targets and "up" in self.targets:
+            d_gate, d_up = grouped_pair(lora["gate"], lora["up"], xd, counts)
+            gate, up = gate + d_gate, up + d_up
+        else:
+            if "up" in self.targets:
+                up = up + lora["up"].grouped(xd, counts)
+            if gate is not None and "gate" in self.targets:
+                gate = gate + lora["gate"].grouped(xd, counts)
         h = self._activation(up, gate)  # (N, I) each pair's expert activation
         mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
         mixed = mixed.index_add(0, token, h * weight)  # (T, I) routing-weighted sum per token
@@ -202,7 +223,7 @@ class MixLoraFFN(nn.Module):
 
     def adapter_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         token, weight, counts = _pairs_by_expert(routing)
-        z = self.mixlora_adapters.grouped(self.mixlora_dropout(x[token]), counts)  # (N, H)
+        z = self.mixlora_adapters.grouped(self.mixlora_dropout(x.index_select(0, token)), counts)  # (N, H)
         mix = torch.zeros_like(x).index_add(0, token, z * weight.to(x.dtype)[:, None])  # (T, H)
         return self.base(x) + self.mixlora_scale.to(x.dtype) * mix
 

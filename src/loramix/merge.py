@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .injection import STATE_ATTR, get_state
+from .injection import drop_state, get_state
 
 
 def merge_attention(model: nn.Module) -> nn.Module:
@@ -44,5 +44,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         setattr(model.get_submodule(parent_name), child, layer.base)
     for h in state.hooks:
         h.remove()
-    delattr(model, STATE_ATTR)
+    for n, p in model.named_parameters():  # a plain model again: the user's requires_grad flags
+        p.requires_grad_(state.original_requires_grad.get(n, p.requires_grad))
+    drop_state(model)
     return model

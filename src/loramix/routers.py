@@ -85,7 +85,8 @@ class NoisyTopKRouter(TopKRouter):
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(x)  # (T, E)
         if self.training:
-            noise_std = F.softplus(self.noise(x.float()))  # (T, E)
+            # (T, E); the weight is cast too, so a model moved to another dtype still routes in float32
+            noise_std = F.softplus(F.linear(x.float(), self.noise.weight.float()))
             logits = logits + torch.randn_like(logits) * noise_std
         return logits
 

@@ -63,6 +63,8 @@ class TrainConfig:
     """Validate (and checkpoint) every this many steps; the best adapter by validation loss is kept."""
     save_total_limit: int = 2
     logging_steps: int = 1
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding, faster on long-tailed data)."""
     precision: str = "auto"
     """auto = bf16 on CUDA when supported, fp32 on CPU."""
     quantize: str | None = None
@@ -327,6 +329,7 @@ def _training_args(cfg: TrainConfig, has_val: bool) -> TrainingArguments:
         report_to=report_to,
         disable_tqdm=True,
         remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),

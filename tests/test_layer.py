@@ -1,0 +1,195 @@
+"""MixLoraFFN: the fast path (grouped by expert) equals the plain reference path, values and gradients."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from loramix import MixLoraConfig
+from loramix.ffn import check_targets, detect_ffn
+from loramix.layer import MixLoraFFN
+from loramix.routers import Routing
+from tiny_models import (
+    ARCHS,
+    EXPERT_TYPES,
+    ROUTER_NAMES,
+    decoder_mlps,
+    perturb_adapters,
+    randomize_biases,
+    tiny_model,
+)
+
+HIDDEN = 32
+# Values in float64; the router runs in float32 by design, so its gradients agree to float32 precision.
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@functools.cache
+def _base_mlp(arch: str) -> torch.nn.Module:
+    model = randomize_biases(tiny_model(arch).double())  # GPT-2's zero-init biases would hide bias bugs
+    return decoder_mlps(model)[0]
+
+
+def make_layer(
+    arch: str, router: str = "topk", expert_type: str = "mixlora", num_experts: int = 4,
+    targets: list[str] | None = None, **cfg: object,
+) -> MixLoraFFN:
+    """A MixLoraFFN (float64, train mode, dropout 0) on a copy of layer 0's FFN, with random adapters."""
+    mlp = copy.deepcopy(_base_mlp(arch))
+    if hasattr(mlp, "dropout"):  # GPT-2's own output dropout would differ between two calls
+        mlp.dropout.p = 0.0
+    mlp.requires_grad_(False)
+    config = MixLoraConfig(
+        num_experts=num_experts, top_k=2, router=router, expert_type=expert_type, dropout=0.0,
+        expert_targets=targets, router_jitter=0.05, **cfg,
+    )
+    spec = detect_ffn(mlp)
+    layer = MixLoraFFN(mlp, spec, check_targets(spec, targets, mlp), num_experts, config).double()
+    perturb_adapters(layer, scale=0.3)
+    return layer.train()
+
+
+def run_layer(layer: MixLoraFFN, x: torch.Tensor, reference: bool, token_mask: torch.Tensor | None = None):
+    """Forward + backward of a fixed random projection of the output; returns (out, routing, grads)."""
+    layer.use_reference = reference
+    layer.token_mask = token_mask
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(7)  # noisy router and jitter draw the same noise on both paths
+    out = layer(x)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    params = dict((n, p) for n, p in layer.named_parameters() if p.requires_grad)
+    grads = torch.autograd.grad((out * probe).sum(), [x, *params.values()], allow_unused=True)
+    named = {"input": grads[0]}
+    for (n, p), g in zip(params.items(), grads[1:], strict=True):
+        named[n] = torch.zeros_like(p) if g is None else g
+    return out.detach(), layer.last_routing, named
+
+
+def assert_paths_agree(layer: MixLoraFFN, x: torch.Tensor, token_mask: torch.Tensor | None = None):
+    out_f, routing_f, g_f = run_layer(layer, x, reference=False, token_mask=token_mask)
+    out_r, routing_r, g_r = run_layer(layer, x, reference=True, token_mask=token_mask)
+    assert torch.equal(routing_f.indices, routing_r.indices) and torch.equal(routing_f.mask, routing_r.mask)
+    torch.testing.assert_close(out_f, out_r, **TOL)
+    assert set(g_f) == set(g_r)
+    for name in g_f:
+        torch.testing.assert_close(g_f[name], g_r[name], **TOL, msg=lambda m, n=name: f"grad of {n}: {m}")
+    # guard against a vacuous pass: the adapter changes the output and gradients reach the experts
+    assert g_f["input"].abs().sum() > 0
+    lora = [g for n, g in g_f.items() if "lora_A" in n or "lora_B" in n]
+    assert lora and all(g.abs().sum() > 0 for g in lora)
+    return out_f, routing_f
+
+
+def plain_ffn(layer: MixLoraFFN, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return layer.base(x)
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+@pytest.mark.parametrize("router", ROUTER_NAMES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_path_equals_reference(arch: str, router: str, expert_type: str) -> None:
+    """Fast and reference paths give the same output and the same gradients (input and every trainable
+    parameter) in train mode, for every router, both expert types and every FFN family (GPT-2: Conv1D
+    with a bias on the down projection)."""
+    layer = make_layer(arch, router, expert_type)
+    x = torch.randn(2, 8, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out, _ = assert_paths_agree(layer, x)
+    assert (out - plain_ffn(layer, x)).abs().max() > 1e-3  # the experts really changed the FFN
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+@pytest.mark.parametrize("router", ["topk", "top_p", "dense"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fast_path_equals_reference_with_padding(arch: str, router: str, expert_type: str) -> None:
+    """With a padding mask both paths agree, padding tokens reach no expert and get the frozen FFN output."""
+    layer = make_layer(arch, router, expert_type)
+    x = torch.randn(2, 8, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    out, routing = assert_paths_agree(layer, x, token_mask=mask)
+    pad = ~mask.reshape(-1).bool()
+    assert not routing.mask[pad].any()
+    assert routing.mask[~pad].any(dim=-1).all()
+    torch.testing.assert_close(out[1, :3], plain_ffn(layer, x[1, :3]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fast_path_equals_reference_when_switch_drops_tokens(arch: str, expert_type: str) -> None:
+    """Switch capacity drops tokens; both paths agree and dropped tokens get the frozen FFN output."""
+    layer = make_layer(arch, "switch", expert_type, capacity_factor=0.25)  # capacity = ceil(.25*16/4) = 1
+    x = torch.randn(2, 8, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :2] = 0  # padding on top: capacity counts real tokens only (14 -> ceil(0.875) = 1)
+    out, routing = assert_paths_agree(layer, x, token_mask=mask)
+    kept = routing.mask.any(dim=-1)
+    real = mask.reshape(-1).bool()
+    assert kept.sum() <= 4 and (real & ~kept).sum() >= 10  # at most one token per expert
+    dropped = (real & ~kept).nonzero().squeeze(-1)
+    flat = x.reshape(-1, HIDDEN)
+    expected = plain_ffn(layer, flat[dropped])
+    torch.testing.assert_close(out.reshape(-1, HIDDEN)[dropped], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("arch", "targets"),
+    [("llama", ["up"]), ("llama", ["down"]), ("llama", ["gate", "up"]), ("gemma", ["gate"]),
+     ("gpt2", ["up"]), ("gpt2", ["down"])],
+)
+def test_fast_path_equals_reference_for_target_subsets(arch: str, targets: list[str]) -> None:
+    """Experts on a subset of the FFN projections: both paths agree and only those projections get LoRA."""
+    layer = make_layer(arch, "topk", targets=targets)
+    assert sorted(layer.mixlora_experts) == sorted(targets)
+    x = torch.randn(2, 8, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert_paths_agree(layer, x)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fast_path_equals_reference_for_unnormalised_weights(arch: str) -> None:
+    """mixlora_fast == mixlora_reference for an explicit Routing whose weights do not sum to one and
+    with unused slots (checks the once-per-token frozen down projection, including GPT-2's bias)."""
+    layer = make_layer(arch, "topk")
+    x = torch.randn(5, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(5, 4)
+    routing = Routing(
+        weights=torch.tensor([[0.3, 0.5], [1.2, 0.0], [0.7, 0.1], [0.0, 0.0], [0.25, 0.25]]),
+        indices=torch.tensor([[0, 3], [1, 2], [2, 2], [0, 1], [3, 1]]),
+        mask=torch.tensor([[True, True], [True, False], [True, True], [False, False], [True, True]]),
+        logits=logits, probs=logits.softmax(-1), token_mask=torch.ones(5, dtype=torch.bool),
+    )
+    fast = layer.mixlora_fast(x, routing)
+    ref = layer.mixlora_reference(x, routing)
+    torch.testing.assert_close(fast, ref, **TOL)
+    # token 3 has no valid slot: frozen FFN
+    torch.testing.assert_close(fast[3], plain_ffn(layer, x[3:4])[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_zero_init_layer_equals_frozen_ffn(arch: str, expert_type: str) -> None:
+    """Freshly built (B = 0) experts leave the FFN output unchanged on both paths."""
+    mlp = copy.deepcopy(_base_mlp(arch))
+    mlp.eval()
+    spec = detect_ffn(mlp)
+    cfg = MixLoraConfig(num_experts=4, expert_type=expert_type)
+    layer = MixLoraFFN(mlp, spec, check_targets(spec, None, mlp), 4, cfg).double().eval()
+    x = torch.randn(2, 8, HIDDEN, dtype=torch.float64)
+    expected = plain_ffn(layer, x)
+    for reference in (False, True):
+        layer.use_reference = reference
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, **TOL)  # top-k weights sum to 1 in float32
+
+
+def test_kv_cache_step_uses_the_last_mask_positions() -> None:
+    """During cached decoding (2-D mask longer than the new tokens) the mask's last positions are used."""
+    layer = make_layer("llama", "topk")
+    layer.eval()
+    layer.token_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])  # 2 new tokens per row
+    with torch.no_grad():
+        layer(torch.randn(2, 2, HIDDEN, dtype=torch.float64))
+    assert layer.last_routing.token_mask.tolist() == [True, True, True, False]

@@ -9,6 +9,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -73,16 +74,19 @@ def _param_docs(fn: Callable) -> dict[str, str]:
     return docs
 
 
-def _add_flag(parser: argparse.ArgumentParser, name: str, annotation: str, default: Any, doc: str) -> None:
+def _add_flag(
+    parser: argparse.ArgumentParser, name: str, annotation: str, default: Any, doc: str, required: bool = False
+) -> None:
     flag = "--" + name.replace("_", "-")
-    text = f"{doc} (default: {default!r})" if doc else f"(default: {default!r})"
+    text = f"{doc} (required)" if required else f"{doc} (default: {default!r})"
     text = text.replace("%", "%%")
     if annotation.strip() == "bool":
         parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
     elif annotation.replace(" ", "") in ("str", "str|None", "Path|None", "str|Path|None", "str|Path"):
-        parser.add_argument(flag, dest=name, default=None, help=text, metavar="STR")
+        parser.add_argument(flag, dest=name, default=None, help=text, metavar="STR", required=required)
     else:  # numbers, lists, maps, unions: parsed as YAML ("8", "[4, 8]", "{0: 2}", "true")
-        parser.add_argument(flag, dest=name, type=parse_value, default=None, help=text, metavar="VALUE")
+        parser.add_argument(flag, dest=name, type=parse_value, default=None, help=text, metavar="VALUE",
+                            required=required)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
             for pname, param in inspect.signature(fn).parameters.items():
                 if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
                     continue
-                default = None if param.default is inspect.Parameter.empty else param.default
-                _add_flag(p, pname, str(param.annotation), default, docs.get(pname, ""))
+                required = param.default is inspect.Parameter.empty
+                default = None if required else param.default
+                _add_flag(p, pname, str(param.annotation), default, docs.get(pname, ""), required)
         p.set_defaults(_fn=fn)
     return parser
 
@@ -127,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {k: v for k, v in args.items() if v is not None}
     try:
         result = fn(**kwargs)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError, OSError) as e:
+        if os.environ.get("LORAMIX_DEBUG"):
+            raise
         print(f"loramix: error: {e}", file=sys.stderr)
         return 2
-    if isinstance(result, dict):
+    if isinstance(result, dict) and fn.__name__ == "train":  # other commands print their own report
         print(json.dumps(result, indent=2, default=str))
     return 0
 

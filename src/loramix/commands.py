@@ -1,0 +1,174 @@
+"""Plain functions behind `loramix generate|chat|eval|compare|bench`: load, call the library, report.
+
+Each signature is the CLI's flag list and each ``Args:`` docstring its help text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def generate_command(
+    prompt: str,
+    model: str | None = None,
+    adapter: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int = 50,
+    chat_template: bool = True,
+    system: str | None = None,
+    device: str | None = None,
+) -> None:
+    """Generate a reply to one prompt, streamed to the terminal, from the base model or base + adapter.
+
+    Args:
+        prompt: the user message (the model's chat template is applied).
+        model: base model: hub id, local directory, .gguf file; default = packaged SmolLM2-135M-Instruct.
+        adapter: a loramix (or PEFT LoRA) adapter directory, e.g. runs/quickstart/adapter.
+        max_new_tokens: length limit of the reply.
+        temperature: 0 = greedy decoding.
+        top_p: nucleus sampling mass.
+        top_k: sample among the k most likely tokens.
+        chat_template: apply the tokenizer's chat template.
+        system: optional system message.
+        device: cpu, cuda, cuda:1 ... (default: CUDA when available).
+    """
+    from .generation import generate, load_for_inference
+
+    model_obj, tokenizer = load_for_inference(model, adapter, device=device)
+    generate(model_obj, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+             top_k=top_k, chat_template=chat_template, stream=True, system=system)
+
+
+def chat_command(
+    model: str | None = None,
+    adapter: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int = 50,
+    system: str | None = None,
+    device: str | None = None,
+) -> None:
+    """Interactive chat with streamed replies and history (/reset clears it, /exit quits).
+
+    Args:
+        model: base model: hub id, local directory, .gguf file; default = packaged SmolLM2-135M-Instruct.
+        adapter: a loramix (or PEFT LoRA) adapter directory.
+        max_new_tokens: length limit of each reply.
+        temperature: 0 = greedy decoding.
+        top_p: nucleus sampling mass.
+        top_k: sample among the k most likely tokens.
+        system: optional system message.
+        device: cpu, cuda ... (default: CUDA when available).
+    """
+    from .generation import chat_loop, load_for_inference
+
+    model_obj, tokenizer = load_for_inference(model, adapter, device=device)
+    chat_loop(model_obj, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+              top_p=top_p, top_k=top_k)
+
+
+def eval_command(
+    tasks: list[str],
+    model: str | None = None,
+    adapter: str | None = None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    json_path: str | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate perplexity (wikitext2), multiple-choice accuracy (ARC-Easy, ARC-Challenge, boolq, openbookqa)
+    or math exact match; prints a markdown table.
+
+    Args:
+        tasks: task names as a YAML list, e.g. "[wikitext2, ARC-Easy, boolq]".
+        model: base model: hub id, local directory, .gguf file; default = packaged SmolLM2-135M-Instruct.
+        adapter: a loramix (or PEFT LoRA) adapter directory; none = the base model.
+        data_dir: directory of the data sets (default: $LORAMIX_DATA_DIR).
+        limit: at most this many items per task (quick runs).
+        batch_size: scoring batch size.
+        json_path: also write the results as JSON to this file.
+        device: cpu, cuda ... (default: CUDA when available).
+    """
+    from .evaluation import evaluate, results_table
+    from .generation import load_for_inference
+
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    model_obj, tokenizer = load_for_inference(model, adapter, device=device)
+    results = evaluate(model_obj, tokenizer, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size)
+    results.update(model=model or "default", adapter=adapter)
+    print(results_table(results))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def compare_command(
+    data: str,
+    tasks: list[str] | None = None,
+    model: str | None = None,
+    output_dir: str = "runs/compare",
+    max_steps: int = 100,
+    eval_limit: int | None = None,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """Base vs LoRA vs MixLoRA: train each adapter with the same budget, evaluate all on the same tasks,
+    write compare.md, compare.json and PNG plots.
+
+    Args:
+        data: training data file or hub name.
+        tasks: evaluation tasks as a YAML list (default [ARC-Easy, boolq]).
+        model: base model (default: packaged SmolLM2-135M-Instruct).
+        output_dir: where runs, tables and plots go.
+        max_steps: optimiser steps per adapter.
+        eval_limit: at most this many items per task.
+        data_dir: directory of the evaluation data sets (default: $LORAMIX_DATA_DIR).
+    """
+    from .compare import compare
+
+    kwargs: dict[str, Any] = {"model": model, "output_dir": output_dir, "max_steps": max_steps,
+                              "eval_limit": eval_limit, "data_dir": data_dir}
+    if tasks:
+        kwargs["tasks"] = [tasks] if isinstance(tasks, str) else list(tasks)
+    return compare(data, **kwargs)
+
+
+def bench_command(
+    model: str | None = None,
+    batch_size: int = 4,
+    seq_len: int = 128,
+    steps: int = 5,
+    routers: list[str] | None = None,
+    include_official: bool = True,
+    device: str | None = None,
+    json_path: str | None = None,
+) -> dict[str, Any]:
+    """Training step time, tokens/s, peak memory, decode tokens/s and trainable parameters of base, PEFT LoRA,
+    MixLoRA (each router) and the official mixlora package, measured in one run, as ratios to PEFT LoRA.
+
+    Args:
+        model: base model (default: packaged SmolLM2-135M-Instruct).
+        batch_size: sequences per training step.
+        seq_len: tokens per sequence.
+        steps: timed steps per variant (after warm-up).
+        routers: MixLoRA routers to measure as a YAML list (default [topk]).
+        include_official: also measure the official `mixlora` package when it is installed.
+        device: cpu, cuda ... (default: CUDA when available).
+        json_path: also write the figures as JSON to this file.
+    """
+    from .bench import format_table, run_benchmark
+
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq_len, "steps": steps,
+                              "include_official": include_official, "device": device}
+    if routers:
+        kwargs["routers"] = [routers] if isinstance(routers, str) else list(routers)
+    result = run_benchmark(model, **kwargs)
+    print(format_table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2, default=str))
+    return result

@@ -81,7 +81,8 @@ def find_attention_targets(model: nn.Module, ffn_names: list[str], wanted: list[
         layer = model.get_submodule(prefix)
         for name, module in layer.named_modules():
             first = name.split(".")[0]
-            if not name or first == ffn_names[0].rsplit(".", 1)[1] or ("attn" not in first and "attention" not in first):
+            is_attention = "attn" in first or "attention" in first
+            if not name or first == ffn_names[0].rsplit(".", 1)[1] or not is_attention:
                 continue
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import MixLoraConfig
@@ -242,7 +241,8 @@ class MixLoraFFN(nn.Module):
 
     def _dense_weights(self, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
         """Routing as a (T, E) matrix with each token's expert weights (0 elsewhere)."""
-        dense = torch.zeros(routing.indices.shape[0], self.num_experts, dtype=torch.float32, device=routing.indices.device)
+        num_tokens = routing.indices.shape[0]
+        dense = torch.zeros(num_tokens, self.num_experts, dtype=torch.float32, device=routing.indices.device)
         dense = dense.scatter_add(1, routing.indices, routing.weights * routing.mask)  # (T, E)
         return dense.to(dtype)
 

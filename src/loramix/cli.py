@@ -17,15 +17,34 @@ from typing import Any
 
 import yaml
 
-# sub-command -> ("module:function", config dataclasses whose fields become flags)
-COMMANDS: dict[str, tuple[str, list[str]]] = {
-    "train": ("loramix.train:train", ["loramix.train:TrainConfig", "loramix.data:DataConfig",
-                                      "loramix.config:MixLoraConfig"]),
-    "generate": ("loramix.commands:generate_command", []),
-    "chat": ("loramix.commands:chat_command", []),
-    "eval": ("loramix.commands:eval_command", []),
-    "compare": ("loramix.commands:compare_command", []),
-    "bench": ("loramix.commands:bench_command", []),
+TRAIN_OPTIONS = ["loramix.train:TrainConfig", "loramix.data:DataConfig", "loramix.config:MixLoraConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A sub-command: the function it calls, config dataclasses whose fields become extra flags, and the
+    parameters taken as positional arguments."""
+
+    fn: str
+    option_classes: tuple[str, ...] = ()
+    positional: tuple[str, ...] = ()
+
+
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "train": Command("loramix.train:train", tuple(TRAIN_OPTIONS)),
+    "generate": Command("loramix.commands:generate_command"),
+    "chat": Command("loramix.commands:chat_command"),
+    "eval": Command("loramix.commands:eval_command"),
+    "compare": Command("loramix.commands:compare_command"),
+    "bench": Command("loramix.commands:bench_command"),
+    "skills": {
+        "add": Command("loramix.skills.commands:skills_add", tuple(TRAIN_OPTIONS), ("name",)),
+        "route": Command("loramix.skills.commands:skills_route", (), ("prompts",)),
+        "generate": Command("loramix.skills.commands:skills_generate", (), ("prompts",)),
+        "list": Command("loramix.skills.commands:skills_list"),
+        "compare-static": Command("loramix.skills.commands:skills_compare_static", (), ("prompts",)),
+    },
+    "continual": Command("loramix.continual.run:continual_command"),
 }
 
 
@@ -76,8 +95,13 @@ def _param_docs(fn: Callable) -> dict[str, str]:
 
 
 def _add_flag(
-    parser: argparse.ArgumentParser, name: str, annotation: str, default: Any, doc: str, required: bool = False
+    parser: Any, name: str, annotation: str, default: Any, doc: str, required: bool = False, positional: bool = False
 ) -> None:
+    if positional:
+        kind = annotation.replace(" ", "")
+        nargs = "+" if kind.startswith("list") or "|list" in kind else None
+        parser.add_argument(name, nargs=nargs, help=doc.replace("%", "%%"), metavar=name.upper())
+        return
     flag = "--" + name.replace("_", "-")
     text = f"{doc} (required)" if required else f"{doc} (default: {default!r})"
     text = text.replace("%", "%%")
@@ -90,46 +114,61 @@ def _add_flag(
                             required=required)
 
 
+def _add_command(sub: Any, name: str, cmd: Command) -> None:
+    try:
+        fn = _resolve(cmd.fn)
+    except (ImportError, AttributeError):
+        return  # a command whose module is not available in this install
+    summary = (inspect.getdoc(fn) or "").split("\n")[0]
+    p = sub.add_parser(name, help=summary, description=inspect.getdoc(fn),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = _param_docs(fn)
+    seen: set[str] = set()
+    for pname, param in inspect.signature(fn).parameters.items():
+        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL) or pname == "callbacks":
+            continue
+        seen.add(pname)
+        required = param.default is inspect.Parameter.empty
+        default = None if required else param.default
+        help_text = docs.get(pname, "")
+        if pname == "config" and cmd.option_classes:
+            help_text = help_text or "YAML file of options (flags override it)"
+        _add_flag(p, pname, str(param.annotation), default, help_text, required, pname in cmd.positional)
+    for ref in cmd.option_classes:  # option dataclasses: every field is a flag (collected in **options)
+        cls = _resolve(ref)
+        field_help = field_docs(cls)
+        group = p.add_argument_group(cls.__name__)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            _add_flag(group, f.name, str(f.type), default, field_help.get(f.name, ""))
+    p.set_defaults(_fn=fn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loramix", description="Mixture-of-LoRA-Experts fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (fn_ref, config_refs) in COMMANDS.items():
-        try:
-            fn = _resolve(fn_ref)
-        except (ImportError, AttributeError):
-            continue  # a command whose module is not available in this install
-        summary = (inspect.getdoc(fn) or "").split("\n")[0]
-        p = sub.add_parser(name, help=summary, description=inspect.getdoc(fn),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        seen: set[str] = set()
-        if config_refs:
-            p.add_argument("--config", default=None, help="YAML file of options (flags override it)")
-            for ref in config_refs:
-                cls = _resolve(ref)
-                docs = field_docs(cls)
-                group = p.add_argument_group(cls.__name__)
-                for f in dataclasses.fields(cls):
-                    if f.name in seen:
-                        continue
-                    seen.add(f.name)
-                    default = f.default if f.default is not dataclasses.MISSING else None
-                    _add_flag(group, f.name, str(f.type), default, docs.get(f.name, ""))
-        else:
-            docs = _param_docs(fn)
-            for pname, param in inspect.signature(fn).parameters.items():
-                if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
-                    continue
-                required = param.default is inspect.Parameter.empty
-                default = None if required else param.default
-                _add_flag(p, pname, str(param.annotation), default, docs.get(pname, ""), required)
-        p.set_defaults(_fn=fn)
+    for name, cmd in COMMANDS.items():
+        if isinstance(cmd, Command):
+            _add_command(sub, name, cmd)
+            continue
+        group = sub.add_parser(name, help=f"{name} sub-commands: {', '.join(cmd)}")
+        group_sub = group.add_subparsers(dest="subcommand", required=True)
+        for sub_name, sub_cmd in cmd.items():
+            _add_command(group_sub, sub_name, sub_cmd)
     return parser
+
+
+PRINTS_RESULT = {"train", "skills_add", "skills_route", "skills_generate", "skills_list", "skills_compare_static"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     fn = args.pop("_fn")
     args.pop("command")
+    args.pop("subcommand", None)
     kwargs = {k: v for k, v in args.items() if v is not None}
     try:
         result = fn(**kwargs)
@@ -138,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"loramix: error: {e}", file=sys.stderr)
         return 2
-    if isinstance(result, dict) and fn.__name__ == "train":  # other commands print their own report
+    if isinstance(result, dict) and fn.__name__ in PRINTS_RESULT:  # the others print their own report
         print(json.dumps(result, indent=2, default=str))
     return 0
 

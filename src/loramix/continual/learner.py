@@ -1,0 +1,296 @@
+"""ContinualLearner: novelty detection + growable experts + maturity routing, trained online on a stream.
+
+The learner never sees task labels. For each arriving example it asks the :class:`NoveltyDetector`
+which skill it belongs to; a sustained novel stretch creates a skill, and with it a new expert (old
+experts are frozen, or anchored by an L2 penalty). Examples assigned to a trainable expert are queued
+and trained in mini-batches with routing weights from the prototype similarities (dense while the
+newest expert is immature, sparse once mature). A few examples of the newest skill are held out as its
+validation set; their loss, measured every ``eval_every`` steps, drives the maturity decision.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .experts import GUARDS, ExpertBank
+from .novelty import Decision, Embedder, NoveltyDetector, SkillLibrary
+from .routing import HybridRouter
+from .stream import EncodedExample
+
+IGNORE_INDEX = -100
+
+
+def batch_tensors(examples: Sequence[EncodedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on context and padding)."""
+    rows = [ex.context_ids + ex.target_ids for ex in examples]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for j, (ex, r) in enumerate(zip(examples, rows, strict=True)):
+        ids[j, : len(r)] = torch.tensor(r)
+        mask[j, : len(r)] = 1
+        labels[j, len(ex.context_ids) : len(r)] = torch.tensor(ex.target_ids)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def target_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens (computed from the logits, shift by one)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                           batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+class ContinualLearner:
+    """Online learner over an unlabeled task stream; see the module docstring.
+
+    Args:
+        model: the causal LM that ``bank`` is attached to.
+        tokenizer: its tokenizer (only the pad id is used here).
+        bank: the growable experts on ``model``.
+        embedder: texts -> normalised embeddings (should use the frozen base: ``bank.disabled``).
+        detector: novelty detector holding the skill library.
+        router: routing policy and per-expert maturity trackers.
+        guard: ``freeze`` old experts, anchor them with ``l2`` (``l2_coef * ||theta - theta_old||^2``),
+            or ``none`` (old experts keep training: an ablation that forgets).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        bank: ExpertBank,
+        embedder: Embedder,
+        detector: NoveltyDetector | None = None,
+        router: HybridRouter | None = None,
+        *,
+        guard: str = "freeze",
+        l2_coef: float = 1.0,
+        learning_rate: float = 5e-4,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        batch_size: int = 8,
+        steps_per_batch: int = 1,
+        val_size: int = 16,
+        val_every: int = 5,
+        eval_every: int = 10,
+    ) -> None:
+        if guard not in GUARDS:
+            raise ValueError(f"guard must be one of {GUARDS}, got {guard!r}")
+        if batch_size < 1 or steps_per_batch < 1 or val_every < 1 or eval_every < 1 or val_size < 0:
+            raise ValueError("batch_size, steps_per_batch, val_every, eval_every must be >= 1; val_size >= 0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.bank = bank
+        self.embedder = embedder
+        self.detector = detector or NoveltyDetector()
+        self.router = router or HybridRouter()
+        self.guard = guard
+        self.l2_coef = l2_coef
+        self.lr = learning_rate
+        self.weight_decay = weight_decay
+        self.max_grad_norm = max_grad_norm
+        self.batch_size = batch_size
+        self.steps_per_batch = steps_per_batch
+        self.val_size = val_size
+        self.val_every = val_every
+        self.eval_every = eval_every
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+        self.device = next(model.parameters()).device
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.waiting: dict[int, EncodedExample] = {}  # examples the detector has not assigned yet
+        self.queue: list[tuple[EncodedExample, int]] = []  # assigned, not yet trained
+        self.val: list[EncodedExample] = []  # held-out examples of the newest skill
+        self.newest_assigned = 0
+        self.step = 0
+        self.events: list[dict[str, Any]] = []
+        self.counts = {"trained": 0, "held_out": 0, "frozen_skipped": 0}
+        self.losses: list[float] = []
+
+    # --- public API -----------------------------------------------------------------------------------
+    @property
+    def library(self) -> SkillLibrary:
+        return self.detector.library
+
+    def observe(self, examples: Sequence[EncodedExample]) -> list[Decision]:
+        """Feed stream examples (in order); trains whenever a mini-batch of assigned examples is ready."""
+        missing = [ex for ex in examples if ex.embedding is None]
+        if missing:
+            for ex, emb in zip(missing, self.embedder([ex.prompt for ex in missing]), strict=True):
+                ex.embedding = emb
+        decisions = []
+        for ex in examples:
+            self.waiting[ex.index] = ex
+            decision, assignments = self.detector.observe(ex.index, ex.embedding)
+            if decision.decision == "new_skill":
+                self._new_expert(decision)
+            for index, skill in assignments:
+                self._assign(self.waiting.pop(index), skill)
+            while len(self.queue) >= self.batch_size:
+                self._train(self.queue[: self.batch_size])
+                del self.queue[: self.batch_size]
+            decisions.append(decision)
+        return decisions
+
+    def flush(self) -> None:
+        """Train the assigned examples still queued (a partial batch), e.g. before an evaluation."""
+        if self.queue:
+            self._train(self.queue)
+            self.queue = []
+
+    def routing_weights(self, embeddings: torch.Tensor, mode: str | None = None) -> torch.Tensor | None:
+        """Expert weights ``(N, E)`` for ``(N, D)`` embeddings (None before the first expert exists)."""
+        experts = self.bank.num_experts
+        if experts == 0:
+            return None
+        # the detector adds a new skill's prototype just before its expert exists (the queue of the
+        # previous skill is flushed in between): route over the skills that have an expert
+        return self.router.weights(self.library.similarities(embeddings)[:, :experts], mode)
+
+    @property
+    def mode(self) -> str:
+        return self.router.mode
+
+    # --- internals ------------------------------------------------------------------------------------
+    def _event(self, kind: str, **data: Any) -> None:
+        self.events.append({"event": kind, "step": self.step, **data})
+
+    def _new_expert(self, decision: Decision) -> None:
+        self.flush()  # examples of the previous newest skill train before it is frozen
+        for e in range(self.bank.num_experts):
+            if self.guard == "freeze":
+                self.bank.set_trainable(e, False)
+            elif self.guard == "l2" and e not in self.bank.snapshots:
+                self.bank.take_snapshot(e)  # anchored to its values when it stopped being the newest
+        expert = self.bank.add_expert()
+        self.router.new_expert()
+        params = self.bank.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        self.val = []
+        self.newest_assigned = 0
+        self._event("new_expert", expert=expert, index=decision.index, members=len(decision.members),
+                    mode=self.router.mode)
+
+    def _assign(self, ex: EncodedExample, skill: int) -> None:
+        newest = self.bank.num_experts - 1
+        if skill == newest:
+            self.newest_assigned += 1
+            if len(self.val) < self.val_size and self.newest_assigned % self.val_every == 0:
+                self.val.append(ex)
+                self.counts["held_out"] += 1
+                return
+            self.queue.append((ex, skill))
+        elif self.bank.is_trainable(skill):
+            self.queue.append((ex, skill))
+        else:
+            self.counts["frozen_skipped"] += 1  # its expert is frozen: routed, nothing to train
+
+    def _train(self, items: Sequence[tuple[EncodedExample, int]]) -> None:
+        assert self.optimizer is not None
+        examples = [ex for ex, _ in items]
+        weights = self.routing_weights(torch.stack([ex.embedding for ex in examples]))
+        batch = batch_tensors(examples, self.pad_id, self.device)
+        params = self.bank.trainable_parameters()
+        self.model.train()
+        for _ in range(self.steps_per_batch):
+            with self.bank.route(weights):
+                loss = target_loss(self.model, batch)
+            if self.guard == "l2" and self.bank.snapshots:
+                loss = loss + self.l2_coef * self.bank.l2_penalty()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            self.optimizer.step()
+            self.losses.append(float(loss.detach()))
+        self.model.eval()
+        self.step += 1
+        self.counts["trained"] += len(examples)
+        newest = self.bank.num_experts - 1
+        tracker = self.router.newest
+        assert tracker is not None
+        became = tracker.add_examples(sum(1 for _, s in items if s == newest))
+        if self.step % self.eval_every == 0 and self.val:
+            val_loss = self.validation_loss()
+            became = tracker.add_val_loss(val_loss) or became
+            self._event("val_loss", expert=newest, loss=val_loss, examples=tracker.examples)
+        if became:
+            self._event("mature", expert=newest, examples=tracker.examples, mode=self.router.mode)
+
+    @torch.no_grad()
+    def validation_loss(self, examples: Sequence[EncodedExample] | None = None) -> float:
+        """Target loss of the newest skill's held-out examples under the current routing."""
+        examples = list(self.val if examples is None else examples)
+        if not examples:
+            raise ValueError("no validation examples")
+        was_training = self.model.training
+        self.model.eval()
+        total, n = 0.0, 0
+        try:
+            for start in range(0, len(examples), self.batch_size):
+                chunk = examples[start : start + self.batch_size]
+                weights = self.routing_weights(torch.stack([ex.embedding for ex in chunk]))
+                batch = batch_tensors(chunk, self.pad_id, self.device)
+                n_tok = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                with self.bank.route(weights):
+                    total += float(target_loss(self.model, batch)) * n_tok
+                n += n_tok
+        finally:
+            self.model.train(was_training)
+        return total / max(n, 1)
+
+    # --- save / load ----------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Experts + skill prototypes + routing state: everything inference routing needs."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        extra = {"routing": {"policy": self.router.policy, "temperature": self.router.temperature,
+                             "top_k": self.router.top_k, "mode": self.router.mode,
+                             "maturity": [t.state() for t in self.router.trackers]},
+                 "skills": {"counts": self.library.counts, "created_at": self.detector.created_at,
+                            "threshold": self.detector.threshold, "window": self.detector.window}}
+        self.bank.save(directory, extra)
+        if len(self.library):
+            save_file({"sums": self.library.state_dict()["sums"].contiguous()}, str(directory / "skills.safetensors"))
+        return directory
+
+
+def load_continual(model: Any, directory: str | Path) -> tuple[ExpertBank, SkillLibrary, HybridRouter]:
+    """Attach saved experts to ``model`` (frozen) and restore the skill library and routing mode.
+
+    Route with ``bank.route(router.weights(library.similarities(embedder(texts))))``.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    bank, extra = ExpertBank.load(model, directory)
+    library = SkillLibrary()
+    counts = extra["skills"]["counts"]
+    if counts:
+        library.load_state_dict({"sums": load_file(str(directory / "skills.safetensors"))["sums"], "counts": counts})
+    if len(library) != bank.num_experts:
+        bank.detach()
+        raise ValueError(f"{directory}: {len(library)} skills but {bank.num_experts} experts")
+    r = extra["routing"]
+    router = HybridRouter(r["policy"], temperature=r["temperature"], top_k=r["top_k"])
+    for state in r["maturity"]:
+        tracker = router.new_expert()
+        tracker.examples, tracker.mature = state["examples"], state["mature"]
+    return bank, library, router
+
+
+def write_jsonl(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path

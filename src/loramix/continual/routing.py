@@ -1,0 +1,138 @@
+"""Maturity-aware routing over skill experts by similarity to the skill prototypes.
+
+While the newest expert is immature, examples are mixed densely over all experts (softmax of the
+prototype similarities / temperature: collaborative learning, older experts still contribute). Once it
+is mature (enough examples seen AND its validation loss stopped improving), routing becomes sparse:
+each example goes to its top-k most similar skills (top-1 = delegation to one expert).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ROUTING_POLICIES = ("hybrid", "dense", "sparse")
+
+
+def route_weights(sims: torch.Tensor, mode: str, *, temperature: float = 0.05, top_k: int = 1) -> torch.Tensor:
+    """Mixing weights ``(N, K)`` from prototype similarities ``(N, K)``; every row sums to one.
+
+    ``dense``: ``softmax(sims / temperature)``. ``sparse``: the ``top_k`` most similar skills only,
+    softmax-weighted among themselves (``top_k=1``: one-hot on the argmax).
+    """
+    if sims.dim() != 2:
+        raise ValueError(f"sims must be (N, K), got shape {tuple(sims.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    sims = sims.float()
+    if sims.shape[1] == 0:
+        return sims
+    if mode == "dense":
+        return (sims / temperature).softmax(dim=-1)
+    if mode != "sparse":
+        raise ValueError(f"mode must be 'dense' or 'sparse', got {mode!r}")
+    k = min(max(int(top_k), 1), sims.shape[1])
+    top, idx = sims.topk(k, dim=-1)  # (N, k)
+    out = torch.zeros_like(sims)
+    return out.scatter(1, idx, (top / temperature).softmax(dim=-1))
+
+
+@dataclass
+class MaturityTracker:
+    """Decides when an expert is mature: ``examples >= min_examples`` and a validation-loss plateau.
+
+    A plateau is ``patience`` consecutive validation losses that do not improve on the best so far by
+    more than ``min_delta``. Maturity latches: once mature, always mature.
+    """
+
+    min_examples: int = 64
+    patience: int = 2
+    min_delta: float = 0.01
+    examples: int = 0
+    best: float = math.inf
+    bad_evals: int = 0
+    mature: bool = False
+    history: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_examples < 0 or self.patience < 1 or self.min_delta < 0:
+            raise ValueError("MaturityTracker: need min_examples >= 0, patience >= 1, min_delta >= 0")
+        if self.history is None:
+            self.history = []
+
+    @property
+    def plateaued(self) -> bool:
+        return self.bad_evals >= self.patience
+
+    def add_examples(self, n: int) -> bool:
+        self.examples += int(n)
+        return self._update()
+
+    def add_val_loss(self, loss: float) -> bool:
+        """Record one validation loss; returns True when this call made the expert mature."""
+        assert self.history is not None
+        self.history.append(float(loss))
+        if loss < self.best - self.min_delta:
+            self.best = float(loss)
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
+        return self._update()
+
+    def _update(self) -> bool:
+        if not self.mature and self.examples >= self.min_examples and self.plateaued:
+            self.mature = True
+            return True
+        return False
+
+    def state(self) -> dict:
+        return {"examples": self.examples, "best_val_loss": None if math.isinf(self.best) else self.best,
+                "bad_evals": self.bad_evals, "mature": self.mature, "val_losses": list(self.history or [])}
+
+
+class HybridRouter:
+    """Routing policy of the continual model: dense while the newest expert matures, then sparse.
+
+    ``policy``: ``hybrid`` (the switch above), or ``dense`` / ``sparse`` always (ablations).
+    """
+
+    def __init__(
+        self,
+        policy: str = "hybrid",
+        *,
+        temperature: float = 0.05,
+        top_k: int = 1,
+        min_examples: int = 64,
+        patience: int = 2,
+        min_delta: float = 0.01,
+    ) -> None:
+        if policy not in ROUTING_POLICIES:
+            raise ValueError(f"routing policy must be one of {ROUTING_POLICIES}, got {policy!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.policy = policy
+        self.temperature = temperature
+        self.top_k = top_k
+        self.maturity_args = {"min_examples": min_examples, "patience": patience, "min_delta": min_delta}
+        self.trackers: list[MaturityTracker] = []  # one per expert, in creation order
+
+    def new_expert(self) -> MaturityTracker:
+        tracker = MaturityTracker(**self.maturity_args)
+        self.trackers.append(tracker)
+        return tracker
+
+    @property
+    def newest(self) -> MaturityTracker | None:
+        return self.trackers[-1] if self.trackers else None
+
+    @property
+    def mode(self) -> str:
+        if self.policy != "hybrid":
+            return self.policy
+        newest = self.newest
+        return "sparse" if newest is not None and newest.mature else "dense"
+
+    def weights(self, sims: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        return route_weights(sims, mode or self.mode, temperature=self.temperature, top_k=self.top_k)

@@ -1,0 +1,243 @@
+"""Task streams: multiple-choice tasks arriving one after another, plus their tokenization.
+
+Every task is a list of :class:`Example` (prompt, candidate answers, gold index). Training uses the
+exact format of scoring: the context is the rendered prompt followed by ``the correct answer is``
+(``loramix.evaluation.mc_context``) and the target is `` <gold answer>``, so the multiple-choice
+log-likelihood score measures what training optimises.
+
+Sources: ``synthetic`` tasks (disjoint character sets, one constant answer each: learnable in a few
+steps, separable by a random tiny model), SST-2 (``sst2/sst2_{train,test}.tsv``) and the LLM-Adapters
+commonsense sets (``llm_adapters_commonsense/<task>/{train,test}.json``) under ``$LORAMIX_DATA_DIR``.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..evaluation import (
+    ANSWER_PREFIX,
+    answer_candidates,
+    encode_pair,
+    load_records,
+    mc_context,
+    resolve_data_dir,
+)
+
+SST2_INSTRUCTION = (
+    "Please classify the sentiment of the following movie review as positive or negative, review: {sentence}"
+    "\n\nAnswer format: positive/negative"
+)
+SYNTHETIC_ALPHABETS = ("abcdefgh", "01234567", "KLMNOPQR", "!#$%&*+=", "stuvwxyz", "ABCDEFGH")
+SYNTHETIC_CHOICES = ("ant", "bee", "cow")  # equal length: summed log-likelihoods compare fairly
+COMMONSENSE_DIR = "llm_adapters_commonsense"
+
+
+@dataclass
+class Example:
+    """One multiple-choice example; ``task`` is used only by the evaluation harness, never the learner."""
+
+    prompt: str
+    choices: list[str]
+    gold: int
+    task: str = ""
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Example]
+    test: list[Example]
+
+
+@dataclass
+class EncodedExample:
+    """A training example as token ids: ``context_ids + target_ids``, loss on the target only."""
+
+    index: int  # position in the stream
+    prompt: str
+    context_ids: list[int]
+    target_ids: list[int]
+    task: int = -1  # true task (metrics only)
+    embedding: Any = None  # filled by the learner / harness
+
+
+@dataclass
+class Stream:
+    """The concatenated training stream and where each task starts in it."""
+
+    examples: list[EncodedExample]
+    boundaries: list[int]  # stream index of every task's first example
+    task_names: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# task sources
+# --------------------------------------------------------------------------------------------------
+def synthetic_tasks(
+    num_tasks: int = 3,
+    *,
+    train_per_task: int = 48,
+    test_per_task: int = 12,
+    words: tuple[int, int] = (12, 18),
+    seed: int = 0,
+) -> list[Task]:
+    """Tasks whose prompts use disjoint character sets (clearly different token distributions) and whose
+    answer is constant per task (task ``t`` -> ``SYNTHETIC_CHOICES[t % 3]``), so training on a later task
+    overwrites an earlier one in a single shared adapter."""
+    if not 1 <= num_tasks <= len(SYNTHETIC_ALPHABETS):
+        raise ValueError(f"num_tasks must be in [1, {len(SYNTHETIC_ALPHABETS)}], got {num_tasks}")
+    rng = random.Random(seed)
+    tasks = []
+    for t in range(num_tasks):
+        alphabet = SYNTHETIC_ALPHABETS[t]
+        name = f"synthetic{t}"
+
+        def make(n: int, alphabet: str = alphabet, t: int = t, name: str = name) -> list[Example]:
+            out = []
+            for _ in range(n):
+                text = " ".join(
+                    "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 6)))
+                    for _ in range(rng.randint(*words))
+                )
+                out.append(Example(text, list(SYNTHETIC_CHOICES), t % len(SYNTHETIC_CHOICES), name))
+            return out
+
+        tasks.append(Task(name, make(train_per_task), make(test_per_task)))
+    return tasks
+
+
+def _sample(items: list[Any], n: int | None, rng: random.Random) -> list[Any]:
+    if n is None or n >= len(items):
+        items = list(items)
+        rng.shuffle(items)
+        return items
+    return rng.sample(items, n)
+
+
+def _sst2(path: Path, task: str) -> list[Example]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{task}: expected data file {path} is missing")
+    out = []
+    with path.open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            gold = int(row["label"])
+            out.append(Example(SST2_INSTRUCTION.format(sentence=row["sentence"].strip()),
+                               ["negative", "positive"], gold, task))
+    return out
+
+
+def _commonsense(path: Path, task: str) -> list[Example]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{task}: expected data file {path} is missing")
+    out = []
+    for i, rec in enumerate(load_records(path)):
+        labels = answer_candidates(rec["instruction"])
+        low = [c.lower() for c in labels]
+        gold = str(rec["answer"]).strip().lower()
+        if gold not in low:
+            raise ValueError(f"{path} record {i}: answer {rec['answer']!r} is not among {labels}")
+        prompt = rec["instruction"]
+        if str(rec.get("input") or "").strip():
+            prompt = f"{prompt}\n\n{rec['input']}"
+        out.append(Example(prompt, labels, low.index(gold), task))
+    return out
+
+
+def load_task(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    train_per_task: int | None = 200,
+    test_per_task: int | None = 100,
+    seed: int = 0,
+) -> Task:
+    """``sst2`` or an LLM-Adapters commonsense task with a train file (boolq, ARC-Easy, ARC-Challenge,
+    openbookqa); random subsets of ``train_per_task`` / ``test_per_task`` examples (None = all)."""
+    root = resolve_data_dir(data_dir)
+    if name.lower() in ("sst2", "sst-2"):
+        train = _sst2(root / "sst2" / "sst2_train.tsv", name)
+        test = _sst2(root / "sst2" / "sst2_test.tsv", name)
+    else:
+        base = root / COMMONSENSE_DIR / name
+        if not base.is_dir():
+            have = sorted(p.name for p in (root / COMMONSENSE_DIR).glob("*/train.json"))
+            raise FileNotFoundError(f"unknown task {name!r}: no {base}; tasks with training data: sst2, "
+                                    f"{', '.join(p for p in have)}")
+        train = _commonsense(base / "train.json", name)
+        test = _commonsense(base / "test.json", name)
+    rng = random.Random(f"{seed}-{name}")
+    return Task(name, _sample(train, train_per_task, rng), _sample(test, test_per_task, rng))
+
+
+def load_tasks(
+    names: str | Sequence[str],
+    data_dir: str | Path | None = None,
+    *,
+    train_per_task: int | None = 200,
+    test_per_task: int | None = 100,
+    seed: int = 0,
+) -> list[Task]:
+    """Tasks by name (a list or a comma-separated string); ``synthetic`` or ``synthetic:<n>`` makes
+    ``n`` (default 3) synthetic tasks and needs no data directory."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(names)
+    if not names:
+        raise ValueError("no tasks given")
+    if len(names) == 1 and names[0].startswith("synthetic"):
+        n = int(names[0].split(":", 1)[1]) if ":" in names[0] else 3
+        return synthetic_tasks(n, train_per_task=train_per_task or 48, test_per_task=test_per_task or 12, seed=seed)
+    tasks = [load_task(n, data_dir, train_per_task=train_per_task, test_per_task=test_per_task, seed=seed)
+             for n in names]
+    if len({t.name for t in tasks}) != len(tasks):
+        raise ValueError(f"task names must be distinct, got {names}")
+    return tasks
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenization
+# --------------------------------------------------------------------------------------------------
+def context_of(tokenizer: Any, example: Example, *, chat_template: bool = True,
+               answer_prefix: str = ANSWER_PREFIX) -> tuple[str, bool]:
+    """Rendered scoring context of an example and the ``add_special_tokens`` flag to tokenize it with."""
+    return mc_context(tokenizer, {"instruction": example.prompt}, chat_template=chat_template,
+                      answer_prefix=answer_prefix)
+
+
+def mc_items(tokenizer: Any, examples: Sequence[Example], *, chat_template: bool = True) -> list[dict[str, Any]]:
+    """Items for ``loramix.evaluation.score_multiple_choice``."""
+    items = []
+    for ex in examples:
+        context, add_special = context_of(tokenizer, ex, chat_template=chat_template)
+        items.append({"context": context, "choices": list(ex.choices), "gold": ex.gold,
+                      "add_special_tokens": add_special, "prompt": ex.prompt})
+    return items
+
+
+def encode_example(tokenizer: Any, example: Example, *, index: int = 0, task: int = -1,
+                   chat_template: bool = True, max_length: int = 512) -> EncodedExample:
+    """Context + `` <gold answer>`` token ids (the scorer's split); long contexts lose their start."""
+    context, add_special = context_of(tokenizer, example, chat_template=chat_template)
+    ctx, target = encode_pair(tokenizer, context, " " + example.choices[example.gold], add_special_tokens=add_special)
+    if not target:
+        raise ValueError(f"example {index}: the answer tokenizes to nothing")
+    keep = max(max_length - len(target), 1)
+    return EncodedExample(index, example.prompt, ctx[-keep:], target, task)
+
+
+def build_stream(tokenizer: Any, tasks: Sequence[Task], *, chat_template: bool = True,
+                 max_length: int = 512) -> Stream:
+    """All tasks' training examples in task order, encoded; boundaries = each task's first index."""
+    examples: list[EncodedExample] = []
+    boundaries = []
+    for t, task in enumerate(tasks):
+        boundaries.append(len(examples))
+        for ex in task.train:
+            examples.append(encode_example(tokenizer, ex, index=len(examples), task=t,
+                                           chat_template=chat_template, max_length=max_length))
+    return Stream(examples, boundaries, [t.name for t in tasks])

@@ -248,3 +248,16 @@ def test_live_against_official_package(case, tmp_path):
     real = mask.bool()
     assert (want - logits(_tiny(arch), input_ids, attention_mask=mask))[real].abs().max() > 1e-2
     torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+
+
+def test_load_adapter_dispatches_official_format():
+    """loramix.load_adapter recognises an official MixLoRA directory and gives the official logits."""
+    fixture = Path(__file__).parent / "fixtures" / "official_mixlora"
+    base = AutoModelForCausalLM.from_pretrained(fixture / "base").eval()
+    model = loramix.load_adapter(base, fixture / "adapter_all_top2")
+    ids = load_file(fixture / "inputs.safetensors")["input_ids"]
+    expected = load_file(fixture / "expected_logits.safetensors")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, expected["adapter_all_top2"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits, expected["base"], atol=1e-3)  # the adapter really changes the output

@@ -121,6 +121,16 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+def is_official_mixlora(directory: str | Path) -> bool:
+    """True for an adapter directory in the official MixLoRA format (``peft_type: MIXLORA``)."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("peft_type", "")).upper() == "MIXLORA"
+
+
 def _read_weights(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     path = directory / meta.get("weights_file", WEIGHTS_NAME)
     if not path.is_file():
@@ -152,6 +162,14 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, trainable: boo
     file, the injection is undone. ``trainable=False`` leaves every parameter frozen (inference).
     """
     directory = Path(directory)
+    if is_official_mixlora(directory):  # written by the official `mixlora` package / MoE-PEFT
+        from .interop import load_official_mixlora
+
+        model = load_official_mixlora(base_model, directory)
+        if not trainable:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        return model
     meta = read_adapter_config(directory)
     _check_architecture(meta["architecture"], base_model)
     tensors = _read_weights(directory, meta)

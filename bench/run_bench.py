@@ -1,0 +1,86 @@
+"""Thin command line around ``loramix.bench.run_benchmark``: prints the table, optionally writes JSON.
+
+Example (the default SmolLM2-135M-Instruct on CPU, batch 4 x 128)::
+
+    python bench/run_bench.py --batch-size 4 --seq-len 128 --steps 5 --warmup 2 --threads 1 --json bench.json
+
+Add ``--profile`` to also print a torch.profiler breakdown of one MixLoRA training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from loramix.bench import format_table, profile_training_step, run_benchmark
+from loramix.config import ROUTERS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model spec for load_base_model (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median is reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--routers", nargs="+", default=["topk"], choices=ROUTERS)
+    p.add_argument("--num-experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy shared CPU)")
+    p.add_argument("--no-official", action="store_true", help="skip the official mixlora package")
+    p.add_argument("--json", type=Path, default=None, help="write the full result here")
+    p.add_argument("--profile", action="store_true", help="also profile one MixLoRA (topk) training step")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run_benchmark(
+        args.model,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        warmup=args.warmup,
+        routers=tuple(args.routers),
+        include_official=not args.no_official,
+        device=args.device,
+        dtype=args.dtype,
+        decode_tokens=args.decode_tokens,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        r=args.r,
+        threads=args.threads,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    print(format_table(result))
+    print(f"\nmemory: {result['memory_metric']}; machine: {json.dumps(result['machine'])}")
+    for name, t in result["targets"].items():
+        print(
+            f"{name}: step {t['step_vs_lora']:.2f}x LoRA (target <= {t['step_target']}: "
+            f"{'met' if t['step_target_met'] else 'MISSED'}), decode {t['decode_vs_base']:.2f}x base "
+            f"(target >= {t['decode_target']}: {'met' if t['decode_target_met'] else 'MISSED'})"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.profile:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        prof = profile_training_step(args.model, batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
+        print("\nper training step (ms, CPU time incl. children):")
+        for k, v in sorted(prof["modules"].items()):
+            print(f"  {k:24s} {v:9.1f}")
+        print(prof["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

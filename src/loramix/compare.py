@@ -1,0 +1,198 @@
+"""Base vs LoRA vs MixLoRA: train each adapter with the same budget on the same data, evaluate all on the
+same tasks, and write a table (markdown + JSON) and PNG plots.
+
+"Same budget" means the same optimiser steps, batch size, learning rate, sequence length, seed and data
+(every option except ``adapter`` is shared). The LoRA baseline is ``train(adapter="lora")``: LoRA of the
+same rank on the same attention and FFN projections (a single always-on expert, i.e. plain LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .evaluation import evaluate, main_metric, results_table
+
+TrainFn = Callable[..., dict[str, Any]]
+LoadFn = Callable[..., tuple[Any, Any]]
+
+
+def _default_train() -> TrainFn:
+    from .train import train
+
+    return train
+
+
+def _default_load() -> LoadFn:
+    from .generation import load_for_inference
+
+    return load_for_inference
+
+
+def compare(
+    data: str,
+    *,
+    model: str | None = None,
+    tasks: Sequence[str] = ("ARC-Easy", "boolq"),
+    output_dir: str | os.PathLike[str] = "runs/compare",
+    max_steps: int = 100,
+    adapters: Sequence[str] = ("lora", "mixlora"),
+    include_base: bool = True,
+    data_dir: str | os.PathLike[str] | None = None,
+    eval_limit: int | None = None,
+    eval_batch_size: int = 8,
+    max_new_tokens: int = 256,
+    device: str | None = None,
+    plots: bool = True,
+    train_fn: TrainFn | None = None,
+    load_fn: LoadFn | None = None,
+    **train_options: Any,
+) -> dict[str, Any]:
+    """Train every adapter in ``adapters`` with identical options, evaluate them (and the base model).
+
+    Args:
+        data: training data (anything ``loramix.train.train`` accepts as ``data``).
+        model: base model spec (``None`` = the default SmolLM2-135M-Instruct).
+        tasks: evaluation tasks (see ``loramix.evaluation``); ``eval_limit`` items each.
+        output_dir: one sub-directory per adapter run, plus ``compare.json``, ``compare.md`` and the PNGs.
+        train_options: any further ``train`` option (``batch_size``, ``learning_rate``, ``num_experts``...),
+            passed unchanged to every run -- the equal budget.
+        train_fn / load_fn: replace ``loramix.train.train`` / ``loramix.generation.load_for_inference``
+            (tests, custom pipelines).
+
+    Returns ``{"runs": {name: {"train": summary | None, "eval": evaluate() result}}, "table", "files"}``.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_fn = train_fn or _default_train()
+    load_fn = load_fn or _default_load()
+    runs: dict[str, dict[str, Any]] = {}
+    eval_kw = dict(
+        data_dir=data_dir, limit=eval_limit, batch_size=eval_batch_size, max_new_tokens=max_new_tokens
+    )
+    if include_base:
+        m, tok = load_fn(model, None, device=device)
+        runs["base"] = {"train": None, "eval": evaluate(m, tok, tasks, **eval_kw)}
+        del m
+    for adapter in adapters:
+        summary = train_fn(
+            model=model,
+            data=data,
+            output_dir=str(out / adapter),
+            adapter=adapter,
+            max_steps=max_steps,
+            **train_options,
+        )
+        adapter_dir = summary.get("adapter_dir") or str(out / adapter / "adapter")
+        m, tok = load_fn(model, adapter_dir, device=device)
+        runs[adapter] = {"train": summary, "eval": evaluate(m, tok, tasks, **eval_kw)}
+        del m
+    table = comparison_table(runs)
+    files = {"json": str(out / "compare.json"), "markdown": str(out / "compare.md")}
+    if plots:
+        files["metrics_png"] = str(plot_metrics(runs, out / "compare_metrics.png"))
+        loss_png = plot_losses({k: out / k / "metrics.jsonl" for k in adapters}, out / "compare_loss.png")
+        if loss_png is not None:
+            files["loss_png"] = str(loss_png)
+    result = {
+        "runs": runs,
+        "table": table,
+        "files": files,
+        "max_steps": max_steps,
+        "train_options": train_options,
+    }
+    Path(files["json"]).write_text(json.dumps(result, indent=2, default=str))
+    Path(files["markdown"]).write_text(table + "\n")
+    return result
+
+
+def comparison_table(runs: dict[str, dict[str, Any]]) -> str:
+    """Markdown: task metrics side by side, then the training cost of each adapter run."""
+    lines = [results_table({name: r["eval"] for name, r in runs.items()}), ""]
+    lines += ["| run | steps | train s | trainable params | final val loss |", "|---|---:|---:|---:|---:|"]
+    for name, r in runs.items():
+        s = r.get("train") or {}
+
+        def cell(key: str, s: dict[str, Any] = s) -> str:
+            v = s.get(key)
+            if v is None:
+                return "-"
+            return f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+        lines.append(
+            f"| {name} | {cell('steps')} | {cell('train_seconds')} | {cell('trainable_params')} | "
+            f"{cell('final_val_loss')} |"
+        )
+    return "\n".join(lines)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(runs: dict[str, dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """One bar chart per task: the headline metric of every run (accuracy in %, or perplexity)."""
+    plt = _pyplot()
+    tasks: list[str] = []
+    for r in runs.values():
+        tasks += [t for t in r["eval"]["tasks"] if t not in tasks]
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(3.2 * max(len(tasks), 1), 3.4), squeeze=False)
+    names = list(runs)
+    for ax, task in zip(axes[0], tasks, strict=False):
+        values, metric = [], ""
+        for name in names:
+            res = runs[name]["eval"]["tasks"].get(task)
+            if res is None:
+                values.append(0.0)
+                continue
+            metric, v = main_metric(res)
+            values.append(v if metric == "perplexity" else 100 * v)
+        bars = ax.bar(names, values, color=["tab:gray", "tab:blue", "tab:orange", "tab:green"][: len(names)])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_title(task)
+        ax.set_ylabel("perplexity (lower is better)" if metric == "perplexity" else f"{metric} (%)")
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(metrics_files: dict[str, Path], path: str | os.PathLike[str]) -> Path | None:
+    """Training LM loss (and validation loss) of every adapter run on one plot; None if no run logged any."""
+    curves = {}
+    for name, f in metrics_files.items():
+        if Path(f).is_file():
+            rows = [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
+            curves[name] = rows
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in curves.items():
+        train = [r for r in rows if "step" in r and ("lm_loss" in r or "loss" in r)]
+        if train:
+            ax.plot(
+                [r["step"] for r in train],
+                [r.get("lm_loss", r.get("loss")) for r in train],
+                label=f"{name} train",
+            )
+        val = [r for r in rows if "eval_loss" in r]
+        if val:
+            ax.plot([r["step"] for r in val], [r["eval_loss"] for r in val], "o--", label=f"{name} val")
+    ax.set(xlabel="step", ylabel="LM loss", title="training with the same budget")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,123 @@
+"""compare.py: equal-budget training of LoRA and MixLoRA, evaluation of all runs, table and plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loramix.compare import compare, comparison_table
+from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer
+
+ARC = (
+    "Please choose the correct answer to the question: which is a cat ?\n\nAnswer1: a dog . Answer2: a cat ."
+    "\n\nAnswer format: answer1/answer2"
+)
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data_root = tmp_path / "data"
+    task = data_root / "llm_adapters_commonsense" / "ARC-Easy"
+    task.mkdir(parents=True)
+    recs = [
+        {"instruction": ARC, "input": "", "output": "the correct answer is answer2", "answer": "answer2"}
+    ] * 4
+    (task / "test.json").write_text(json.dumps(recs))
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in recs * 4))
+    return model_dir, data_root, train_file
+
+
+def test_compare_with_the_real_trainer(setup, tmp_path):
+    model_dir, data_root, train_file = setup
+    res = compare(
+        str(train_file),
+        model=str(model_dir),
+        tasks=["ARC-Easy"],
+        output_dir=tmp_path / "cmp",
+        max_steps=2,
+        data_dir=data_root,
+        device="cpu",
+        batch_size=2,
+        val_size=0,
+        num_experts=2,
+        top_k=1,
+        r=2,
+        attn_r=2,
+        max_length=64,
+    )
+    assert set(res["runs"]) == {"base", "lora", "mixlora"}
+    for name in ("lora", "mixlora"):
+        assert res["runs"][name]["train"]["steps"] == 2
+        assert res["runs"][name]["eval"]["tasks"]["ARC-Easy"]["n"] == 4
+    assert res["runs"]["base"]["train"] is None
+    lora_p = res["runs"]["lora"]["train"]["trainable_params"]
+    mix_p = res["runs"]["mixlora"]["train"]["trainable_params"]
+    assert mix_p > lora_p  # 2 experts + router vs one LoRA
+    for key in ("json", "markdown", "metrics_png", "loss_png"):
+        assert (tmp_path / "cmp" / res["files"][key].split("/")[-1]).is_file(), key
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["max_steps"] == 2
+    assert "| ARC-Easy | acc | 4 |" in res["table"]
+
+
+def test_compare_passes_the_same_options_to_every_run(tmp_path):
+    calls = []
+
+    def fake_train(**kw):
+        calls.append(kw)
+        return {
+            "adapter_dir": f"/ad/{kw['adapter']}",
+            "steps": kw["max_steps"],
+            "train_seconds": 1.5,
+            "trainable_params": 10 if kw["adapter"] == "lora" else 80,
+            "final_val_loss": 0.25,
+        }
+
+    loads = []
+
+    def fake_load(model, adapter_dir, device=None):
+        loads.append(adapter_dir)
+        m = tiny_model("llama")
+        if adapter_dir == "/ad/mixlora":  # make the "trained" model prefer answer2
+            m.lm_head.register_forward_hook(
+                lambda mod, a, out: (
+                    out
+                    + 30.0
+                    * (torch.arange(out.shape[-1]) == tiny_tokenizer().convert_tokens_to_ids("answer2"))
+                )
+            )
+        return m, tiny_tokenizer()
+
+    data_root = tmp_path / "data" / "llm_adapters_commonsense" / "ARC-Easy"
+    data_root.mkdir(parents=True)
+    (data_root / "test.json").write_text(json.dumps([{"instruction": ARC, "answer": "answer2"}] * 3))
+    res = compare(
+        "train.json",
+        model="m",
+        tasks=["ARC-Easy"],
+        output_dir=tmp_path / "cmp",
+        max_steps=7,
+        data_dir=tmp_path / "data",
+        train_fn=fake_train,
+        load_fn=fake_load,
+        learning_rate=1e-3,
+        plots=False,
+    )
+    assert [c["adapter"] for c in calls] == ["lora", "mixlora"]
+    for c in calls:
+        assert (
+            c["max_steps"] == 7
+            and c["learning_rate"] == 1e-3
+            and c["data"] == "train.json"
+            and c["model"] == "m"
+        )
+    assert loads == [None, "/ad/lora", "/ad/mixlora"]
+    assert res["runs"]["mixlora"]["eval"]["tasks"]["ARC-Easy"]["acc"] == 1.0
+    table = comparison_table(res["runs"])
+    assert "| mixlora | 7 | 1.5 | 80 | 0.25 |" in table and "| base | - |" in table

@@ -145,19 +145,21 @@ def hf_style_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_loss_is_lm_loss_plus_aux_loss(arch: str) -> None:
-    """out.loss == causal-LM cross entropy + out.aux_loss, and aux_loss is the weighted mean over layers
-    of the balance loss, z-loss and entropy of the routing it reports."""
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_loss_is_lm_loss_plus_aux_loss(arch: str, reduction: str) -> None:
+    """out.loss == causal-LM cross entropy + out.aux_loss, and aux_loss is the weighted sum (or mean) over
+    layers of the balance loss, z-loss and entropy of the routing it reports."""
     cfg = dict(num_experts=4, top_k=2, balance_coef=0.1, z_loss_coef=0.01, entropy_coef=0.05)
-    model = injected(arch, **cfg)
+    model = injected(arch, aux_layer_reduction=reduction, **cfg)
     ids, mask = random_batch(pad_left=3)
     labels = ids.masked_fill(mask == 0, -100)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     lm = hf_style_lm_loss(out.logits, labels)
     torch.testing.assert_close(out.loss, lm + out.aux_loss, rtol=1e-6, atol=1e-6)
     routings = [m.last_routing for m in decoder_mlps(model)]
+    combine = torch.sum if reduction == "sum" else torch.mean
     expected = sum(
-        cfg[c] * torch.stack([fn(r) for r in routings]).mean()
+        cfg[c] * combine(torch.stack([fn(r) for r in routings]))
         for c, fn in [
             ("balance_coef", lambda r: load_balance_loss(r.probs, r.indices, r.mask, r.token_mask)),
             ("z_loss_coef", lambda r: z_loss(r.logits, r.token_mask)),
@@ -165,7 +167,7 @@ def test_loss_is_lm_loss_plus_aux_loss(arch: str) -> None:
         ]
     )
     torch.testing.assert_close(out.aux_loss, expected)
-    assert out.aux_loss > 0.05  # balance >= 1 per layer, times 0.1
+    assert out.aux_loss > 0.05 * (len(routings) if reduction == "sum" else 1)  # balance >= 1 per layer
 
 
 def test_aux_loss_has_gradient_to_routers() -> None:

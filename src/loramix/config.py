@@ -85,6 +85,9 @@ class MixLoraConfig:
     """Router z-loss weight (keeps router logits small; ST-MoE)."""
     entropy_coef: float = 0.0
     """Router entropy weight: > 0 pushes routing to be decisive, < 0 to spread."""
+    aux_layer_reduction: str = "sum"
+    """How the per-layer router losses combine: ``sum`` (Switch: every MoE layer adds its own loss, so each
+    layer feels the full coefficient) or ``mean`` (Mixtral-style average over layers; weaker per layer)."""
 
     # --- model structure -------------------------------------------------------------------------
     mlp_name: str = "mlp"
@@ -127,6 +130,8 @@ class MixLoraConfig:
             _fail("num_experts", f"expected a non-negative int, a list or a dict of them, got {self.num_experts!r}")
         if isinstance(self.num_experts, dict) and any(k < 0 for k in self.num_experts):
             _fail("num_experts", "layer indices must be >= 0")
+        if self.aux_layer_reduction not in ("sum", "mean"):
+            _fail("aux_layer_reduction", f"must be 'sum' or 'mean', got {self.aux_layer_reduction!r}")
         if self.router not in ROUTERS:
             _fail("router", f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
         if self.expert_type not in EXPERT_TYPES:

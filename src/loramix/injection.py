@@ -239,7 +239,8 @@ def _post_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> A
 def compute_aux_loss(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted router losses averaged over MoE layers, plus detached per-layer statistics.
 
-    Returns ``aux = balance_coef * mean_l LB_l + z_loss_coef * mean_l Z_l + entropy_coef * mean_l H_l``
+    Returns ``aux = balance_coef * R_l LB_l + z_loss_coef * R_l Z_l + entropy_coef * R_l H_l`` where ``R`` is
+    the sum (default) or mean over MoE layers (``aux_layer_reduction``)
     and ``{"tokens_per_expert": (L, E_max) long, "router_entropy": (L,)}`` (zero-padded for layers
     with fewer experts).
     """
@@ -255,14 +256,16 @@ def compute_aux_loss(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Te
         ents.append(router_entropy(r.probs, r.token_mask))
         counts.append(tokens_per_expert(r.indices, r.mask, layer.num_experts))
     device = balance[0].device
-    mean = lambda xs: torch.stack(xs).mean()
+    reduce = (lambda xs: torch.stack(xs).sum()) if cfg.aux_layer_reduction == "sum" else (
+        lambda xs: torch.stack(xs).mean()
+    )
     aux = torch.zeros((), device=device)
     if cfg.balance_coef:
-        aux = aux + cfg.balance_coef * mean(balance)
+        aux = aux + cfg.balance_coef * reduce(balance)
     if cfg.z_loss_coef:
-        aux = aux + cfg.z_loss_coef * mean(zs)
+        aux = aux + cfg.z_loss_coef * reduce(zs)
     if cfg.entropy_coef:
-        aux = aux + cfg.entropy_coef * mean(ents)
+        aux = aux + cfg.entropy_coef * reduce(ents)
     width = max(c.numel() for c in counts)
     table = torch.zeros(len(counts), width, dtype=torch.long, device=device)
     for i, c in enumerate(counts):

@@ -30,7 +30,8 @@ def plot_loss_curves(metrics_path: str | Path, out_png: str | Path) -> Path:
     plt = _pyplot()
     fig, (ax, ax_aux) = plt.subplots(1, 2, figsize=(11, 4))
     train = [r for r in rows if "loss" in r]
-    val = [r for r in rows if "eval_loss" in r]
+    base = [{"step": r["step"], "eval_loss": r["base_loss"]} for r in rows if "base_loss" in r]
+    val = base + [r for r in rows if "eval_loss" in r]  # the base model's loss is step 0 of the curve
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (lm + aux)", alpha=0.5)
         ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train lm loss")

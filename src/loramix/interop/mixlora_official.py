@@ -323,6 +323,7 @@ def official_to_loramix_config(
         attn_dropout=top["dropout"],
         attn_targets=attn_names or None,
         balance_coef=coef * top_k if router_loss else 0.0,
+        aux_layer_reduction="mean",  # MoE-PEFT computes one loss over all layers' tokens together
         mlp_name="mlp",
     )
 

@@ -120,3 +120,18 @@ def test_accelerate_two_cpu_processes_end_with_same_weights(tiny_run_inputs, tmp
     assert len(digests) == 2
     assert digests[0].read_text() == digests[1].read_text()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_checkpointing_trains_routers(tiny_run_inputs, tmp_path):
+    """With (non-reentrant) gradient checkpointing the routers still learn from the LM + aux loss."""
+    from safetensors.torch import load_file as load
+
+    model_dir, data = tiny_run_inputs
+    train(**_opts(model_dir, data, tmp_path / "gc", max_steps=3, gradient_checkpointing=True))
+    weights = load(tmp_path / "gc" / "adapter" / "adapter_model.safetensors")
+    routers = {k: v for k, v in weights.items() if "mixlora_router" in k}
+    assert routers
+    rows = [json.loads(x) for x in (tmp_path / "gc" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["aux_loss"] > 0 for r in rows if "loss" in r)
+    grad_norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
+    assert len(grad_norms) == 3 and all(g > 0 for g in grad_norms)

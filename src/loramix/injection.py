@@ -220,8 +220,7 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
 def _post_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     state = get_state(model)
     wants_loss = kwargs.get("labels") is not None or model.training
-    for layer in state.moe_layers.values():
-        layer.token_mask = None
+    # token_mask stays set until the next forward: activation checkpointing re-runs the layers in backward
     if not wants_loss or not state.moe_layers:
         return output
     aux, stats = compute_aux_loss(model)

@@ -34,8 +34,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="build, time and free one variant at a time (least memory) instead of interleaving them",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy shared CPU)")
     p.add_argument("--no-official", action="store_true", help="skip the official mixlora package")
+    p.add_argument(
+        "--oom-first",
+        action="store_true",
+        help="Linux: make this process the out-of-memory killer's first choice (shared machines)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
     p.add_argument("--profile", action="store_true", help="also profile one MixLoRA (topk) training step")
     return p.parse_args(argv)
@@ -43,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.oom_first:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
     result = run_benchmark(
         args.model,
         batch_size=args.batch_size,
@@ -58,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top_k,
         r=args.r,
         threads=args.threads,
+        interleave=not args.sequential,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(format_table(result))
-    print(f"\nmemory: {result['memory_metric']}; machine: {json.dumps(result['machine'])}")
+    print(
+        f"\nmemory: {result['memory_metric']} (on top of {result['base_weights_mb']:.0f} MiB of shared frozen "
+        f"weights); machine: {json.dumps(result['machine'])}"
+    )
     for name, t in result["targets"].items():
         print(
             f"{name}: step {t['step_vs_lora']:.2f}x LoRA (target <= {t['step_target']}: "

@@ -42,9 +42,7 @@ SMALL = dict(
 
 @pytest.fixture(scope="module")
 def result():
-    return bench.run_benchmark(
-        tiny_model("llama"), routers=("topk", "switch"), include_official=True, **SMALL
-    )
+    return bench.run_benchmark(tiny_model("llama"), routers=("topk", "switch"), include_official=True, **SMALL)
 
 
 def test_all_variants_and_keys(result):
@@ -75,9 +73,7 @@ def test_trainable_parameter_counts_are_exact(result):
     router = e * h
     assert result["variants"]["mixlora_topk"]["trainable_params"] == layers * (attn + e * ffn + router)
     if "official_mixlora" in result["variants"]:  # same adapter, other implementation
-        assert result["variants"]["official_mixlora"]["trainable_params"] == layers * (
-            attn + e * ffn + router
-        )
+        assert result["variants"]["official_mixlora"]["trainable_params"] == layers * (attn + e * ffn + router)
 
 
 def test_ratios_and_targets(result):
@@ -164,3 +160,15 @@ def test_run_bench_script_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert set(data["variants"]) == {"base", "peft_lora", "mixlora_topk"}
     assert "| peft_lora |" in proc.stdout
+
+
+def test_sequential_mode_gives_the_same_keys():
+    threads = torch.get_num_threads()
+    res = bench.run_benchmark(
+        tiny_model("llama"), routers=("topk",), include_official=False, interleave=False, threads=1, **SMALL
+    )
+    assert set(res["variants"]) == {"base", "peft_lora", "mixlora_topk"}
+    assert res["config"]["interleaved"] is False
+    assert all(set(f) >= FIGURES for f in res["variants"].values())
+    assert res["machine"]["torch_threads"] == 1
+    assert torch.get_num_threads() == threads  # restored

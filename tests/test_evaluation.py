@@ -86,10 +86,7 @@ ARC = (
     "Please choose the correct answer to the question: Which is a cat?\n\nAnswer1: a dog. Answer2: a cat. "
     "Answer3: a mat. Answer4: the world.\n\nAnswer format: answer1/answer2/answer3/answer4"
 )
-BOOLQ = (
-    "Please answer the following question with true or false, question: is it good?\n\n"
-    "Answer format: true/false"
-)
+BOOLQ = "Please answer the following question with true or false, question: is it good?\n\nAnswer format: true/false"
 PIQA = (
     "Please choose the correct solution to the question: x\n\nSolution1: a b\n\nSolution2: c d\n\n"
     "Answer format: solution1/solution2"
@@ -143,6 +140,24 @@ def test_mc_scoring_matches_hand_loglikelihoods_and_is_batch_invariant():
     assert res1["acc"] == pytest.approx(expected_acc) and res1["n"] == 3
 
 
+def test_candidates_differing_in_their_last_token_share_one_forward_row():
+    model, tok = tiny_model("llama", seed=2), tiny_tokenizer()
+    rows: list[int] = []
+    handle = model.register_forward_hook(
+        lambda m, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    items = ev.build_mc_items(
+        tok, [{"instruction": ARC, "answer": "answer2"}, {"instruction": BOOLQ, "answer": "true"}]
+    )
+    try:
+        res = ev.score_multiple_choice(model, tok, items, batch_size=8, progress=False)
+    finally:
+        handle.remove()
+    assert rows == [2]  # 6 (item, candidate) requests, 2 distinct model inputs, one batch
+    hand = [_hand_loglik(model, tok, items[0]["context"], c) for c in items[0]["choices"]]
+    assert res["predictions"][0]["loglikelihoods"] == pytest.approx(hand, abs=1e-4)
+
+
 @pytest.mark.parametrize("favoured", ["answer1", "answer3"])
 def test_mc_picks_the_candidate_the_model_makes_most_likely(favoured):
     model, tok = tiny_model("llama", seed=3), tiny_tokenizer()
@@ -166,9 +181,7 @@ def test_mc_picks_the_candidate_the_model_makes_most_likely(favoured):
     rec["answer"] = favoured
     handle = model.lm_head.register_forward_hook(hook)
     try:
-        assert (
-            ev.score_multiple_choice(model, tok, ev.build_mc_items(tok, [rec]), progress=False)["acc"] == 1.0
-        )
+        assert ev.score_multiple_choice(model, tok, ev.build_mc_items(tok, [rec]), progress=False)["acc"] == 1.0
     finally:
         handle.remove()
 
@@ -213,9 +226,7 @@ def data_dir(tmp_path):
     (root / "wikitext2" / "raw" / "wiki.test.raw.txt").write_bytes(TEXT.replace(" . ", " .\r\n").encode())
     arc = root / "llm_adapters_commonsense" / "ARC-Easy"
     arc.mkdir(parents=True)
-    arc_recs = [
-        {"instruction": ARC, "input": "", "output": "the correct answer is answer2", "answer": "answer2"}
-    ] * 3
+    arc_recs = [{"instruction": ARC, "input": "", "output": "the correct answer is answer2", "answer": "answer2"}] * 3
     (arc / "test.json").write_text(json.dumps(arc_recs))
     gsm = root / "llm_adapters_math" / "gsm8k"
     gsm.mkdir(parents=True)
@@ -242,9 +253,7 @@ def test_data_dir_from_argument_or_env(data_dir, monkeypatch):
 
 def test_math_exact_match_uses_the_replies(data_dir, monkeypatch):
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    monkeypatch.setattr(
-        ev, "generate_greedy", lambda m, t, prompts, **kw: ["it is 3", "it is 41"][: len(prompts)]
-    )
+    monkeypatch.setattr(ev, "generate_greedy", lambda m, t, prompts, **kw: ["it is 3", "it is 41"][: len(prompts)])
     res = ev.evaluate_math(model, tok, "gsm8k", data_dir=data_dir, progress=False)
     assert res["exact_match"] == 0.5 and res["n"] == 2
     assert [p["correct"] for p in res["predictions"]] == [True, False]

@@ -2,11 +2,13 @@
 
 Every variant is a fresh deep copy of one loaded base model and all are measured in the same process:
 
-1. each variant is built and warmed up in turn (``max(warmup, 1)`` training step(s), forward and decode);
+1. each variant is built (a fresh copy of the model modules sharing the frozen weights, see
+   :func:`fresh_copy`) and warmed up in turn (``max(warmup, 1)`` training step(s), forward and decode);
    its memory is measured during this phase: on CUDA the peak of ``torch.cuda.max_memory_allocated`` minus
-   the allocation before its copy, on CPU the peak resident set size (RSS, sampled every 2 ms) minus the RSS
-   before its copy. Either way the figure covers this variant's weights copy, adapters, activations,
-   gradients and optimizer state; ``memory_metric`` in the result says which one was used;
+   the allocation before the variant, on CPU the peak resident set size (RSS, sampled every 2 ms) minus
+   the RSS before the variant. Either way the figure is what training this variant adds on top of the
+   frozen weights (``base_weights_mb``): adapters, activations, gradients and optimizer state;
+   ``memory_metric`` in the result says which one was used;
 2. the timed work then runs in ``steps`` rounds with the variants interleaved (rotating order), so a
    changing load on a shared machine hits every variant alike; figures are medians over the rounds:
 
@@ -418,6 +420,26 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def fresh_copy(base: nn.Module) -> nn.Module:
+    """A new model object that shares ``base``'s frozen parameters (no second copy of the weights).
+
+    Every module (and buffer) is deep-copied, so adapters injected into the copy never touch ``base``;
+    the parameters themselves are shared, which is safe because every variant keeps them frozen and
+    untouched (only adapter tensors are trained). This keeps the memory of holding all variants at once
+    to their adapters, so the variants can be interleaved.
+    """
+    return copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
+
+
+@torch.no_grad()
+def _touch(model: nn.Module) -> None:
+    """Read one value per 4 KiB page of every weight, so memory-mapped checkpoint pages are resident
+    before any measurement (otherwise the first variant's RSS delta would include paging the weights in)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and t.numel():
+            t.detach().reshape(-1)[:: max(1, 4096 // t.element_size())].sum()
+
+
 def _load_base(model_spec: Any, device: torch.device, dtype: str | torch.dtype) -> nn.Module:
     if isinstance(model_spec, nn.Module):
         return model_spec.to(device)
@@ -446,6 +468,7 @@ def run_benchmark(
     alpha: float = 32,
     seed: int = 0,
     threads: int | None = None,
+    interleave: bool = True,
     log: Callable[[str], Any] | None = print,
 ) -> dict[str, Any]:
     """Measure base / PEFT LoRA / MixLoRA (each router) / official mixlora in one run.
@@ -460,6 +483,9 @@ def run_benchmark(
         threads: torch CPU threads for the run (restored afterwards); ``None`` keeps the current setting.
             On a CPU shared with other busy processes use 1: with more threads than free cores every
             parallel op can wait a whole scheduler slice for a descheduled worker thread.
+        interleave: keep every variant alive and time them in interleaved rounds (robust to a changing
+            load on a shared machine); ``False`` builds, times and frees one variant after the other (least
+            memory: only one adapted model at a time).
         log: progress messages (``None`` = silent).
 
     Returns ``{"config", "machine", "memory_metric", "variants": {name: figures}, "ratios", "targets",
@@ -488,6 +514,7 @@ def run_benchmark(
             r=r,
             alpha=alpha,
             seed=seed,
+            interleave=interleave,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -512,11 +539,13 @@ def _run(
     r: int,
     alpha: float,
     seed: int,
+    interleave: bool,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     base = _load_base(model_spec, dev, dtype).eval()
     for p in base.parameters():
         p.requires_grad_(False)
+    _touch(base)
     vocab = int(base.config.vocab_size)
     common = dict(
         batch_size=batch_size,
@@ -546,6 +575,7 @@ def _run(
         else:
             skipped["official_mixlora"] = reason
     runners: dict[str, VariantRunner] = {}
+    variants: dict[str, dict[str, Any]] = {}
     for name, build in builders.items():  # 1) build + warm up each variant; its memory is measured here
         say(f"[bench] preparing {name} ...")
         _release_memory(dev)
@@ -554,7 +584,7 @@ def _run(
             torch.cuda.reset_peak_memory_stats(dev)
         torch.manual_seed(seed)
         with PeakRSS() as rss:
-            model = copy.deepcopy(base)
+            model = fresh_copy(base)
             model, params = (model, []) if build is None else build(model)
             runner = VariantRunner(name, model, params, train=build is not None, **common)
             for _ in range(max(warmup, 1)):  # the first training step allocates grads + optimizer state
@@ -564,17 +594,19 @@ def _run(
                 runner.decode_step()
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss.peak
         runner.peak_memory_mb = (peak - before) / 2**20
-        runners[name] = runner
-    names = list(runners)
-    for kind in ("train", "infer", "decode"):  # 2) timed rounds, variants interleaved, order rotated
-        for i in range(steps):
-            for name in names[i % len(names) :] + names[: i % len(names)]:
-                if kind != "train" or runners[name].train:
-                    runners[name].timed(kind)
-        say(f"[bench] timed {kind} ({steps} rounds)")
-    variants = {name: r.figures() for name, r in runners.items()}
-    for name, f in variants.items():
-        say(f"[bench] {name}: " + _one_line(f))
+        del model, params
+        if interleave:
+            runners[name] = runner
+            continue
+        _timed_rounds({name: runner}, steps)  # sequential mode: time it now, then free it
+        variants[name] = runner.figures()
+        say(f"[bench] {name}: " + _one_line(variants[name]))
+        del runner
+    if interleave:  # 2) timed rounds, variants interleaved, order rotated
+        _timed_rounds(runners, steps, say)
+        variants = {name: r.figures() for name, r in runners.items()}
+        for name, f in variants.items():
+            say(f"[bench] {name}: " + _one_line(f))
     result = {
         "config": {
             "batch_size": batch_size,
@@ -589,11 +621,12 @@ def _run(
             "alpha": alpha,
             "routers": list(routers),
             "dtype": str(dtype),
-            "interleaved": True,
+            "interleaved": interleave,
             "model": getattr(base.config, "_name_or_path", None) or type(base).__name__,
         },
         "machine": machine_info(dev),
         "memory_metric": "cuda_peak_allocated_delta" if dev.type == "cuda" else "cpu_peak_rss_delta",
+        "base_weights_mb": sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20,
         "variants": variants,
         "skipped": skipped,
     }
@@ -601,6 +634,18 @@ def _run(
     del base, runners
     _release_memory(dev)
     return result
+
+
+def _timed_rounds(runners: dict[str, VariantRunner], steps: int, say: Callable[[str], Any] | None = None) -> None:
+    """``steps`` timed rounds of each kind of work; within a round the variants run in rotating order."""
+    names = list(runners)
+    for kind in ("train", "infer", "decode"):
+        for i in range(steps):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                if kind != "train" or runners[name].train:
+                    runners[name].timed(kind)
+        if say is not None:
+            say(f"[bench] timed {kind} ({steps} rounds)")
 
 
 def _one_line(f: dict[str, Any]) -> str:
@@ -702,7 +747,7 @@ def profile_training_step(
     base = _load_base(model_spec, dev, "float32").eval()
     if mode not in ("train", "decode"):
         raise ValueError(f"mode must be 'train' or 'decode', got {mode!r}")
-    model = copy.deepcopy(base)
+    model = fresh_copy(base)
     params: list[torch.Tensor] = []
     if variant == "peft_lora":
         model, params = make_peft_lora(model)

@@ -45,9 +45,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """The data root: ``data_dir`` if given, else ``$LORAMIX_DATA_DIR``; it must exist."""
     value = data_dir if data_dir is not None else os.environ.get(DATA_ENV)
     if not value:
-        raise FileNotFoundError(
-            f"no data directory: pass data_dir=... or set the environment variable {DATA_ENV}"
-        )
+        raise FileNotFoundError(f"no data directory: pass data_dir=... or set the environment variable {DATA_ENV}")
     path = Path(value).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"data directory {path} does not exist")
@@ -245,9 +243,7 @@ def mc_context(
     user = record["instruction"]
     if str(record.get("input") or "").strip():
         user = f"{user}\n\n{record['input']}"
-    text, add_special = render_chat(
-        tokenizer, [{"role": "user", "content": user}], chat_template=chat_template
-    )
+    text, add_special = render_chat(tokenizer, [{"role": "user", "content": user}], chat_template=chat_template)
     return text + answer_prefix, add_special
 
 
@@ -276,9 +272,7 @@ def build_mc_items(
             texts = option_texts(rec["instruction"])
             if all(c in texts for c in low):
                 choices = [texts[c] for c in low]
-        context, add_special = mc_context(
-            tokenizer, rec, chat_template=chat_template, answer_prefix=answer_prefix
-        )
+        context, add_special = mc_context(tokenizer, rec, chat_template=chat_template, answer_prefix=answer_prefix)
         items.append(
             {
                 "context": context,
@@ -319,43 +313,46 @@ def loglikelihoods(
 ) -> list[tuple[float, bool]]:
     """Summed log-probability of each continuation given its context, and whether it is the greedy one.
 
-    ``requests`` are ``(context_ids, continuation_ids)``. Sequences are batched longest first, right
-    padded, and left-truncated to ``max_length`` (default: the model's context size).
+    ``requests`` are ``(context_ids, continuation_ids)``. The model input of a request is context +
+    continuation without its last token, left-truncated to ``max_length`` (default: the model's context
+    size). Requests with identical inputs -- candidates that differ only in their last token, such as
+    ``answer1`` / ``answer2`` -- share one forward pass (as in lm-evaluation-harness). Distinct inputs are
+    batched longest first and right padded.
     """
     limit = max_length or _context_limit(model)
     device = _device(model)
     pad = _pad_id(tokenizer)
-    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+    groups: dict[tuple[int, ...], list[int]] = {}  # model input -> indices of the requests that use it
+    for i, (ctx, cont) in enumerate(requests):
+        if not cont:
+            raise ValueError(f"request {i}: the continuation is empty after tokenization")
+        full = (list(ctx) + list(cont))[-(limit + 1) :]
+        groups.setdefault(tuple(full[:-1]), []).append(i)  # the last token is never an input
+    unique = sorted(groups, key=len, reverse=True)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(requests), desc="loglikelihood", disable=not progress, unit="req")
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            rows, conts = [], []
-            for i in idx:
-                ctx, cont = requests[i]
-                if not cont:
-                    raise ValueError(f"request {i}: the continuation is empty after tokenization")
-                full = (list(ctx) + list(cont))[-(limit + 1) :]
-                rows.append(full[:-1])  # the last token is never an input
-                conts.append(list(cont))
-            width = max(len(r) for r in rows)
+        for start in range(0, len(unique), batch_size):
+            rows = unique[start : start + batch_size]
+            width = len(rows[0])
             input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for j, r in enumerate(rows):
                 input_ids[j, : len(r)] = torch.tensor(r)
                 mask[j, : len(r)] = 1
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-            for j, (r, cont) in enumerate(zip(rows, conts, strict=True)):
-                n = len(cont)
-                logp = F.log_softmax(logits[j, len(r) - n : len(r)].float(), dim=-1)  # (n, V)
-                target = torch.tensor(cont, device=logp.device)
-                score = float(logp.gather(1, target[:, None]).sum())
-                greedy = bool((logp.argmax(-1) == target).all())
-                results[idx[j]] = (score, greedy)
-            bar.update(len(idx))
+            for j, r in enumerate(rows):
+                for i in groups[r]:
+                    cont = requests[i][1]
+                    n = len(cont)
+                    logp = F.log_softmax(logits[j, len(r) - n : len(r)].float(), dim=-1)  # (n, V)
+                    target = torch.tensor(cont, device=logp.device)
+                    score = float(logp.gather(1, target[:, None]).sum())
+                    greedy = bool((logp.argmax(-1) == target).all())
+                    results[i] = (score, greedy)
+                bar.update(len(groups[r]))
     finally:
         bar.close()
         model.train(was_training)
@@ -399,9 +396,7 @@ def score_multiple_choice(
         pred_norm = max(range(len(norm)), key=lambda c: norm[c])
         correct += pred == item["gold"]
         correct_norm += pred_norm == item["gold"]
-        predictions.append(
-            {"pred": pred, "pred_norm": pred_norm, "gold": item["gold"], "loglikelihoods": lls}
-        )
+        predictions.append({"pred": pred, "pred_norm": pred_norm, "gold": item["gold"], "loglikelihoods": lls})
     n = len(items)
     return {
         "acc": correct / n if n else float("nan"),
@@ -498,9 +493,7 @@ def generate_greedy(
                 p = list(prompts[i])
                 input_ids[j, width - len(p) :] = torch.tensor(p)
                 mask[j, width - len(p) :] = 1
-            gen = model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=cfg
-            )
+            gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
             for j, i in enumerate(idx):
                 outs[i] = tokenizer.decode(gen[j, width:], skip_special_tokens=True)
             bar.update(len(idx))
@@ -529,9 +522,7 @@ def evaluate_math(
         user = rec["instruction"]
         if str(rec.get("input") or "").strip():
             user = f"{user}\n\n{rec['input']}"
-        text, add_special = render_chat(
-            tokenizer, [{"role": "user", "content": user}], chat_template=chat_template
-        )
+        text, add_special = render_chat(tokenizer, [{"role": "user", "content": user}], chat_template=chat_template)
         prompts.append(tokenizer(text, add_special_tokens=add_special)["input_ids"])
     replies = generate_greedy(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress

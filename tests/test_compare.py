@@ -25,9 +25,7 @@ def setup(tmp_path):
     data_root = tmp_path / "data"
     task = data_root / "llm_adapters_commonsense" / "ARC-Easy"
     task.mkdir(parents=True)
-    recs = [
-        {"instruction": ARC, "input": "", "output": "the correct answer is answer2", "answer": "answer2"}
-    ] * 4
+    recs = [{"instruction": ARC, "input": "", "output": "the correct answer is answer2", "answer": "answer2"}] * 4
     (task / "test.json").write_text(json.dumps(recs))
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in recs * 4))
@@ -87,9 +85,7 @@ def test_compare_passes_the_same_options_to_every_run(tmp_path):
         if adapter_dir == "/ad/mixlora":  # make the "trained" model prefer answer2
             m.lm_head.register_forward_hook(
                 lambda mod, a, out: (
-                    out
-                    + 30.0
-                    * (torch.arange(out.shape[-1]) == tiny_tokenizer().convert_tokens_to_ids("answer2"))
+                    out + 30.0 * (torch.arange(out.shape[-1]) == tiny_tokenizer().convert_tokens_to_ids("answer2"))
                 )
             )
         return m, tiny_tokenizer()
@@ -111,12 +107,7 @@ def test_compare_passes_the_same_options_to_every_run(tmp_path):
     )
     assert [c["adapter"] for c in calls] == ["lora", "mixlora"]
     for c in calls:
-        assert (
-            c["max_steps"] == 7
-            and c["learning_rate"] == 1e-3
-            and c["data"] == "train.json"
-            and c["model"] == "m"
-        )
+        assert c["max_steps"] == 7 and c["learning_rate"] == 1e-3 and c["data"] == "train.json" and c["model"] == "m"
     assert loads == [None, "/ad/lora", "/ad/mixlora"]
     assert res["runs"]["mixlora"]["eval"]["tasks"]["ARC-Easy"]["acc"] == 1.0
     table = comparison_table(res["runs"])

@@ -117,9 +117,7 @@ def test_chat_loop_keeps_history_and_reset_clears_it(monkeypatch):
 
     monkeypatch.setattr(generation, "generate", spy)
     console = _Console(["hello", "how are you", "/reset", "again", "/exit", "never read"])
-    history = chat_loop(
-        model, tok, input_fn=console.input, print_fn=console.print, max_new_tokens=4, temperature=0.0
-    )
+    history = chat_loop(model, tok, input_fn=console.input, print_fn=console.print, max_new_tokens=4, temperature=0.0)
     assert [m["content"] for m in seen[0]] == ["hello"]
     assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"]  # history sent with turn 2
     assert seen[1][0]["content"] == "hello" and seen[1][2]["content"] == "how are you"
@@ -160,9 +158,7 @@ def test_chat_loop_drops_old_turns_beyond_the_context():
     model, tok = tiny_model("llama", seed=8), tiny_tokenizer()  # 64 positions
     long = " ".join(["cat"] * 20)
     console = _Console([long, long, long, "/exit"])
-    history = chat_loop(
-        model, tok, input_fn=console.input, print_fn=console.print, max_new_tokens=8, temperature=0.0
-    )
+    history = chat_loop(model, tok, input_fn=console.input, print_fn=console.print, max_new_tokens=8, temperature=0.0)
     assert len(history) < 6  # the oldest exchanges were dropped
     assert history[-2]["content"] == long
 
@@ -182,9 +178,7 @@ def test_load_for_inference_base_and_loramix_adapter(saved_base, tmp_path):
     base, tok2 = load_for_inference(str(path), device="cpu", dtype="float32")
     with torch.no_grad():
         torch.testing.assert_close(base(input_ids=ids).logits, model(input_ids=ids).logits)
-    adapted = loramix.inject(
-        copy.deepcopy(model), loramix.MixLoraConfig(num_experts=4, top_k=2, r=4, attn_r=4)
-    )
+    adapted = loramix.inject(copy.deepcopy(model), loramix.MixLoraConfig(num_experts=4, top_k=2, r=4, attn_r=4))
     with torch.no_grad():  # non-zero B so the adapter changes the output
         for n, p in adapted.named_parameters():
             if "lora_B" in n:

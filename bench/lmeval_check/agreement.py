@@ -16,9 +16,7 @@ from pathlib import Path
 def lm_eval_samples(results_dir: Path, name: str) -> dict[int, dict]:
     files = sorted(results_dir.rglob(f"samples_{name}_*.jsonl"))
     if not files:
-        raise FileNotFoundError(
-            f"no samples_{name}_*.jsonl under {results_dir} (run lm-eval with --log_samples)"
-        )
+        raise FileNotFoundError(f"no samples_{name}_*.jsonl under {results_dir} (run lm-eval with --log_samples)")
     rows = [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
     return {int(r["doc"]["id"]): r for r in rows}
 

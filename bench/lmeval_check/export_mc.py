@@ -72,10 +72,7 @@ def main() -> None:
         with data_file.open("w") as f:
             for i, it in enumerate(items):
                 f.write(
-                    json.dumps(
-                        {"id": i, "context": it["context"], "choices": it["choices"], "gold": it["gold"]}
-                    )
-                    + "\n"
+                    json.dumps({"id": i, "context": it["context"], "choices": it["choices"], "gold": it["gold"]}) + "\n"
                 )
         name = lm_eval_task_name(task)
         (args.out / f"{name}.yaml").write_text(task_yaml(name, data_file))
@@ -84,9 +81,7 @@ def main() -> None:
         res["seconds"] = round(time.perf_counter() - start, 1)
         res["task"], res["lm_eval_task"] = task, name
         (args.out / f"{task}.loramix.json").write_text(json.dumps(res))
-        print(
-            f"{task}: n={res['n']} acc={res['acc']:.4f} acc_norm={res['acc_norm']:.4f} ({res['seconds']} s)"
-        )
+        print(f"{task}: n={res['n']} acc={res['acc']:.4f} acc_norm={res['acc_norm']:.4f} ({res['seconds']} s)")
 
 
 if __name__ == "__main__":

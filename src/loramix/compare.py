@@ -70,9 +70,7 @@ def compare(
     train_fn = train_fn or _default_train()
     load_fn = load_fn or _default_load()
     runs: dict[str, dict[str, Any]] = {}
-    eval_kw = dict(
-        data_dir=data_dir, limit=eval_limit, batch_size=eval_batch_size, max_new_tokens=max_new_tokens
-    )
+    eval_kw = dict(data_dir=data_dir, limit=eval_limit, batch_size=eval_batch_size, max_new_tokens=max_new_tokens)
     if include_base:
         m, tok = load_fn(model, None, device=device)
         runs["base"] = {"train": None, "eval": evaluate(m, tok, tasks, **eval_kw)}

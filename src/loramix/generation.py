@@ -264,9 +264,7 @@ def chat_loop(
             print_fn("[history cleared]")
             continue
         history.append({"role": "user", "content": line})
-        history = _trim_history(
-            model, tokenizer, history, max_new_tokens=max_new_tokens, chat_template=chat_template
-        )
+        history = _trim_history(model, tokenizer, history, max_new_tokens=max_new_tokens, chat_template=chat_template)
         pieces: list[str] = []
 
         def emit(piece: str, pieces: list[str] = pieces) -> None:

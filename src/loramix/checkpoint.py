@@ -42,7 +42,8 @@ class AdapterLoadError(ValueError):
     """An adapter directory cannot be loaded onto this base model; nothing was changed."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -86,7 +87,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "base_model_name_or_path": state.base_model_name,
         "architecture": state.fingerprint,
         "weights_file": WEIGHTS_NAME,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
         "config": state.config.to_dict(),
     }
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
@@ -135,7 +136,7 @@ def _read_weights(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tens
     path = directory / meta.get("weights_file", WEIGHTS_NAME)
     if not path.is_file():
         raise AdapterLoadError(f"weights file missing: {path}")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != meta.get("weights_sha256"):
         raise AdapterLoadError(
             f"{path} does not match the checksum in {CONFIG_NAME} (truncated or altered file): "

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
+from ..checkpoint import sha256_file
 from ..injection import architecture_fingerprint
 
 MANIFEST = "manifest.json"
@@ -45,14 +46,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 class SkillLibraryError(ValueError):
     """The skill library (or a request against it) is invalid; the message says what and where."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hash_tree(root: Path) -> dict[str, str]:

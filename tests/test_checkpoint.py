@@ -106,12 +106,14 @@ def test_save_load_round_trips_logits_exactly(tmp_path, arch: str, cfg: dict) ->
 
 def test_saved_files_hold_only_the_trainable_tensors(tmp_path) -> None:
     """The directory holds exactly adapter_model.safetensors and adapter_config.json; the weights file
-    holds exactly the trainable tensors (no frozen base weights), with their values."""
+    holds exactly the trainable tensors (no frozen base weights), with their values, plus each router's
+    balance-bias buffers."""
     model = adapted("llama", num_experts=4)
     save_adapter(model, tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([CONFIG, WEIGHTS])
     tensors = load_file(tmp_path / "a" / WEIGHTS)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trainable |= {n: b for n, b in model.named_buffers() if n.endswith((".balance_bias", ".balance_pending"))}
     assert set(tensors) == set(trainable)
     assert all("lora_" in n or "mixlora_" in n for n in tensors)
     for name, t in tensors.items():

@@ -339,7 +339,9 @@ def test_state_dict_contains_the_trainable_keys() -> None:
     sd = model.state_dict()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable <= set(sd)
-    assert trainable == {k for k in sd if "lora_" in k or "mixlora_" in k}
+    buffers = {k for k in sd if k.endswith((".balance_bias", ".balance_pending"))}  # saved, not trained
+    assert trainable == {k for k in sd if "lora_" in k or "mixlora_" in k} - buffers
+    assert len(buffers) == 4
     for i in range(2):
         prefix = f"model.layers.{i}.mlp."
         assert {prefix + "mixlora_router.weight", prefix + "mixlora_router.noise.weight"} <= trainable

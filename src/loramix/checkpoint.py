@@ -51,6 +51,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+OPTIONAL_BUFFERS = (".balance_bias", ".balance_pending")
+
+
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's own tensors (names with a ``lora_`` / ``mixlora_`` marker)."""
     return {n: t for n, t in model.state_dict().items() if is_trainable_name(n)}
@@ -188,7 +191,10 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, trainable: boo
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
     """Copy ``tensors`` into the model's adapter weights after checking names and shapes match exactly."""
-    expected = {n: t.shape for n, t in trainable_state_dict(model).items()}
+    state = trainable_state_dict(model)
+    expected = {n: t.shape for n, t in state.items()}
+    # Adapters saved before balance biases existed have none: they start at zero (the router as trained).
+    tensors = {**{n: torch.zeros_like(t) for n, t in state.items() if n.endswith(OPTIONAL_BUFFERS)}, **tensors}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(n for n in set(expected) & set(tensors) if tensors[n].shape != expected[n])

@@ -14,6 +14,7 @@ FFN_ROLES = ("gate", "up", "down")
 _FLOAT_FIELDS = (
     "alpha", "dropout", "adapter_scale_init", "top_p", "capacity_factor", "router_init_scale",
     "router_jitter", "attn_alpha", "attn_dropout", "balance_coef", "z_loss_coef", "entropy_coef",
+    "balance_bias_rate",
 )
 
 
@@ -69,6 +70,12 @@ class MixLoraConfig:
     """Std of the router weight's normal init; small = near-uniform routing at the start."""
     router_jitter: float = 0.0
     """Multiplicative uniform input noise (1 +/- jitter) on the router input, training only."""
+    balance_bias_rate: float = 0.01
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the router logits only to
+    *choose* experts (never to the mixing weights), moves by this much after every training forward:
+    up for experts that got fewer than the mean number of tokens, down for the others. It undoes the
+    imbalance that a shared direction in the hidden states gives a random router, which the balance loss
+    alone corrects too slowly in the last layers. 0 turns it off; no effect on ``dense`` and ``top_p``."""
 
     # --- attention LoRA (PEFT) -------------------------------------------------------------------
     attn_r: int = 8
@@ -163,7 +170,7 @@ class MixLoraConfig:
             _fail("attn_r", "must be >= 0 (0 turns attention LoRA off)")
         if self.attn_r > 0 and self.attn_alpha <= 0:
             _fail("attn_alpha", "must be > 0")
-        for name in ("balance_coef", "z_loss_coef"):
+        for name in ("balance_coef", "z_loss_coef", "balance_bias_rate"):
             if getattr(self, name) < 0:
                 _fail(name, "must be >= 0")
         if self.ffn_names is not None:

@@ -213,12 +213,41 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
     mask = kwargs.get("attention_mask")
     if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
         mask = args[1]
-    for layer in get_state(model).moe_layers.values():
+    layers = list(get_state(model).moe_layers.values())
+    for layer in layers:
         layer.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    if model.training:
+        # Applied here, before the next forward, not right after the last one: activation checkpointing
+        # re-runs the layers during backward and must pick the same experts as the original forward.
+        update_balance_biases(layers)
+
+
+@torch.no_grad()
+def update_balance_biases(layers: list[nn.Module]) -> None:
+    """Apply the pending assignment counts of every MoE layer to its balance bias (summed over ranks)."""
+    routers = [layer.mixlora_router for layer in layers if layer.mixlora_router.bias_rate > 0]
+    if not routers:
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flat = torch.cat([r.balance_pending for r in routers])  # (sum E,) one collective for all layers
+        torch.distributed.all_reduce(flat)
+        for r, part in zip(routers, flat.split([r.num_experts for r in routers]), strict=True):
+            r.balance_pending.copy_(part)
+    for r in routers:
+        r.update_balance_bias()
+
+
+def _record_assignments(layers: list[nn.Module]) -> None:
+    for layer in layers:
+        r = layer.last_routing
+        if r is not None and layer.mixlora_router.bias_rate > 0:
+            layer.mixlora_router.record_assignments(tokens_per_expert(r.indices, r.mask, layer.num_experts))
 
 
 def _post_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     state = get_state(model)
+    if model.training:
+        _record_assignments(list(state.moe_layers.values()))
     wants_loss = kwargs.get("labels") is not None or model.training
     # token_mask stays set until the next forward: activation checkpointing re-runs the layers in backward
     if not wants_loss or not state.moe_layers:

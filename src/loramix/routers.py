@@ -38,12 +38,38 @@ class Router(nn.Module):
         self.jitter = config.router_jitter
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         nn.init.normal_(self.weight, std=config.router_init_scale)
+        self.bias_rate = config.balance_bias_rate
+        # Auxiliary-loss-free balancing: a selection-only bias and the assignments counted since its last
+        # update. Both are saved with the adapter, so a resumed run continues exactly.
+        self.register_buffer("balance_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("balance_pending", torch.zeros(num_experts, dtype=torch.float32))
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()  # (T, H) routing is done in float32 whatever the model dtype
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         return F.linear(x, self.weight.float())  # (T, E)
+
+    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scores that pick the experts: the logits plus the balance bias (mixing weights never see it)."""
+        return logits + self.balance_bias  # (T, E)
+
+    @torch.no_grad()
+    def record_assignments(self, counts: torch.Tensor) -> None:
+        """Add one forward's per-expert assignment counts (E,) to those awaiting the next bias update."""
+        self.balance_pending += counts.to(self.balance_pending)
+
+    @torch.no_grad()
+    def update_balance_bias(self) -> None:
+        """``b_e += rate * sign(mean_load - load_e)`` from the pending counts, which are then cleared.
+
+        Counts are summed over ranks by the caller first (see ``injection``), so every rank keeps the
+        same bias.
+        """
+        load = self.balance_pending
+        if self.bias_rate > 0 and load.sum() > 0:
+            self.balance_bias += self.bias_rate * torch.sign(load.mean() - load)
+        load.zero_()
 
     def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
         raise NotImplementedError
@@ -68,7 +94,8 @@ class TopKRouter(Router):
 
     def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
         probs = logits.softmax(dim=-1)  # (T, E)
-        weights, indices = probs.topk(self.top_k, dim=-1)  # (T, k)
+        indices = self.selection_scores(logits).topk(self.top_k, dim=-1).indices  # (T, k)
+        weights = probs.gather(-1, indices)  # (T, k)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         mask = torch.ones_like(indices, dtype=torch.bool)
         return Routing(weights, indices, mask, logits, probs)
@@ -105,7 +132,8 @@ class SwitchRouter(Router):
 
     def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
         probs = logits.softmax(dim=-1)  # (T, E)
-        top_prob, top_idx = probs.max(dim=-1)  # (T,), (T,)
+        top_idx = self.selection_scores(logits).argmax(dim=-1)  # (T,)
+        top_prob = probs.gather(-1, top_idx[:, None]).squeeze(-1)  # (T,)
         num_tokens = int(token_mask.sum())
         capacity = max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
         one_hot = F.one_hot(top_idx, self.num_experts) * token_mask[:, None]  # (T, E)

@@ -1,0 +1,359 @@
+"""Real-data demonstration of skill blending (docs/skills.md, "Demo"): data preparation and scoring.
+
+Three skills from the staged data under ``$LORAMIX_DATA_DIR``:
+
+* ``sentiment``: SST-2 (``sst2/sst2_{train,test}.tsv``), answer ``positive`` / ``negative``;
+* ``summary``: DialogSum (``summarization/dialogsum``; the dev split trains, the test split evaluates);
+* ``boolq``: BoolQ as staged by LLM-Adapters (``llm_adapters_commonsense/boolq``), answer
+  ``the correct answer is true`` / ``... false``.
+
+Usage::
+
+    python -m loramix.skills.demo prepare OUT_DIR                # writes <skill>_{train,test}.jsonl
+    python -m loramix.skills.demo evaluate LIBRARY OUT_DIR --json results.json [--routing-only]
+
+``evaluate`` loads every skill of the library onto one base (``SkillBlend``) and reports
+
+* gate accuracy on held-out prompts (the test splits, never seen by the gate), with the training prompt
+  template and with paraphrased instructions the gate never saw;
+* each skill's score through the blend (gate routing, ``top1`` and ``soft``) beside the same skill's adapter
+  alone (one-hot weights, identical to loading that adapter by itself) and the frozen base (all-zero
+  weights). Classification skills score the answer choices by log-likelihood (accuracy); the summary skill
+  generates greedily and is scored with ROUGE-L F1 (:func:`rouge_l`, no stemming) against ``summary1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SKILL_FILES = ("sentiment", "summary", "boolq")
+
+SENTIMENT_PROMPT = "Classify the sentiment of this movie review as positive or negative: {text}"
+SUMMARY_PROMPT = "Summarize this dialogue:\n{text}"
+# Instructions the gate never saw (rotated over the held-out items): does routing follow the task or the
+# exact wording of the training template?
+PARAPHRASES = {
+    "sentiment": ["Is the following movie review positive or negative?\n{text}",
+                  "What is the sentiment of this review: {text}",
+                  "Tell me whether this critic liked the film. \"{text}\""],
+    "summary": ["Give a one-sentence summary of this conversation:\n{text}",
+                "TL;DR of the chat below:\n{text}",
+                "What happened in this conversation? Be brief.\n{text}"],
+    "boolq": ["True or false: {text}?",
+              "Answer yes or no: {text}?",
+              "{text}? Reply with true or false."],
+}
+_BOOLQ_Q = re.compile(r"question:\s*(.*?)\s*\n\s*\nAnswer format", re.S)
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+def _data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+    d = data_dir or os.environ.get("LORAMIX_DATA_DIR")
+    if not d:
+        raise SystemExit("set LORAMIX_DATA_DIR (the directory holding sst2/, summarization/, ...) or pass --data-dir")
+    return Path(d).expanduser()
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def boolq_question(instruction: str) -> str:
+    """The bare question of an LLM-Adapters BoolQ instruction (for the paraphrased prompts)."""
+    m = _BOOLQ_Q.search(instruction)
+    return m.group(1).strip().rstrip("?") if m else instruction
+
+
+def prepare(out_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None,
+            seed: int = 0) -> dict[str, int]:
+    """Write ``<skill>_train.jsonl`` (prompt/response, shuffled) and ``<skill>_test.jsonl`` (plus the fields
+    the scorer needs: ``choices``/``gold`` or ``reference``, and ``raw`` for the paraphrased prompts)."""
+    d = _data_dir(data_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    counts = {}
+
+    labels = ["negative", "positive"]
+    for split in ("train", "test"):
+        with open(d / "sst2" / f"sst2_{split}.tsv") as f:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        recs = [{"prompt": SENTIMENT_PROMPT.format(text=r["sentence"]), "response": labels[int(r["label"])],
+                 "choices": labels, "gold": int(r["label"]), "raw": r["sentence"]} for r in rows]
+        rng.shuffle(recs)
+        if split == "train":
+            recs = [{"prompt": r["prompt"], "response": r["response"]} for r in recs]
+        _write(out / f"sentiment_{split}.jsonl", recs)
+        counts[f"sentiment_{split}"] = len(recs)
+
+    for split, name in (("train", "dev"), ("test", "test")):
+        rows = _read_jsonl(d / "summarization" / "dialogsum" / f"dialogsum.{name}.jsonl")
+        recs = [{"prompt": SUMMARY_PROMPT.format(text=r["dialogue"]),
+                 "response": r.get("summary") or r["summary1"], "raw": r["dialogue"]} for r in rows]
+        if split == "train":
+            rng.shuffle(recs)
+            recs = [{"prompt": r["prompt"], "response": r["response"]} for r in recs]
+        else:  # shuffled once (seeded): `--score-limit` / `--route-limit` take a random fixed subset
+            recs = [{**r, "reference": r["response"]} for r in recs]
+            rng.shuffle(recs)
+        _write(out / f"summary_{split}.jsonl", recs)
+        counts[f"summary_{split}"] = len(recs)
+
+    for split in ("train", "test"):
+        with open(d / "llm_adapters_commonsense" / "boolq" / f"{split}.json") as f:
+            rows = json.load(f)
+        tf = ["the correct answer is true", "the correct answer is false"]
+        recs = [{"prompt": r["instruction"], "response": r["output"], "choices": tf,
+                 "gold": 0 if r["answer"].strip().lower() == "true" else 1,
+                 "raw": boolq_question(r["instruction"])} for r in rows]
+        rng.shuffle(recs)
+        if split == "train":
+            recs = [{"prompt": r["prompt"], "response": r["response"]} for r in recs]
+        _write(out / f"boolq_{split}.jsonl", recs)
+        counts[f"boolq_{split}"] = len(recs)
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------------
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (beta = 1) over lower-cased alphanumeric words, no stemming (``rouge_score`` is not
+    installed here; with ``use_stemmer=False`` its tokenizer splits the same way)."""
+    p, r = _WORD.findall(prediction.lower()), _WORD.findall(reference.lower())
+    if not p or not r:
+        return 0.0
+    lcs = _lcs(p, r)
+    if lcs == 0:
+        return 0.0
+    prec, rec = lcs / len(p), lcs / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+# --------------------------------------------------------------------------------------------------
+# scoring through a blend
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def choice_logliks(blend: Any, prompts: list[str], choices: list[list[str]], weights: torch.Tensor | None,
+                   batch_size: int = 8) -> list[list[float]]:
+    """Summed log-probability of each choice as the assistant reply to each prompt (chat template as in
+    training), with row ``i`` of ``weights`` blending the adapters for prompt ``i`` (None = frozen base).
+
+    Choices of one item whose model inputs coincide (they differ only in their last token) share a forward.
+    """
+    from ..evaluation import encode_pair
+    from ..generation import render_chat
+
+    tok = blend.tokenizer
+    n = len(prompts)
+    w = torch.zeros(n, len(blend.skills)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    rows: dict[tuple[int, tuple[int, ...]], list[tuple[int, int, list[int]]]] = {}
+    for i, (p, chs) in enumerate(zip(prompts, choices, strict=True)):
+        text, add_special = render_chat(tok, [{"role": "user", "content": p}])
+        for c, ch in enumerate(chs):
+            ctx, cont = encode_pair(tok, text, ch, add_special_tokens=add_special)
+            full = ctx + cont
+            rows.setdefault((i, tuple(full[:-1])), []).append((i, c, cont))
+    keys = sorted(rows, key=lambda k: len(k[1]), reverse=True)
+    out = [[0.0] * len(chs) for chs in choices]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for start in range(0, len(keys), batch_size):
+        chunk = keys[start : start + batch_size]
+        width = len(chunk[0][1])
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, (_, inp) in enumerate(chunk):
+            ids[j, : len(inp)] = torch.tensor(inp)
+            mask[j, : len(inp)] = 1
+        logits = blend.logits(ids, w[[k[0] for k in chunk]], attention_mask=mask)
+        for j, key in enumerate(chunk):
+            length = len(key[1])
+            for i, c, cont in rows[key]:
+                m = len(cont)
+                logp = F.log_softmax(logits[j, length - m : length].float(), dim=-1)
+                out[i][c] = float(logp.gather(1, torch.tensor(cont)[:, None].to(logp.device)).sum())
+    return out
+
+
+def choice_accuracy(blend: Any, items: list[dict[str, Any]], weights: torch.Tensor | None,
+                    batch_size: int = 8) -> float:
+    lls = choice_logliks(blend, [it["prompt"] for it in items], [it["choices"] for it in items], weights,
+                         batch_size=batch_size)
+    return sum(int(max(range(len(ll)), key=ll.__getitem__) == it["gold"]) for ll, it in zip(lls, items,
+                                                                                          strict=True)) / len(items)
+
+
+def summary_rouge(blend: Any, items: list[dict[str, Any]], weights: torch.Tensor | None, *,
+                  max_new_tokens: int = 64, batch_size: int = 8) -> tuple[float, list[str]]:
+    """Mean ROUGE-L F1 of greedy generations (prompts batched by length) and the generated texts."""
+    n = len(items)
+    w = torch.zeros(n, len(blend.skills)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    order = sorted(range(n), key=lambda i: len(items[i]["prompt"]))
+    texts = blend.generate([items[i]["prompt"] for i in order], w[order], max_new_tokens=max_new_tokens,
+                           temperature=0.0, batch_size=batch_size)
+    result = [""] * n
+    for i, t in zip(order, texts, strict=True):
+        result[i] = t.strip()
+    scores = [rouge_l(t, it["reference"]) for t, it in zip(result, items, strict=True)]
+    return sum(scores) / n, result
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------------
+def _paraphrased(skill: str, items: list[dict[str, Any]]) -> list[str]:
+    templates = PARAPHRASES[skill]
+    return [templates[i % len(templates)].format(text=it["raw"]) for i, it in enumerate(items)]
+
+
+def evaluate(library: str, data_dir: str, *, route_limit: int = 200, score_limit: dict[str, int] | None = None,
+             routing_only: bool = False, max_new_tokens: int = 64, batch_size: int = 8,
+             log: Any = print) -> dict[str, Any]:
+    """Held-out gate accuracy and per-skill scores (base / own adapter / top-1 blend / soft blend)."""
+    from .blend import SkillBlend
+    from .commands import _gate_weights, _load_gate
+    from .gate import apply_policy, embed_prompts
+    from .library import SkillLibrary
+
+    score_limit = score_limit or {}
+    lib = SkillLibrary.open(library)
+    names = lib.names
+    unknown = [n for n in names if n not in SKILL_FILES]
+    if unknown:
+        raise SystemExit(f"no demo test data for skills {unknown} (known: {SKILL_FILES})")
+    t0 = time.perf_counter()
+    blend = SkillBlend.from_library(lib, names)
+    gate = _load_gate(lib)
+    log(f"loaded {names} in {time.perf_counter() - t0:.1f}s")
+    results: dict[str, Any] = {"library": str(library), "skills": names, "gate_history": gate.history,
+                               "routing": {}, "scores": {}}
+    weights: dict[str, torch.Tensor] = {}
+    tests = {n: _read_jsonl(Path(data_dir) / f"{n}_test.jsonl") for n in names}
+    for variant in ("template", "paraphrased"):
+        for k, name in enumerate(names):
+            items = tests[name][:route_limit]
+            prompts = [it["prompt"] for it in items] if variant == "template" else _paraphrased(name, items)
+            t = time.perf_counter()
+            emb = embed_prompts(lib.manifest["embedder"], prompts, base=blend.model, tokenizer=blend.tokenizer)
+            w = _gate_weights(gate, emb, names, None)
+            if variant == "template":
+                weights[name] = w
+            top = w.argmax(-1)
+            rec = {"n": len(prompts), "accuracy": float((top == k).float().mean()),
+                   "mean_weight_own": float(w[:, k].mean()), "min_weight_own": float(w[:, k].min()),
+                   "routed_to": {m: int((top == j).sum()) for j, m in enumerate(names)},
+                   "seconds": round(time.perf_counter() - t, 1)}
+            results["routing"].setdefault(variant, {})[name] = rec
+            log(f"routing [{variant}] {name}: {json.dumps(rec)}")
+    if routing_only:
+        return results
+    for k, name in enumerate(names):
+        n = score_limit.get(name, 100)
+        items = tests[name][:n]
+        gw = weights[name][:n]
+        configs = {
+            "base": None,
+            "own_adapter": F.one_hot(torch.full((len(items),), k), len(names)).float(),
+            "blend_top1": apply_policy(gw, names, mode="top1").applied,
+            "blend_soft": apply_policy(gw, names, mode="soft").applied,
+        }
+        rec: dict[str, Any] = {"n": len(items), "metric": "rouge_l_f1" if name == "summary" else "accuracy"}
+        for cname, w in configs.items():
+            t = time.perf_counter()
+            if name == "summary":
+                score, texts = summary_rouge(blend, items, w, max_new_tokens=max_new_tokens, batch_size=batch_size)
+                rec.setdefault("examples", {})[cname] = texts[:3]
+            else:
+                score = choice_accuracy(blend, items, w, batch_size=batch_size)
+            rec[cname] = round(100 * score, 2)
+            rec[f"{cname}_seconds"] = round(time.perf_counter() - t, 1)
+            log(f"score {name} {cname}: {rec[cname]} ({rec[f'{cname}_seconds']}s)")
+        if name == "summary":
+            rec["references"] = [it["reference"] for it in items[:3]]
+        results["scores"][name] = rec
+    return results
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    lines = ["| prompts | skill | n | gate accuracy | mean weight of the right skill | routed to |",
+             "|---|---|---|---|---|---|"]
+    for variant, recs in results["routing"].items():
+        for name, r in recs.items():
+            routed = ", ".join(f"{m} {c}" for m, c in r["routed_to"].items())
+            lines.append(f"| {variant} | {name} | {r['n']} | {100 * r['accuracy']:.1f}% | "
+                         f"{r['mean_weight_own']:.3f} | {routed} |")
+    if results["scores"]:
+        lines += ["", "| skill | metric | n | base | own adapter | blend top-1 | blend soft |", "|---|---|---|---|---|---|---|"]
+        for name, r in results["scores"].items():
+            lines.append(f"| {name} | {r['metric']} | {r['n']} | {r['base']} | {r['own_adapter']} | "
+                         f"{r['blend_top1']} | {r['blend_soft']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m loramix.skills.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="write the demo's train/test JSONL files")
+    p.add_argument("out_dir")
+    p.add_argument("--data-dir", default=None, help="default: $LORAMIX_DATA_DIR")
+    e = sub.add_parser("evaluate", help="held-out routing accuracy and per-skill scores of a library")
+    e.add_argument("library")
+    e.add_argument("data", help="the directory written by `prepare`")
+    e.add_argument("--json", required=True, help="write the results here")
+    e.add_argument("--route-limit", type=int, default=200)
+    e.add_argument("--score-limit", default="sentiment=200,boolq=200,summary=50",
+                   help="items scored per skill, e.g. sentiment=200,summary=50")
+    e.add_argument("--routing-only", action="store_true")
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args(argv)
+    if args.cmd == "prepare":
+        print(json.dumps(prepare(args.out_dir, args.data_dir), indent=2))
+        return
+    limits = {k: int(v) for k, v in (kv.split("=") for kv in args.score_limit.split(",") if kv)}
+    t = time.perf_counter()
+    res = evaluate(args.library, args.data, route_limit=args.route_limit, score_limit=limits,
+                   routing_only=args.routing_only, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                   log=lambda s: print(s, flush=True))
+    res["seconds"] = round(time.perf_counter() - t, 1)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=2))
+    print(_markdown(res))
+    print(f"total {res['seconds']}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -258,3 +258,47 @@ def test_routed_scoring_matches_teammates_scorer_item_by_item(arch):
     diff = torch.tensor(other["loglikelihoods"]) - torch.tensor(got["loglikelihoods"])
     assert float(diff.abs().max()) > 1e-2
     bank.detach()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_routed_scoring_shares_one_forward_per_item_when_choices_differ_in_the_last_token(arch):
+    """Choices ``ans1/ans2/ans3`` give the same model input (the last token is only a target), so each
+    item costs one forward row; the log-likelihoods still equal loramix.evaluation's per-request scorer,
+    routed and unrouted (weights=None: the model as it is)."""
+    from loramix.continual import Example
+    from loramix.continual.run import routed_multiple_choice
+    from loramix.continual.stream import mc_items
+    from loramix.evaluation import score_multiple_choice
+
+    model, tok = byte_lm(arch)
+    bank = ExpertBank(model, r=4, alpha=8.0, dropout=0.0)
+    bank.add_expert()
+    bank.add_expert()
+    perturb_adapters(model, scale=0.5)
+    model.eval()
+    prompts = ["abc def gh", "0123 45 6701 2", "KLM NOPQ R", "stu vw xyz st"]
+    items = mc_items(tok, [Example(p, ["ans1", "ans2", "ans3"], k % 3) for k, p in enumerate(prompts)])
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, 0.7], [1.0, 0.0]])
+    try:
+        got = routed_multiple_choice(model, tok, items, weights, bank, batch_size=3)
+        assert sum(rows) == len(items)  # not len(items) * 3
+        rows.clear()
+        with bank.route(torch.tensor([0.5, 0.5])):
+            unrouted = routed_multiple_choice(model, tok, items, None, None, batch_size=3)
+        assert sum(rows) == len(items)
+    finally:
+        hook.remove()
+    for k, item in enumerate(items):
+        with bank.route(weights[k]):
+            ref = score_multiple_choice(model, tok, [item], progress=False)["predictions"][0]["loglikelihoods"]
+        assert got["loglikelihoods"][k] == pytest.approx(ref, abs=1e-3)
+        assert len(set(ref)) == 3  # the choices really score differently
+    with bank.route(torch.tensor([0.5, 0.5])):
+        ref_all = score_multiple_choice(model, tok, items, progress=False)
+    for k in range(len(items)):
+        assert unrouted["loglikelihoods"][k] == pytest.approx(ref_all["predictions"][k]["loglikelihoods"], abs=1e-3)
+    assert unrouted["acc"] == pytest.approx(ref_all["acc"])
+    bank.detach()

@@ -127,3 +127,24 @@ def test_real_task_loaders():
     assert [e.prompt for e in again.train] == [e.prompt for e in tasks[0].train]  # seeded subsets
     with pytest.raises(FileNotFoundError, match="unknown task"):
         load_tasks("no_such_task")
+
+
+def test_task_with_only_a_test_file_is_split_into_disjoint_train_and_test(tmp_path):
+    """piqa / winogrande / social_i_qa ship only test.json: train and test must be disjoint subsets."""
+    d = tmp_path / "llm_adapters_commonsense" / "fakeqa"
+    d.mkdir(parents=True)
+    records = [{"instruction": f"Question {i}?\n\nOption1: a Option2: b Answer format: option1/option2",
+                "input": "", "output": "", "answer": f"option{1 + i % 2}"} for i in range(30)]
+    (d / "test.json").write_text(json.dumps(records))
+    task = load_tasks("fakeqa", tmp_path, train_per_task=20, test_per_task=8, seed=1)[0]
+    assert task.split_from_test and len(task.test) == 8 and len(task.train) == 20
+    assert not {e.prompt for e in task.train} & {e.prompt for e in task.test}
+    assert task.train[0].choices == ["option1", "option2"]
+    # asking for too much: the test half is capped at half the file, train takes at most the rest
+    big = load_tasks("fakeqa", tmp_path, train_per_task=100, test_per_task=100, seed=1)[0]
+    assert len(big.test) == 15 and len(big.train) == 15
+    assert not {e.prompt for e in big.train} & {e.prompt for e in big.test}
+    again = load_tasks("fakeqa", tmp_path, train_per_task=20, test_per_task=8, seed=1)[0]
+    assert [e.prompt for e in again.test] == [e.prompt for e in task.test]  # seeded
+    with pytest.raises(FileNotFoundError, match="unknown task"):
+        load_tasks("no_such_task", tmp_path)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import MixLoraConfig
+from .dropout import use_fast_dropout
 from .ffn import check_targets, detect_ffn
 from .layer import MixLoraFFN
 from .losses import load_balance_loss, router_entropy, tokens_per_expert, z_loss
@@ -177,6 +178,7 @@ def _inject_attention_lora(model: nn.Module, config: MixLoraConfig, targets: lis
     )
     modes = {t: model.get_submodule(t).training for t in targets}
     inject_adapter_in_model(lora, model)
+    use_fast_dropout(model)  # PEFT's per-element Bernoulli mask is the costliest part of a CPU LoRA step
     for t, training in modes.items():  # PEFT's new LoRA modules start in training mode (dropout on)
         model.get_submodule(t).train(training)
 

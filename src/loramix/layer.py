@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import MixLoraConfig
+from .dropout import FastDropout
 from .ffn import FFNSpec, linear_shape
 from .routers import Routing, build_router
 
@@ -113,7 +114,7 @@ class MixLoraFFN(nn.Module):
         self.use_reference = False  # switch to the loop-over-experts path (debugging, tests)
         hidden, intermediate = linear_shape(self.proj("up"))
         self.mixlora_router = build_router(hidden, num_experts, config)
-        self.mixlora_dropout = nn.Dropout(config.dropout)
+        self.mixlora_dropout = FastDropout(config.dropout)
         if config.expert_type == "mixlora":
             self.mixlora_experts = nn.ModuleDict()
             for role in self.targets:

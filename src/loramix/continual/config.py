@@ -22,8 +22,9 @@ class ContinualConfig:
     model: str | None = None
     """Base model: hub id, local HF directory, .gguf file, or None for the packaged SmolLM2-135M-Instruct."""
     tasks: str = "sst2,boolq,ARC-Easy,openbookqa"
-    """Comma-separated tasks in stream order: sst2 and LLM-Adapters commonsense sets with a train.json
-    (boolq, ARC-Easy, ARC-Challenge, openbookqa); or synthetic / synthetic:<n> (no data needed)."""
+    """Comma-separated tasks in stream order: sst2 and LLM-Adapters commonsense sets (boolq, ARC-Easy,
+    ARC-Challenge, openbookqa; piqa, winogrande, social_i_qa have only a test.json, split into disjoint train
+    and test subsets); or synthetic / synthetic:<n> (no data needed)."""
     data_dir: str | None = None
     """Data root (default: $LORAMIX_DATA_DIR)."""
     output_dir: str = "runs/continual"

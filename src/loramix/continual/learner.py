@@ -11,6 +11,7 @@ validation set; their loss, measured every ``eval_every`` steps, drives the matu
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .routing import HybridRouter
 from .stream import EncodedExample
 
 IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 
 
 def batch_tensors(examples: Sequence[EncodedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -161,6 +163,7 @@ class ContinualLearner:
     # --- internals ------------------------------------------------------------------------------------
     def _event(self, kind: str, **data: Any) -> None:
         self.events.append({"event": kind, "step": self.step, **data})
+        logger.info("step %d: %s %s", self.step, kind, {k: v for k, v in data.items() if k != "members"})
 
     def _new_expert(self, decision: Decision) -> None:
         self.flush()  # examples of the previous newest skill train before it is frozen

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation import encode_pair, score_multiple_choice
+from ..evaluation import encode_pair
 from .config import ContinualConfig, field_help, resolve_config
 from .experts import ExpertBank
 from .learner import ContinualLearner, batch_tensors, target_loss, write_jsonl
@@ -54,42 +54,66 @@ def routed_loglikelihoods(
     model: Any,
     tokenizer: Any,
     requests: Sequence[tuple[list[int], list[int]]],
-    weights: torch.Tensor,
-    bank: ExpertBank,
+    weights: torch.Tensor | None,
+    bank: ExpertBank | None,
     *,
     batch_size: int = 8,
 ) -> list[float]:
     """Summed log-probability of each ``(context_ids, continuation_ids)`` request, request ``i`` routed
-    with ``weights[i]`` (batched like ``loramix.evaluation.loglikelihoods``: longest first, right padded,
-    left-truncated to the model's context size)."""
+    with ``weights[i]`` (``weights=None``: the model as it is); batched like
+    ``loramix.evaluation.loglikelihoods``: longest first, right padded, left-truncated to the model's
+    context size.
+
+    Requests whose model input is the same -- ``(context + continuation)[:-1]`` after truncation, with
+    continuations of the same length and the same routing -- share one forward: the logits that score a
+    continuation never see its last token, so the choices of a multiple-choice item that differ only in
+    their last token (``answer1`` / ``answer2``, ``true`` / ``false``) cost one forward instead of one each.
+    """
+    if weights is not None and bank is None:
+        raise ValueError("routing weights need the ExpertBank they route")
     limit = _context_limit(model)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+    keys: dict[tuple, int] = {}
+    uniq: list[tuple[list[int], int, int]] = []  # (input row, continuation length, a request with it)
+    owner: list[int] = []  # request -> its unique input
+    for i, (ctx, cont) in enumerate(requests):
+        if not cont:
+            raise ValueError(f"request {i}: the continuation is empty after tokenization")
+        row = (list(ctx) + list(cont))[-(limit + 1) :][:-1]
+        route = tuple(weights[i].tolist()) if weights is not None else None
+        key = (tuple(row), len(cont), route)
+        if key not in keys:
+            keys[key] = len(uniq)
+            uniq.append((row, len(cont), i))
+        owner.append(keys[key])
+    members: list[list[int]] = [[] for _ in uniq]
+    for i, u in enumerate(owner):
+        members[u].append(i)
+    order = sorted(range(len(uniq)), key=lambda u: -(len(uniq[u][0]) + 1))
     out = [0.0] * len(requests)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            rows, conts = [], []
-            for i in idx:
-                ctx, cont = requests[i]
-                if not cont:
-                    raise ValueError(f"request {i}: the continuation is empty after tokenization")
-                rows.append((list(ctx) + list(cont))[-(limit + 1) :][:-1])
-                conts.append(list(cont))
+            rows = [uniq[u][0] for u in idx]
             width = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for j, r in enumerate(rows):
                 input_ids[j, : len(r)] = torch.tensor(r)
                 mask[j, : len(r)] = 1
-            with bank.route(weights[idx]):
+            route = (bank.route(weights[[uniq[u][2] for u in idx]]) if weights is not None and bank is not None
+                     else contextlib.nullcontext())
+            with route:
                 logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-            for j, (r, cont) in enumerate(zip(rows, conts, strict=True)):
-                logp = torch.log_softmax(logits[j, len(r) - len(cont) : len(r)].float(), dim=-1)
-                out[idx[j]] = float(logp.gather(1, torch.tensor(cont, device=logp.device)[:, None]).sum())
+            for j, u in enumerate(idx):
+                r, n = rows[j], uniq[u][1]
+                logp = torch.log_softmax(logits[j, len(r) - n : len(r)].float(), dim=-1)  # (n, V)
+                for i in members[u]:
+                    cont = torch.tensor(list(requests[i][1]), device=logp.device)
+                    out[i] = float(logp.gather(1, cont[:, None]).sum())
     finally:
         model.train(was_training)
     return out
@@ -99,21 +123,22 @@ def routed_multiple_choice(
     model: Any,
     tokenizer: Any,
     items: Sequence[dict[str, Any]],
-    weights: torch.Tensor,
-    bank: ExpertBank,
+    weights: torch.Tensor | None,
+    bank: ExpertBank | None,
     *,
     batch_size: int = 8,
 ) -> dict[str, Any]:
-    """``loramix.evaluation.score_multiple_choice`` with item ``k`` routed by ``weights[k]``: the same
-    requests (``encode_pair``, `` `` + choice) and the same ``acc`` / ``acc_norm`` definitions."""
+    """``loramix.evaluation.score_multiple_choice`` with item ``k`` routed by ``weights[k]`` (``None``: the
+    model as it is): the same requests (``encode_pair``, `` `` + choice) and the same ``acc`` /
+    ``acc_norm`` definitions; choices that share the model input share its forward."""
     requests, owner = [], []
     for k, item in enumerate(items):
         for c, choice in enumerate(item["choices"]):
             requests.append(encode_pair(tokenizer, item["context"], " " + choice,
                                         add_special_tokens=item.get("add_special_tokens", False)))
             owner.append((k, c))
-    scores = routed_loglikelihoods(model, tokenizer, requests, weights[[k for k, _ in owner]], bank,
-                                   batch_size=batch_size)
+    per_request = weights[[k for k, _ in owner]] if weights is not None else None
+    scores = routed_loglikelihoods(model, tokenizer, requests, per_request, bank, batch_size=batch_size)
     per_item: list[list[float]] = [[0.0] * len(it["choices"]) for it in items]
     for (k, c), ll in zip(owner, scores, strict=True):
         per_item[k][c] = ll
@@ -142,7 +167,7 @@ def score_routed(
         raise ValueError("no items to score")
     if weights is None or bank is None:
         with bank.disabled() if bank is not None else contextlib.nullcontext():
-            return float(score_multiple_choice(model, tokenizer, items, batch_size=batch_size, progress=False)[metric])
+            return float(routed_multiple_choice(model, tokenizer, items, None, None, batch_size=batch_size)[metric])
     return float(routed_multiple_choice(model, tokenizer, items, weights, bank, batch_size=batch_size)[metric])
 
 
@@ -175,8 +200,10 @@ def _train_single(model: Any, bank: ExpertBank, optimizer: torch.optim.Optimizer
 
 
 def run_baselines(model: Any, tokenizer: Any, stream: Stream, test_items: list[list[dict[str, Any]]],
-                  cfg: ContinualConfig, pad_id: int) -> dict[str, Any]:
-    """Sequential fine-tuning of one LoRA (rows after each task) and multi-task LoRA (one final row)."""
+                  cfg: ContinualConfig, pad_id: int, lap: Any = None) -> dict[str, Any]:
+    """Sequential fine-tuning of one LoRA (rows after each task) and multi-task LoRA (one final row);
+    ``lap(name)``, when given, is called after each phase (timings)."""
+    lap = lap or (lambda name: None)
     T = len(test_items)
     per_task: list[list[EncodedExample]] = [[] for _ in range(T)]
     for ex in stream.examples:
@@ -195,8 +222,10 @@ def run_baselines(model: Any, tokenizer: Any, stream: Stream, test_items: list[l
     R, losses = [], []
     for t in range(T):
         losses += _train_single(model, bank, opt, per_task[t], cfg, pad_id)
+        lap(f"sequential_train_{t}")
         R.append(score_all(bank))
         logger.info("sequential after task %d: %s", t, R[-1])
+        lap(f"sequential_eval_{t}")
     bank.detach()
     out["sequential"] = {"R": R, "steps": len(losses), "final_loss": losses[-1] if losses else None}
 
@@ -207,7 +236,10 @@ def run_baselines(model: Any, tokenizer: Any, stream: Stream, test_items: list[l
     mixed = list(stream.examples)
     random.Random(cfg.seed).shuffle(mixed)
     losses = _train_single(model, bank, opt, mixed, cfg, pad_id)
+    lap("multitask_train")
     scores = score_all(bank)
+    logger.info("multitask: %s", scores)
+    lap("multitask_eval")
     bank.detach()
     out["multitask"] = {"scores": scores, "acc": sum(scores) / T, "steps": len(losses),
                         "final_loss": losses[-1] if losses else None}
@@ -261,6 +293,14 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    timings: dict[str, float] = {}
+    clock = [started]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(now - clock[0], 1)
+        clock[0] = now
+        logger.info("%s done in %.1f s", name, timings[name])
     torch.manual_seed(cfg.seed)
 
     # 1. model and tasks
@@ -272,6 +312,7 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
     stream = build_stream(tokenizer, tasks, chat_template=cfg.chat_template, max_length=cfg.max_length)
     test_items = [mc_items(tokenizer, t.test, chat_template=cfg.chat_template) for t in tasks]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    lap("load")
 
     # 2. embeddings of every prompt (frozen base, no experts attached yet)
     embedder = build_embedder(cfg.embedder, model, tokenizer, layer=cfg.embed_layer,
@@ -281,11 +322,13 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
         ex.embedding = e
     test_emb = [embedder([it["prompt"] for it in items]) for items in test_items]
     sim_report = similarity_report(train_emb, [ex.task for ex in stream.examples], cfg.threshold)
+    lap("embed")
 
     # 3. base scores
     base = [score_routed(model, tokenizer, items, metric=cfg.metric, batch_size=cfg.eval_batch_size)
             for items in test_items]
     logger.info("base scores: %s", base)
+    lap("base_eval")
 
     # 4. the continual learner, task after task
     torch.manual_seed(cfg.seed)
@@ -307,6 +350,7 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
     for t in range(len(tasks)):
         learner.observe(stream.examples[bounds[t] : bounds[t + 1]])
         learner.flush()
+        lap(f"continual_train_{t}")
         row = [score_routed(model, tokenizer, items, bank=bank, weights=learner.routing_weights(emb),
                             metric=cfg.metric, batch_size=cfg.eval_batch_size)
                for items, emb in zip(test_items, test_emb, strict=True)]
@@ -314,6 +358,7 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
         stages.append({"after_task": names[t], "experts": bank.num_experts, "mode": learner.mode,
                        "steps": learner.step, "scores": row})
         logger.info("continual after %s: experts=%d mode=%s scores=%s", names[t], bank.num_experts, learner.mode, row)
+        lap(f"continual_eval_{t}")
     if cfg.save_model:
         learner.save(out / "continual_model")
 
@@ -333,7 +378,7 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
     bank.detach()
 
     # 5. baselines
-    baselines = run_baselines(model, tokenizer, stream, test_items, cfg, pad) if cfg.baselines else {}
+    baselines = run_baselines(model, tokenizer, stream, test_items, cfg, pad, lap=lap) if cfg.baselines else {}
 
     # 6. report
     continual = {"R": R, **summarize(R, base), "stages": stages}
@@ -368,6 +413,8 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
                        if baselines else None),
         "multitask_acc": baselines["multitask"]["acc"] if baselines else None,
         "seconds": round(time.perf_counter() - started, 1),
+        "timings": timings,
+        "split_from_test": [t.name for t in tasks if t.split_from_test],
         "config": cfg.to_dict(),
     }
     save_json(summary, out / "summary.json")
@@ -415,6 +462,8 @@ def continual_command(config: str | None = None, **options: Any) -> dict[str, An
     Args:
         config: YAML/JSON file of options (flags override it).
     """
+    if not logging.getLogger().handlers:  # the command line: progress to stderr
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     summary = run_continual(config, **options)
     print(format_report(summary))
     return summary

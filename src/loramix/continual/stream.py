@@ -52,6 +52,8 @@ class Task:
     name: str
     train: list[Example]
     test: list[Example]
+    split_from_test: bool = False
+    """True when the data has no training file: train and test are disjoint subsets of its test file."""
 
 
 @dataclass
@@ -156,20 +158,32 @@ def load_task(
     test_per_task: int | None = 100,
     seed: int = 0,
 ) -> Task:
-    """``sst2`` or an LLM-Adapters commonsense task with a train file (boolq, ARC-Easy, ARC-Challenge,
-    openbookqa); random subsets of ``train_per_task`` / ``test_per_task`` examples (None = all)."""
+    """``sst2`` or an LLM-Adapters commonsense task (boolq, ARC-Easy, ARC-Challenge, openbookqa, piqa,
+    winogrande, social_i_qa); random subsets of ``train_per_task`` / ``test_per_task`` examples (None = all).
+
+    A task with only a ``test.json`` (piqa, winogrande, social_i_qa) is split: ``test_per_task`` random
+    items (at most half; None = half) are its test set and ``train_per_task`` of the others (None = all
+    the others) its training set, so the two never overlap (``Task.split_from_test``)."""
     root = resolve_data_dir(data_dir)
     if name.lower() in ("sst2", "sst-2"):
         train = _sst2(root / "sst2" / "sst2_train.tsv", name)
         test = _sst2(root / "sst2" / "sst2_test.tsv", name)
     else:
         base = root / COMMONSENSE_DIR / name
-        if not base.is_dir():
-            have = sorted(p.name for p in (root / COMMONSENSE_DIR).glob("*/train.json"))
-            raise FileNotFoundError(f"unknown task {name!r}: no {base}; tasks with training data: sst2, "
+        if not (base / "test.json").is_file():
+            have = sorted(p.parent.name for p in (root / COMMONSENSE_DIR).glob("*/test.json"))
+            raise FileNotFoundError(f"unknown task {name!r}: no {base / 'test.json'}; tasks: sst2, "
                                     f"{', '.join(p for p in have)}")
-        train = _commonsense(base / "train.json", name)
         test = _commonsense(base / "test.json", name)
+        if not (base / "train.json").is_file():
+            # only a test file (piqa, winogrande, social_i_qa in the LLM-Adapters release): disjoint random
+            # train and test subsets of it
+            rng = random.Random(f"{seed}-{name}")
+            items = _sample(test, None, rng)
+            n_test = len(items) // 2 if test_per_task is None else min(test_per_task, len(items) // 2)
+            n_train = len(items) - n_test if train_per_task is None else min(train_per_task, len(items) - n_test)
+            return Task(name, items[n_test : n_test + n_train], items[:n_test], split_from_test=True)
+        train = _commonsense(base / "train.json", name)
     rng = random.Random(f"{seed}-{name}")
     return Task(name, _sample(train, train_per_task, rng), _sample(test, test_per_task, rng))
 

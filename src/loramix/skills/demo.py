@@ -207,14 +207,6 @@ def choice_logliks(blend: Any, prompts: list[str], choices: list[list[str]], wei
     return out
 
 
-def choice_accuracy(blend: Any, items: list[dict[str, Any]], weights: torch.Tensor | None,
-                    batch_size: int = 8) -> float:
-    lls = choice_logliks(blend, [it["prompt"] for it in items], [it["choices"] for it in items], weights,
-                         batch_size=batch_size)
-    return sum(int(max(range(len(ll)), key=ll.__getitem__) == it["gold"]) for ll, it in zip(lls, items,
-                                                                                          strict=True)) / len(items)
-
-
 def summary_rouge(blend: Any, items: list[dict[str, Any]], weights: torch.Tensor | None, *,
                   max_new_tokens: int = 64, batch_size: int = 8) -> tuple[float, list[str]]:
     """Mean ROUGE-L F1 of greedy generations (prompts batched by length) and the generated texts."""
@@ -238,16 +230,66 @@ def _paraphrased(skill: str, items: list[dict[str, Any]]) -> list[str]:
     return [templates[i % len(templates)].format(text=it["raw"]) for i, it in enumerate(items)]
 
 
-def evaluate(library: str, data_dir: str, *, route_limit: int = 200, score_limit: dict[str, int] | None = None,
-             routing_only: bool = False, max_new_tokens: int = 64, batch_size: int = 8,
-             log: Any = print) -> dict[str, Any]:
-    """Held-out gate accuracy and per-skill scores (base / own adapter / top-1 blend / soft blend)."""
+class EmbeddingCache:
+    """Prompt embeddings of the frozen base, keyed by SHA-256 of (embedder spec, prompt), kept in one file.
+
+    The embedder is the frozen base, so an embedding never changes when skills are added: evaluating a library
+    again after a new skill re-embeds only the new prompts (long dialogues cost seconds each on a CPU).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = Path(path) if path else None
+        self.store: dict[str, torch.Tensor] = {}
+        if self.path is not None and self.path.is_file():
+            from safetensors.torch import load_file
+
+            self.store = load_file(str(self.path))
+
+    @staticmethod
+    def key(spec: dict[str, Any], prompt: str) -> str:
+        import hashlib
+
+        return hashlib.sha256((json.dumps(spec, sort_keys=True) + "\0" + prompt).encode()).hexdigest()
+
+    def embed(self, spec: dict[str, Any], prompts: list[str], **kwargs: Any) -> tuple[torch.Tensor, int]:
+        """(embeddings, number of prompts actually embedded now)."""
+        from .gate import embed_prompts
+
+        keys = [self.key(spec, p) for p in prompts]
+        todo = sorted({k: p for k, p in zip(keys, prompts, strict=True) if k not in self.store}.items())
+        if todo:
+            emb = embed_prompts(spec, [p for _, p in todo], **kwargs)
+            self.store.update({k: e.clone() for (k, _), e in zip(todo, emb, strict=True)})
+            if self.path is not None:
+                from safetensors.torch import save_file
+
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(self.store, str(self.path))
+        return torch.stack([self.store[k] for k in keys]), len(todo)
+
+
+def _per_item_choice(blend: Any, items: list[dict[str, Any]], w: torch.Tensor | None, batch_size: int) -> list[float]:
+    lls = choice_logliks(blend, [it["prompt"] for it in items], [it["choices"] for it in items], w,
+                         batch_size=batch_size)
+    return [float(max(range(len(ll)), key=ll.__getitem__) == it["gold"]) for ll, it in zip(lls, items, strict=True)]
+
+
+def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int = 200,
+             score_limit: dict[str, int] | None = None, routing_only: bool = False, max_new_tokens: int = 64,
+             batch_size: int = 8, cache: str | None = None, log: Any = print) -> dict[str, Any]:
+    """Held-out gate accuracy and per-skill scores (base / own adapter / top-1 blend / soft blend).
+
+    ``blend_top1`` applies one-hot weights; on the items the gate routes to their own skill those weights are
+    identical to ``own_adapter``'s, so only the misrouted items are run again (the scores of the others are
+    the own-adapter ones; tests/test_skills.py checks that one-hot weights reproduce the adapter alone).
+    """
     from .blend import SkillBlend
     from .commands import _gate_weights, _load_gate
-    from .gate import apply_policy, embed_prompts
+    from .gate import apply_policy
     from .library import SkillLibrary
 
     score_limit = score_limit or {}
+    embed_cache = EmbeddingCache(cache)
     lib = SkillLibrary.open(library)
     names = lib.names
     unknown = [n for n in names if n not in SKILL_FILES]
@@ -263,10 +305,12 @@ def evaluate(library: str, data_dir: str, *, route_limit: int = 200, score_limit
     tests = {n: _read_jsonl(Path(data_dir) / f"{n}_test.jsonl") for n in names}
     for variant in ("template", "paraphrased"):
         for k, name in enumerate(names):
-            items = tests[name][:route_limit]
+            limit = route_limit if isinstance(route_limit, int) else route_limit.get(name, 200)
+            items = tests[name][:limit]
             prompts = [it["prompt"] for it in items] if variant == "template" else _paraphrased(name, items)
             t = time.perf_counter()
-            emb = embed_prompts(lib.manifest["embedder"], prompts, base=blend.model, tokenizer=blend.tokenizer)
+            emb, fresh = embed_cache.embed(lib.manifest["embedder"], prompts, base=blend.model,
+                                           tokenizer=blend.tokenizer)
             w = _gate_weights(gate, emb, names, None)
             if variant == "template":
                 weights[name] = w
@@ -274,7 +318,7 @@ def evaluate(library: str, data_dir: str, *, route_limit: int = 200, score_limit
             rec = {"n": len(prompts), "accuracy": float((top == k).float().mean()),
                    "mean_weight_own": float(w[:, k].mean()), "min_weight_own": float(w[:, k].min()),
                    "routed_to": {m: int((top == j).sum()) for j, m in enumerate(names)},
-                   "seconds": round(time.perf_counter() - t, 1)}
+                   "embedded_now": fresh, "seconds": round(time.perf_counter() - t, 1)}
             results["routing"].setdefault(variant, {})[name] = rec
             log(f"routing [{variant}] {name}: {json.dumps(rec)}")
     if routing_only:
@@ -283,25 +327,48 @@ def evaluate(library: str, data_dir: str, *, route_limit: int = 200, score_limit
         n = score_limit.get(name, 100)
         items = tests[name][:n]
         gw = weights[name][:n]
+        if gw.shape[0] < len(items):
+            raise SystemExit(f"{name}: score limit {n} exceeds the route limit {gw.shape[0]}")
+        own = F.one_hot(torch.full((len(items),), k), len(names)).float()
         configs = {
             "base": None,
-            "own_adapter": F.one_hot(torch.full((len(items),), k), len(names)).float(),
+            "own_adapter": own,
             "blend_top1": apply_policy(gw, names, mode="top1").applied,
             "blend_soft": apply_policy(gw, names, mode="soft").applied,
         }
         rec: dict[str, Any] = {"n": len(items), "metric": "rouge_l_f1" if name == "summary" else "accuracy"}
+        per_item: dict[str, list[float]] = {}
+        texts: dict[str, list[str]] = {}
         for cname, w in configs.items():
             t = time.perf_counter()
-            if name == "summary":
-                score, texts = summary_rouge(blend, items, w, max_new_tokens=max_new_tokens, batch_size=batch_size)
-                rec.setdefault("examples", {})[cname] = texts[:3]
-            else:
-                score = choice_accuracy(blend, items, w, batch_size=batch_size)
-            rec[cname] = round(100 * score, 2)
+            idx = list(range(len(items)))
+            if cname == "blend_top1":  # reuse own_adapter where the weights are the same one-hot row
+                idx = [i for i in idx if not torch.equal(w[i], own[i])]
+                rec["blend_top1_rerun_items"] = len(idx)
+            sub = [items[i] for i in idx]
+            sub_w = None if w is None else w[idx]
+            scores: list[float] = []
+            outs: list[str] = []
+            if sub:
+                if name == "summary":
+                    _, outs = summary_rouge(blend, sub, sub_w, max_new_tokens=max_new_tokens, batch_size=batch_size)
+                    scores = [rouge_l(o, it["reference"]) for o, it in zip(outs, sub, strict=True)]
+                else:
+                    scores = _per_item_choice(blend, sub, sub_w, batch_size)
+            if cname == "blend_top1":
+                full, full_txt = list(per_item["own_adapter"]), list(texts.get("own_adapter", []))
+                for j, i in enumerate(idx):
+                    full[i] = scores[j]
+                    if full_txt:
+                        full_txt[i] = outs[j]
+                scores, outs = full, full_txt
+            per_item[cname], texts[cname] = scores, outs
+            rec[cname] = round(100 * sum(scores) / len(items), 2)
             rec[f"{cname}_seconds"] = round(time.perf_counter() - t, 1)
             log(f"score {name} {cname}: {rec[cname]} ({rec[f'{cname}_seconds']}s)")
         if name == "summary":
-            rec["references"] = [it["reference"] for it in items[:3]]
+            rec["examples"] = [{"reference": it["reference"], **{c: texts[c][i] for c in configs}}
+                               for i, it in enumerate(items[:3])]
         results["scores"][name] = rec
     return results
 
@@ -315,7 +382,8 @@ def _markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {variant} | {name} | {r['n']} | {100 * r['accuracy']:.1f}% | "
                          f"{r['mean_weight_own']:.3f} | {routed} |")
     if results["scores"]:
-        lines += ["", "| skill | metric | n | base | own adapter | blend top-1 | blend soft |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| skill | metric | n | base | own adapter | blend top-1 | blend soft |",
+                  "|---|---|---|---|---|---|---|"]
         for name, r in results["scores"].items():
             lines.append(f"| {name} | {r['metric']} | {r['n']} | {r['base']} | {r['own_adapter']} | "
                          f"{r['blend_top1']} | {r['blend_soft']} |")
@@ -333,8 +401,10 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("library")
     e.add_argument("data", help="the directory written by `prepare`")
     e.add_argument("--json", required=True, help="write the results here")
-    e.add_argument("--route-limit", type=int, default=200)
-    e.add_argument("--score-limit", default="sentiment=200,boolq=200,summary=50",
+    e.add_argument("--route-limit", default="sentiment=200,boolq=200,summary=60",
+                   help="held-out prompts routed per skill (and per prompt variant)")
+    e.add_argument("--cache", default=None, help="a safetensors file caching the prompt embeddings")
+    e.add_argument("--score-limit", default="sentiment=120,boolq=120,summary=40",
                    help="items scored per skill, e.g. sentiment=200,summary=50")
     e.add_argument("--routing-only", action="store_true")
     e.add_argument("--max-new-tokens", type=int, default=64)
@@ -343,9 +413,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "prepare":
         print(json.dumps(prepare(args.out_dir, args.data_dir), indent=2))
         return
-    limits = {k: int(v) for k, v in (kv.split("=") for kv in args.score_limit.split(",") if kv)}
+    def per_skill(text: str) -> dict[str, int]:
+        return {k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
+
     t = time.perf_counter()
-    res = evaluate(args.library, args.data, route_limit=args.route_limit, score_limit=limits,
+    res = evaluate(args.library, args.data, route_limit=per_skill(args.route_limit),
+                   score_limit=per_skill(args.score_limit), cache=args.cache,
                    routing_only=args.routing_only, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                    log=lambda s: print(s, flush=True))
     res["seconds"] = round(time.perf_counter() - t, 1)

@@ -1,0 +1,59 @@
+"""Dropout with a cheaper mask on CPU.
+
+On CPU, ``torch.nn.functional.dropout`` draws one Bernoulli sample per element and that RNG dominated the
+cost of a LoRA training step (about 50 ms for a 1024 x 1536 activation on one core, 25x a multiply).
+:class:`FastDropout` keeps the same distribution (each element kept with probability ``1 - p`` and scaled
+by ``1 / (1 - p)``) but cuts four 16-bit uniforms out of every 64-bit draw. ``p`` is quantised to a
+multiple of 1/65536. On other devices, and as the reference, it is plain ``F.dropout``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LANES = 4  # int16 uniforms per int64 draw
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool mask of ``shape``, each element True with probability ``1 - p`` (to 1/65536)."""
+    n = 1
+    for d in shape:
+        n *= d
+    draws = torch.randint(-(2**63), 2**63 - 1, ((n + _LANES - 1) // _LANES,), dtype=torch.int64, device=device)
+    bits = draws.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
+    threshold = round(p * 65536) - 32768  # P(bits >= threshold) = 1 - p
+    return bits >= threshold
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout`` semantics; on CPU the mask comes from :func:`keep_mask`."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True)
+    return x * keep_mask(x.shape, p, x.device) * (1.0 / (1.0 - p))
+
+
+class FastDropout(nn.Dropout):
+    """Drop-in ``nn.Dropout`` using :func:`fast_dropout` (same ``p``, ``train``/``eval`` behaviour)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+
+def use_fast_dropout(module: nn.Module) -> int:
+    """Swap every ``nn.Dropout`` under ``module`` whose name marks it as LoRA's (PEFT's ``lora_dropout``)
+    for a :class:`FastDropout` with the same ``p``; returns how many were swapped."""
+    swapped = 0
+    for name, child in list(module.named_modules()):
+        if "lora_dropout" not in name:
+            continue
+        for key, sub in list(child.named_children()):
+            if type(sub) is nn.Dropout:
+                fast = FastDropout(sub.p)
+                fast.train(sub.training)
+                setattr(child, key, fast)  # also right for PEFT's ModuleDict({'default': Dropout})
+                swapped += 1
+    return swapped

@@ -112,3 +112,38 @@ def test_compare_passes_the_same_options_to_every_run(tmp_path):
     assert res["runs"]["mixlora"]["eval"]["tasks"]["ARC-Easy"]["acc"] == 1.0
     table = comparison_table(res["runs"])
     assert "| mixlora | 7 | 1.5 | 80 | 0.25 |" in table and "| base | - |" in table
+
+
+def test_matched_lora_rank_has_the_mixlora_parameter_count(setup):
+    """The 'match' rank gives a LoRA whose trainable count is the closest to MixLoRA's of all ranks."""
+    from loramix.compare import count_trainable, matched_lora_rank
+    from loramix.config import MixLoraConfig
+
+    model_dir = str(setup[0])
+    options = {"num_experts": 4, "top_k": 2, "r": 4, "attn_r": 4, "learning_rate": 1e-3}
+    m = matched_lora_rank(model_dir, options)
+    base = tiny_model("llama")
+    assert m["mixlora_params"] == count_trainable(base, MixLoraConfig(num_experts=4, top_k=2, r=4, attn_r=4))
+
+    def lora(rank: int) -> int:
+        return count_trainable(base, MixLoraConfig(num_experts=1, router="dense", r=rank, attn_r=rank))
+
+    assert m["lora_params"] == lora(m["rank"])
+    gaps = {k: abs(lora(k) - m["mixlora_params"]) for k in range(1, 4 * m["rank"])}
+    assert min(gaps, key=gaps.get) == m["rank"] and m["rank"] > 4
+
+
+def test_lora_rank_option_reaches_only_the_lora_run(tmp_path):
+    calls = []
+
+    def fake_train(**kw):
+        calls.append(kw)
+        return {"adapter_dir": None, "steps": 1}
+
+    with pytest.raises(ValueError, match="lora_rank"):
+        compare("d", tasks=[], output_dir=tmp_path, train_fn=fake_train, load_fn=None, lora_rank=0)
+    compare("d", tasks=[], output_dir=tmp_path, data_dir=tmp_path, include_base=False, plots=False, train_fn=fake_train,
+            load_fn=lambda *a, **k: (None, None), lora_rank=12, r=4, alpha=8, attn_r=2, attn_alpha=4)
+    lora, mix = calls
+    assert (lora["r"], lora["alpha"], lora["attn_r"], lora["attn_alpha"]) == (12, 24, 12, 24)
+    assert (mix["r"], mix["alpha"], mix["attn_r"], mix["attn_alpha"]) == (4, 8, 2, 4)

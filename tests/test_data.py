@@ -572,6 +572,27 @@ def test_limit(tmp_path: Path, tok: PreTrainedTokenizerFast) -> None:
     assert stats["rows"] == 5 and len(train) == 4 and len(val) == 1
 
 
+def test_comma_separated_sources_are_concatenated(tmp_path: Path) -> None:
+    """Files of one format join into one data set (extra columns of one file dropped); ``limit`` is per file."""
+    a = write_json(tmp_path / "a.json", [{"instruction": f"a{i}", "output": "x", "answer": "x"} for i in range(4)])
+    b = write_json(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "y"} for i in range(3)], lines=True)
+    ds = load_records(cfg_for(f"{a}, {b}", tmp_path))
+    assert ds["instruction"] == [f"a{i}" for i in range(4)] + [f"b{i}" for i in range(3)]
+    assert "answer" not in ds.column_names
+    assert len(load_records(cfg_for(f"{a},{b}", tmp_path, limit=2))) == 4
+
+
+def test_comma_separated_sources_name_the_bad_file(tmp_path: Path) -> None:
+    a = write_json(tmp_path / "a.json", [{"instruction": "q", "output": "x"}])
+    b = write_json(tmp_path / "b.json", [{"prompt": "q", "response": "y"}])
+    with pytest.raises(DataError, match="b.json"):
+        load_records(cfg_for(f"{a},{b}", tmp_path))
+    with pytest.raises(DataConfigError, match="DataConfig.data"):
+        load_records(cfg_for(f"{a},", tmp_path))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_records(cfg_for(f"{a},{tmp_path / 'missing.json'}", tmp_path))
+
+
 # ------------------------------------------------------------------------------------------------
 # Collation
 # ------------------------------------------------------------------------------------------------

@@ -116,23 +116,38 @@ def compare_command(
     max_steps: int = 100,
     eval_limit: int | None = None,
     data_dir: str | None = None,
+    config: str | None = None,
+    lora_rank: str | None = None,
 ) -> dict[str, Any]:
     """Base vs LoRA vs MixLoRA: train each adapter with the same budget, evaluate all on the same tasks,
     write compare.md, compare.json and PNG plots.
 
     Args:
-        data: training data file or hub name.
+        data: training data file or hub name (several files of one format: comma-separated).
         tasks: evaluation tasks as a YAML list (default [ARC-Easy, boolq]).
         model: base model (default: packaged SmolLM2-135M-Instruct).
         output_dir: where runs, tables and plots go.
         max_steps: optimiser steps per adapter.
         eval_limit: at most this many items per task.
         data_dir: directory of the evaluation data sets (default: $LORAMIX_DATA_DIR).
+        config: a `loramix train` options file (YAML) shared by every run; its data, output_dir and
+            max_steps are replaced by the options above.
+        lora_rank: rank of the LoRA baseline, or "match" for the rank with MixLoRA's trainable parameters.
     """
     from .compare import compare
+    from .train import load_options_file
 
+    options = load_options_file(config) if config else {}
+    for name in ("data", "output_dir", "max_steps", "adapter"):
+        options.pop(name, None)
+    if options.get("model") and model is None:
+        model = options.pop("model")
+    options.pop("model", None)
+    rank: int | str | None = lora_rank
+    if isinstance(lora_rank, str) and lora_rank.isdigit():
+        rank = int(lora_rank)
     kwargs: dict[str, Any] = {"model": model, "output_dir": output_dir, "max_steps": max_steps,
-                              "eval_limit": eval_limit, "data_dir": data_dir}
+                              "eval_limit": eval_limit, "data_dir": data_dir, "lora_rank": rank, **options}
     if tasks:
         kwargs["tasks"] = [tasks] if isinstance(tasks, str) else list(tasks)
     return compare(data, **kwargs)

@@ -2,8 +2,9 @@
 same tasks, and write a table (markdown + JSON) and PNG plots.
 
 "Same budget" means the same optimiser steps, batch size, learning rate, sequence length, seed and data
-(every option except ``adapter`` is shared). The LoRA baseline is ``train(adapter="lora")``: LoRA of the
-same rank on the same attention and FFN projections (a single always-on expert, i.e. plain LoRA).
+(every option except ``adapter`` is shared). The LoRA baseline is ``train(adapter="lora")``: LoRA on the
+same attention and FFN projections (a single always-on expert, i.e. plain LoRA), of the same rank, or with
+``lora_rank="match"`` of the rank whose trainable parameter count is closest to the MixLoRA adapter's.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def compare(
     plots: bool = True,
     train_fn: TrainFn | None = None,
     load_fn: LoadFn | None = None,
+    lora_rank: int | str | None = None,
     **train_options: Any,
 ) -> dict[str, Any]:
     """Train every adapter in ``adapters`` with identical options, evaluate them (and the base model).
@@ -62,11 +64,14 @@ def compare(
             passed unchanged to every run -- the equal budget.
         train_fn / load_fn: replace ``loramix.train.train`` / ``loramix.generation.load_for_inference``
             (tests, custom pipelines).
+        lora_rank: rank of the ``lora`` run on every projection (alphas scaled to keep alpha / r); ``"match"``
+            picks the rank whose trainable parameters come closest to the ``mixlora`` run's; None = ``r``.
 
     Returns ``{"runs": {name: {"train": summary | None, "eval": evaluate() result}}, "table", "files"}``.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lora_options, matching = _lora_options(model, train_options, lora_rank)  # bad ranks fail before any work
     train_fn = train_fn or _default_train()
     load_fn = load_fn or _default_load()
     runs: dict[str, dict[str, Any]] = {}
@@ -82,7 +87,7 @@ def compare(
             output_dir=str(out / adapter),
             adapter=adapter,
             max_steps=max_steps,
-            **train_options,
+            **(lora_options if adapter == "lora" else train_options),
         )
         adapter_dir = summary.get("adapter_dir") or str(out / adapter / "adapter")
         m, tok = load_fn(model, adapter_dir, device=device)
@@ -101,10 +106,72 @@ def compare(
         "files": files,
         "max_steps": max_steps,
         "train_options": train_options,
+        "lora_options": lora_options,
+        "param_matching": matching,
     }
     Path(files["json"]).write_text(json.dumps(result, indent=2, default=str))
     Path(files["markdown"]).write_text(table + "\n")
     return result
+
+
+def _lora_options(
+    model: str | None, options: dict[str, Any], lora_rank: int | str | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The ``lora`` run's options: ``options`` with ``r``/``attn_r`` set to ``lora_rank`` (alphas scaled)."""
+    if lora_rank is None:
+        return dict(options), None
+    matching = None
+    if lora_rank == "match":
+        matching = matched_lora_rank(model, options)
+        rank = matching["rank"]
+    elif isinstance(lora_rank, int) and not isinstance(lora_rank, bool) and lora_rank > 0:
+        rank = lora_rank
+    else:
+        raise ValueError(f"compare: lora_rank must be a positive int or 'match', got {lora_rank!r}")
+    from .config import MixLoraConfig
+
+    defaults = MixLoraConfig()
+    r, attn_r = options.get("r", defaults.r), options.get("attn_r", defaults.attn_r)
+    alpha, attn_alpha = options.get("alpha", defaults.alpha), options.get("attn_alpha", defaults.attn_alpha)
+    lora = dict(options, r=rank, alpha=alpha * rank / r)
+    if attn_r:
+        lora.update(attn_r=rank, attn_alpha=attn_alpha * rank / attn_r)
+    return lora, matching
+
+
+def count_trainable(base: Any, config: Any) -> int:
+    """Trainable parameters of ``config`` injected into ``base`` (``base`` is left as it was)."""
+    from .injection import inject, unload
+
+    model = inject(base, config)
+    try:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    finally:
+        unload(model)
+
+
+def matched_lora_rank(model: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA rank (same projections as the MixLoRA run) whose trainable count is closest to MixLoRA's.
+
+    LoRA parameters grow linearly with the rank, so two injections (ranks 1 and 2) give the line.
+    """
+    from .config import MixLoraConfig
+    from .models import load_base_model
+    from .train import split_options
+
+    mix_options = split_options({k: v for k, v in options.items() if k != "adapter"})["mixlora"]
+    base, _ = load_base_model(model, device="cpu", dtype="float32")
+    target = count_trainable(base, MixLoraConfig(**mix_options))
+
+    def lora(rank: int) -> MixLoraConfig:
+        attn_r = rank if mix_options.get("attn_r", MixLoraConfig.attn_r) else 0
+        return MixLoraConfig(**{**mix_options, "num_experts": 1, "router": "dense", "r": rank, "attn_r": attn_r,
+                                "balance_coef": 0.0, "z_loss_coef": 0.0, "entropy_coef": 0.0})
+
+    one, two = count_trainable(base, lora(1)), count_trainable(base, lora(2))
+    per_rank, fixed = two - one, 2 * one - two  # params(rank) = fixed + rank * per_rank
+    rank = max(1, round((target - fixed) / per_rank))
+    return {"rank": rank, "mixlora_params": target, "lora_params": fixed + rank * per_rank}
 
 
 def comparison_table(runs: dict[str, dict[str, Any]]) -> str:

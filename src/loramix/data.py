@@ -100,7 +100,8 @@ class DataConfig:
     data: str
     """Hub data set name (``datasets.load_dataset``) or a local file (.json list or JSON lines, .jsonl, .csv,
     .tsv, .parquet, .txt = one text row per line) or directory. A relative path not found from the working
-    directory is looked up under ``$LORAMIX_DATA_DIR``."""
+    directory is looked up under ``$LORAMIX_DATA_DIR``. Several sources of one format, comma-separated,
+    are concatenated (``limit`` applies to each)."""
     split: str = "train"
     """Split of a hub data set (slicing such as ``train[:1000]`` works); a local file is one split."""
     subset: str | None = None
@@ -291,9 +292,24 @@ def load_records(cfg: DataConfig, *, val: bool = False) -> datasets.Dataset:
     if val and cfg.val_data is None:
         raise DataConfigError("DataConfig.val_data: load_records(val=True) needs val_data to be set")
     data, split = (cfg.val_data, cfg.val_split) if val else (cfg.data, cfg.split)
-    ds, source = _load_one(data, split, cfg)
-    resolve_format(ds, cfg, source=source)
-    return ds
+    parts = [part.strip() for part in data.split(",")] if "," in data else [data]
+    if not all(parts):
+        raise DataConfigError(f"DataConfig.{'val_data' if val else 'data'}: empty name in the list {data!r}")
+    loaded = []
+    for part in parts:  # each source is checked on its own, so a missing field names its file
+        ds, source = _load_one(part, split, cfg)
+        loaded.append((ds, source, resolve_format(ds, cfg, source=source)))
+    if len(loaded) == 1:
+        return loaded[0][0]
+    first_ds, first_source, first_format = loaded[0]
+    for _ds, source, fmt in loaded[1:]:
+        if fmt != first_format:
+            raise DataError(
+                f"{source}: format/fields {fmt} differ from {first_source}'s {first_format}; "
+                "a comma-separated list must share one format"
+            )
+    keep = [c for c in first_ds.column_names if all(c in ds.column_names for ds, _, _ in loaded)]
+    return datasets.concatenate_datasets([ds.select_columns(keep) for ds, _, _ in loaded])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of every adapter variant")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument(
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         num_experts=args.num_experts,
         top_k=args.top_k,
         r=args.r,
+        dropout=args.dropout,
         threads=args.threads,
         interleave=not args.sequential,
         log=lambda s: print(s, file=sys.stderr, flush=True),

@@ -193,3 +193,39 @@ def test_kv_cache_step_uses_the_last_mask_positions() -> None:
     with torch.no_grad():
         layer(torch.randn(2, 2, HIDDEN, dtype=torch.float64))
     assert layer.last_routing.token_mask.tolist() == [True, True, True, False]
+
+
+@pytest.mark.parametrize("router", ROUTER_NAMES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pairwise_inference_path_equals_reference(arch: str, router: str) -> None:
+    """The decoding path (eval mode, few tokens: gathered expert weights, batched matmuls) gives the
+    reference output, also with padding and with switch capacity dropping tokens."""
+    cfg = {"capacity_factor": 0.25} if router == "switch" else {}
+    layer = make_layer(arch, router, "mixlora", **cfg).eval()
+    layer.pairwise_max_pairs = 10**6
+    x = torch.randn(2, 3, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    for token_mask in (None, mask):
+        layer.token_mask = token_mask
+        with torch.no_grad():
+            layer.use_reference = True
+            ref = layer(x)
+            layer.use_reference = False
+            layer.mixlora_fast = None  # the pairwise path must not fall back to the grouped one
+            out = layer(x)
+            del layer.mixlora_fast
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        assert (ref - plain_ffn(layer, x)).abs().max() > 1e-3
+
+
+def test_pairwise_path_is_used_only_for_small_inference_batches() -> None:
+    layer = make_layer("llama", "topk", "mixlora").eval()
+    used = []
+    layer.mixlora_pairwise = lambda x, r: used.append("pairwise") or torch.zeros_like(x)
+    layer.mixlora_fast = lambda x, r: used.append("grouped") or torch.zeros_like(x)
+    with torch.no_grad():
+        layer(torch.randn(1, 1, HIDDEN, dtype=torch.float64))  # 2 pairs
+        layer(torch.randn(1, 9, HIDDEN, dtype=torch.float64))  # 18 pairs > 16
+        layer.train()
+        layer(torch.randn(1, 1, HIDDEN, dtype=torch.float64))
+    assert used == ["pairwise", "grouped", "grouped"]

@@ -466,6 +466,7 @@ def run_benchmark(
     top_k: int = 2,
     r: int = 16,
     alpha: float = 32,
+    dropout: float = 0.05,
     seed: int = 0,
     threads: int | None = None,
     interleave: bool = True,
@@ -513,6 +514,7 @@ def run_benchmark(
             top_k=top_k,
             r=r,
             alpha=alpha,
+            dropout=dropout,
             seed=seed,
             interleave=interleave,
         )
@@ -538,6 +540,7 @@ def _run(
     top_k: int,
     r: int,
     alpha: float,
+    dropout: float,
     seed: int,
     interleave: bool,
 ) -> dict[str, Any]:
@@ -557,10 +560,10 @@ def _run(
         seed=seed,
     )
     builders: dict[str, Callable[[nn.Module], tuple[nn.Module, list]] | None] = {"base": None}
-    builders["peft_lora"] = lambda m: make_peft_lora(m, r=r, alpha=alpha)
+    builders["peft_lora"] = lambda m: make_peft_lora(m, r=r, alpha=alpha, dropout=dropout)
     for router in routers:
         builders[f"mixlora_{router}"] = lambda m, router=router: make_loramix(
-            m, router=router, num_experts=num_experts, top_k=top_k, r=r, alpha=alpha
+            m, router=router, num_experts=num_experts, top_k=top_k, r=r, alpha=alpha, dropout=dropout
         )
     skipped: dict[str, str] = {}
     if include_official:
@@ -570,7 +573,7 @@ def _run(
             reason = f"official package has no support for model_type {model_type!r}"
         if reason is None:
             builders["official_mixlora"] = lambda m: make_official_mixlora(
-                m, num_experts=num_experts, top_k=top_k, r=r, alpha=int(alpha)
+                m, num_experts=num_experts, top_k=top_k, r=r, alpha=int(alpha), dropout=dropout
             )
         else:
             skipped["official_mixlora"] = reason
@@ -619,6 +622,7 @@ def _run(
             "top_k": top_k,
             "r": r,
             "alpha": alpha,
+            "dropout": dropout,
             "routers": list(routers),
             "dtype": str(dtype),
             "interleaved": interleave,

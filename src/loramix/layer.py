@@ -6,8 +6,11 @@ Fast path (``mixlora`` experts), for T tokens and N = valid (token, expert) pair
      experts, never over tokens);
   3. the frozen down projection is linear, so it runs once per token on the routing-weighted sum of
      the chosen experts' activations; each expert's own down-LoRA is added on top.
+Pairwise path (inference on a few tokens, i.e. decoding): every (token, slot) pair gathers its expert's
+LoRA weights and all pairs run as one batched matmul, with no sort and no loop over experts; the Python
+and dispatch overhead of the grouped path dominates a one-token step.
 The reference path computes every expert's full FFN for every token and mixes the outputs; tests
-check that both agree in values and gradients.
+check that all paths agree.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class MixLoraFFN(nn.Module):
         self.num_experts = num_experts
         self.expert_type = config.expert_type
         self.use_reference = False  # switch to the loop-over-experts path (debugging, tests)
+        self.pairwise_max_pairs = 16  # inference with at most this many (token, slot) pairs: pairwise path
         hidden, intermediate = linear_shape(self.proj("up"))
         self.mixlora_router = build_router(hidden, num_experts, config)
         self.mixlora_dropout = FastDropout(config.dropout)
@@ -152,8 +156,12 @@ class MixLoraFFN(nn.Module):
         self.last_routing = routing
         if self.expert_type == "adapter":
             out = self.adapter_reference(x, routing) if self.use_reference else self.adapter_fast(x, routing)
+        elif self.use_reference:
+            out = self.mixlora_reference(x, routing)
+        elif not self.training and routing.indices.numel() <= self.pairwise_max_pairs:
+            out = self.mixlora_pairwise(x, routing)
         else:
-            out = self.mixlora_reference(x, routing) if self.use_reference else self.mixlora_fast(x, routing)
+            out = self.mixlora_fast(x, routing)
         return out.reshape(shape)
 
     def _flat_token_mask(self, shape: torch.Size) -> torch.Tensor | None:
@@ -196,6 +204,42 @@ class MixLoraFFN(nn.Module):
         if "down" in self.targets:
             delta = self.mixlora_experts["down"].grouped(self.mixlora_dropout(h), counts)  # (N, H)
             out = out.index_add(0, token, delta * weight)
+        return self._finish(out)
+
+    def _pair_delta(self, role: str, inp: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """LoRA delta of ``role`` for each pair: input (N, in), expert ids (N,) -> (N, out)."""
+        lora = self.mixlora_experts[role]
+        a = lora.lora_A.index_select(0, experts).to(inp.dtype)  # (N, r, in)
+        b = lora.lora_B.index_select(0, experts).to(inp.dtype)  # (N, out, r)
+        z = torch.bmm(inp[:, None, :], a.transpose(1, 2)) * lora.scaling  # (N, 1, r)
+        return torch.bmm(z, b.transpose(1, 2)).squeeze(1)  # (N, out)
+
+    def mixlora_pairwise(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Inference for few tokens: gathered expert weights, batched over the T*k (token, slot) pairs."""
+        num_tokens, k = routing.indices.shape
+        experts = routing.indices.reshape(-1)  # (N,) N = T*k, slot-major within each token
+        weight = (routing.weights * routing.mask).to(x.dtype)  # (T, k) 0 for unused slots
+        up = self.proj("up")(x)  # (T, I)
+        gate = self.proj("gate")(x) if self.spec.gated else None  # (T, I)
+        pair_up = up.repeat_interleave(k, dim=0)  # (N, I)
+        pair_gate = gate.repeat_interleave(k, dim=0) if gate is not None else None  # (N, I)
+        pair_x = x.repeat_interleave(k, dim=0)  # (N, H)
+        if "up" in self.targets:
+            pair_up = pair_up + self._pair_delta("up", pair_x, experts)
+        if pair_gate is not None and "gate" in self.targets:
+            pair_gate = pair_gate + self._pair_delta("gate", pair_x, experts)
+        h = self._activation(pair_up, pair_gate)  # (N, I)
+        mixed = torch.bmm(weight[:, None, :], h.view(num_tokens, k, -1)).squeeze(1)  # (T, I)
+        coverage = weight.sum(dim=-1)  # (T,)
+        dropped = (~routing.mask.any(dim=-1)).to(x.dtype)  # (T,) tokens no expert took: frozen FFN
+        mixed = mixed + dropped[:, None] * self._activation(up, gate)
+        out = self.proj("down")(mixed)  # (T, H)
+        bias = self._down_bias()
+        if bias is not None:
+            out = out + (coverage + dropped - 1.0)[:, None] * bias
+        if "down" in self.targets:
+            delta = self._pair_delta("down", h, experts)  # (N, H)
+            out = out + torch.bmm(weight[:, None, :], delta.view(num_tokens, k, -1)).squeeze(1)  # (T, H)
         return self._finish(out)
 
     def mixlora_reference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -56,6 +56,19 @@ def test_train_end_to_end_writes_adapter_metrics_plots(tiny_run_inputs, tmp_path
     assert len(train_rows) == 12 and all("aux_loss" in r and "tokens_per_s" in r for r in train_rows)
     assert s["final_val_loss"] < s["base_val_loss"]
     assert s["steps"] == 12
+    for key in ("expert_share", "val_expert_share"):  # over training, and of the final model on validation
+        shares = torch.tensor(s[key])
+        assert shares.shape[0] == 2 and torch.allclose(shares.sum(-1), torch.ones(2)), key
+    assert s["val_expert_share_min"] == pytest.approx(float(torch.tensor(s["val_expert_share"]).min()))
+
+
+def test_expert_shares_ignore_padding_columns_of_smaller_layers():
+    from loramix.train import expert_shares
+
+    counts = torch.tensor([[3, 1, 0, 0], [2, 2, 2, 2], [0, 0, 0, 0]])  # layer 0 has 2 experts, layer 2 unused
+    shares, smallest = expert_shares(counts, [2, 4, 4])
+    assert shares[0] == [0.75, 0.25, 0.0, 0.0] and smallest == 0.25
+    assert expert_shares(counts)[1] == 0.0  # without widths a padded column counts as an idle expert
 
 
 def test_resume_matches_uninterrupted_run(tiny_run_inputs, tmp_path):

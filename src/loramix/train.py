@@ -25,7 +25,7 @@ from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, Train
 from .checkpoint import load_adapter_weights, save_adapter, trainable_state_dict
 from .config import ConfigError, MixLoraConfig
 from .data import DataConfig, build_datasets
-from .injection import inject
+from .injection import get_state, inject
 from .models import load_base_model
 
 ADAPTERS = ("mixlora", "lora")
@@ -162,6 +162,7 @@ class LoramixTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # loss is a per-batch mean; Trainer scales it for accumulation
         self.running: dict[str, float] = {"aux_loss": 0.0, "lm_loss": 0.0, "tokens": 0.0, "n": 0.0}
         self.expert_counts: torch.Tensor | None = None  # (L, E) tokens per expert over training
+        self.eval_expert_counts: torch.Tensor | None = None  # (L, E) over evaluation forwards (reset by caller)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -196,6 +197,11 @@ class LoramixTrainer(Trainer):
                 self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
         else:
             loss = loss - aux  # validation reports the language-model loss alone
+            stats = outputs.get("routing_stats")
+            if stats is not None:
+                counts = stats["tokens_per_expert"].detach().cpu()
+                previous = self.eval_expert_counts
+                self.eval_expert_counts = counts if previous is None else previous + counts
         return (loss, outputs) if return_outputs else loss
 
     def pop_running(self) -> dict[str, float]:
@@ -416,6 +422,7 @@ def train(
         diverged = str(e)
         save_adapter(model, out / "last_good")  # the update that diverged was never applied
     elapsed = time.perf_counter() - started
+    trainer.eval_expert_counts = None
     final_val = trainer.evaluate()["eval_loss"] if has_val and diverged is None else None
 
     # 5. save and report
@@ -434,11 +441,11 @@ def train(
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "data": data_stats if isinstance(data_stats, dict) else str(data_stats),
     }
-    if trainer.expert_counts is not None:
-        counts = trainer.expert_counts.float()
-        share = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
-        summary["expert_share_min"] = float(share[counts.sum(-1) > 0].min()) if counts.sum() > 0 else None
-        summary["expert_share"] = share.tolist()
+    widths = [layer.num_experts for layer in get_state(model).moe_layers.values()]
+    if trainer.expert_counts is not None:  # over all training forwards
+        summary["expert_share"], summary["expert_share_min"] = expert_shares(trainer.expert_counts, widths)
+    if final_val is not None and trainer.eval_expert_counts is not None:  # the final model on validation data
+        summary["val_expert_share"], summary["val_expert_share_min"] = expert_shares(trainer.eval_expert_counts, widths)
     if trainer.args.world_size > 1:  # each rank records a digest of its weights: ranks must agree
         digest_dir = out / "rank_digests"
         digest_dir.mkdir(exist_ok=True)
@@ -458,6 +465,18 @@ def train(
         raise TrainingDivergedError(f"{diverged}; the last good adapter is in {out / 'last_good'}"
                                     f" (checkpoints: {sorted(p.name for p in out.glob('checkpoint-*'))})")
     return summary
+
+
+def expert_shares(
+    counts: torch.Tensor, widths: list[int] | None = None
+) -> tuple[list[list[float]], float | None]:
+    """Per-layer fraction of assignments of each expert (rows of ``counts`` (L, E_max)) and the smallest share
+    of a real expert (``widths[l]`` = experts of layer l; the rest of a row is padding)."""
+    counts = counts.float()
+    share = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)  # (L, E_max)
+    widths = widths or [counts.shape[1]] * counts.shape[0]
+    real = [row[:w] for row, w, total in zip(share, widths, counts.sum(-1), strict=True) if total > 0]
+    return share.tolist(), (float(torch.cat(real).min()) if real else None)
 
 
 def weights_digest(model: nn.Module) -> str:

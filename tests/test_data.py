@@ -582,6 +582,14 @@ def test_comma_separated_sources_are_concatenated(tmp_path: Path) -> None:
     assert len(load_records(cfg_for(f"{a},{b}", tmp_path, limit=2))) == 4
 
 
+def test_comma_separated_sources_build_datasets(tmp_path: Path, tok: PreTrainedTokenizerFast) -> None:
+    a = write_json(tmp_path / "a.json", [{"instruction": f"a{i}", "output": "x"} for i in range(4)])
+    b = write_json(tmp_path / "b.json", [{"instruction": f"b{i}", "output": "y"} for i in range(3)])
+    train, val, stats = build_datasets(cfg_for(f"{a},{b}", tmp_path, val_size=2), tok)
+    assert (len(train), len(val), stats["rows"]) == (5, 2, 7)
+    assert "a.json + " in stats["source"] and stats["source"].endswith("b.json")
+
+
 def test_comma_separated_sources_name_the_bad_file(tmp_path: Path) -> None:
     a = write_json(tmp_path / "a.json", [{"instruction": "q", "output": "x"}])
     b = write_json(tmp_path / "b.json", [{"prompt": "q", "response": "y"}])

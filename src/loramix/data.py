@@ -292,15 +292,23 @@ def load_records(cfg: DataConfig, *, val: bool = False) -> datasets.Dataset:
     if val and cfg.val_data is None:
         raise DataConfigError("DataConfig.val_data: load_records(val=True) needs val_data to be set")
     data, split = (cfg.val_data, cfg.val_split) if val else (cfg.data, cfg.split)
-    parts = [part.strip() for part in data.split(",")] if "," in data else [data]
+    ds, source = _load_sources(data, split, cfg, field_name="val_data" if val else "data")
+    resolve_format(ds, cfg, source=source)
+    return ds
+
+
+def _load_sources(data: str, split: str, cfg: DataConfig, *, field_name: str) -> tuple[datasets.Dataset, str]:
+    """:func:`_load_one` for one source, or for a comma-separated list of sources of one format, which are
+    checked one by one (a missing field names its file) and concatenated on their shared columns."""
+    if "," not in data:
+        return _load_one(data, split, cfg)
+    parts = [part.strip() for part in data.split(",")]
     if not all(parts):
-        raise DataConfigError(f"DataConfig.{'val_data' if val else 'data'}: empty name in the list {data!r}")
+        raise DataConfigError(f"DataConfig.{field_name}: empty name in the list {data!r}")
     loaded = []
-    for part in parts:  # each source is checked on its own, so a missing field names its file
+    for part in parts:
         ds, source = _load_one(part, split, cfg)
         loaded.append((ds, source, resolve_format(ds, cfg, source=source)))
-    if len(loaded) == 1:
-        return loaded[0][0]
     first_ds, first_source, first_format = loaded[0]
     for _ds, source, fmt in loaded[1:]:
         if fmt != first_format:
@@ -309,7 +317,8 @@ def load_records(cfg: DataConfig, *, val: bool = False) -> datasets.Dataset:
                 "a comma-separated list must share one format"
             )
     keep = [c for c in first_ds.column_names if all(c in ds.column_names for ds, _, _ in loaded)]
-    return datasets.concatenate_datasets([ds.select_columns(keep) for ds, _, _ in loaded])
+    joined = datasets.concatenate_datasets([ds.select_columns(keep) for ds, _, _ in loaded])
+    return joined, " + ".join(source for _, source, _ in loaded)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -781,14 +790,14 @@ def build_datasets(
       packing ``dropped_blocks`` / ``dropped_block_tokens`` (blocks without any label token, dropped);
     - ``summary``: one line saying what was truncated or skipped and how many.
     """
-    train_raw, source = _load_one(cfg.data, cfg.split, cfg)
+    train_raw, source = _load_sources(cfg.data, cfg.split, cfg, field_name="data")
     fmt, fields = resolve_format(train_raw, cfg, source=source)
     train_norm = _normalize(train_raw, fmt, fields, cfg, source)
 
     val_norm: datasets.Dataset | None = None
     val_source = None
     if cfg.val_data is not None:
-        val_raw, val_source = _load_one(cfg.val_data, cfg.val_split, cfg)
+        val_raw, val_source = _load_sources(cfg.val_data, cfg.val_split, cfg, field_name="val_data")
         val_fmt, val_fields = resolve_format(val_raw, dataclasses.replace(cfg, format=fmt), source=val_source)
         val_norm = _normalize(val_raw, val_fmt, val_fields, cfg, val_source)
     elif cfg.val_size:

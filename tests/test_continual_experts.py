@@ -200,6 +200,32 @@ def test_dense_until_mature_then_sparse_and_dense_again(stream_setup):
     learner.bank.detach()
 
 
+def test_plateau_compares_validation_losses_on_the_same_validation_set(stream_setup):
+    """The held-out set grows while a skill's first examples arrive; a loss on 3 examples does not compare
+    with one on 4, so maturity must not come from such a comparison (it did: the demo's first experts
+    "plateaued" because a loss on a larger validation set was higher)."""
+    model, tok, tasks = stream_setup
+    stream = build_stream(tok, tasks)
+    torch.manual_seed(0)
+    bank = ExpertBank(model, r=4, alpha=8.0, dropout=0.0)
+    # min_delta huge: any second loss on the same set is a plateau
+    router = HybridRouter("hybrid", temperature=0.05, min_examples=0, patience=1, min_delta=100.0)
+    learner = ContinualLearner(model, tok, bank, HiddenStateEmbedder(model, tok, disable=bank.disabled),
+                               NoveltyDetector(0.8, 4), router, learning_rate=1e-2, batch_size=4, val_size=4,
+                               val_every=2, eval_every=1)
+    learner.observe(stream.examples[:24])
+    learner.flush()
+    evals = [e for e in learner.events if e["event"] == "val_loss"]
+    assert [e["val_examples"] for e in evals[:2]] == [3, 4]  # the set grew between the first two losses
+    assert [e["restarted"] for e in evals[:3]] == [True, True, False]
+    mature = next(e for e in learner.events if e["event"] == "mature")
+    at = next(e for e in evals if e["step"] == mature["step"])
+    assert at["val_examples"] == 4 and not at["restarted"]  # decided on two losses of the full set
+    assert mature["step"] == evals[2]["step"]
+    assert router.newest.history == [e["loss"] for e in evals]
+    bank.detach()
+
+
 def test_save_and_load_restore_routing_and_outputs(stream_setup, tmp_path):
     model, tok, tasks = stream_setup
     stream = build_stream(tok, tasks)

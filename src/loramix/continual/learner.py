@@ -110,6 +110,7 @@ class ContinualLearner:
         self.waiting: dict[int, EncodedExample] = {}  # examples the detector has not assigned yet
         self.queue: list[tuple[EncodedExample, int]] = []  # assigned, not yet trained
         self.val: list[EncodedExample] = []  # held-out examples of the newest skill
+        self.val_measured = 0  # size of the validation set at its last measurement
         self.newest_assigned = 0
         self.step = 0
         self.events: list[dict[str, Any]] = []
@@ -177,6 +178,7 @@ class ContinualLearner:
         params = self.bank.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         self.val = []
+        self.val_measured = 0
         self.newest_assigned = 0
         self._event("new_expert", expert=expert, index=decision.index, members=len(decision.members),
                     mode=self.router.mode)
@@ -221,9 +223,16 @@ class ContinualLearner:
         assert tracker is not None
         became = tracker.add_examples(sum(1 for _, s in items if s == newest))
         if self.step % self.eval_every == 0 and self.val:
+            restarted = len(self.val) != self.val_measured
+            if restarted:
+                # the validation set grew since the last measurement: its losses do not compare with the
+                # earlier ones, so the plateau test starts again (the set stops growing at val_size)
+                tracker.restart_plateau()
+                self.val_measured = len(self.val)
             val_loss = self.validation_loss()
             became = tracker.add_val_loss(val_loss) or became
-            self._event("val_loss", expert=newest, loss=val_loss, examples=tracker.examples)
+            self._event("val_loss", expert=newest, loss=val_loss, examples=tracker.examples,
+                        val_examples=len(self.val), restarted=restarted)
         if became:
             self._event("mature", expert=newest, examples=tracker.examples, mode=self.router.mode)
 

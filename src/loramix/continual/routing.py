@@ -81,6 +81,12 @@ class MaturityTracker:
             self.bad_evals += 1
         return self._update()
 
+    def restart_plateau(self) -> None:
+        """Forget the best loss and the patience count (the history stays): the next loss starts a new
+        comparison. Called when the validation set changed, since losses on different sets do not compare."""
+        self.best = math.inf
+        self.bad_evals = 0
+
     def _update(self) -> bool:
         if not self.mature and self.examples >= self.min_examples and self.plateaued:
             self.mature = True

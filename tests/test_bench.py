@@ -57,6 +57,14 @@ def test_all_variants_and_keys(result):
         else:
             assert f["train_step_s"] > 0 and len(f["train_step_s_all"]) == 2
             assert f["train_tokens_per_s"] == pytest.approx(2 * 12 / f["train_step_s"])
+    for name in ("peft_lora", "mixlora_topk", "mixlora_switch"):  # decoding after merging what merges
+        f = result["variants"][name]
+        assert f["decode_merged_tokens_per_s"] > 0 and len(f["decode_s_all"]) == 2, name
+        assert result["ratios"][name]["decode_merged_vs_base"] == pytest.approx(
+            f["decode_merged_tokens_per_s"] / result["variants"]["base"]["decode_tokens_per_s"]
+        )
+    assert result["variants"]["base"]["decode_merged_tokens_per_s"] is None
+    assert "merged decode / base" in bench.format_table(result)
     assert result["memory_metric"] == "cpu_peak_rss_delta"
     assert set(result["config"]) >= {"batch_size", "seq_len", "steps", "warmup", "routers"}
     assert result["machine"]["device"] == "cpu" and result["machine"]["torch"] == torch.__version__

@@ -294,11 +294,14 @@ class VariantRunner:
         vocab_size: int,
         train: bool = True,
         seed: int = 0,
+        merge: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         from transformers import GenerationConfig
 
         self.name, self.model, self.params, self.device = name, model, params, device
         self.train = train
+        self.merge = merge  # folds what can be folded into the base weights, for the merged-decode figure
+        self.merged = False
         gen = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen).to(device)
         self.mask = torch.ones_like(self.ids)
@@ -314,7 +317,7 @@ class VariantRunner:
             eos_token_id=None,
         )
         self.decode_new_tokens = 0
-        self.times: dict[str, list[float]] = {"train": [], "infer": [], "decode": []}
+        self.times: dict[str, list[float]] = {"train": [], "infer": [], "decode": [], "decode_merged": []}
         self.peak_memory_mb = float("nan")
 
     def train_step(self) -> None:
@@ -339,6 +342,14 @@ class VariantRunner:
             input_ids=self.prompt, attention_mask=torch.ones_like(self.prompt), generation_config=self.gen_cfg
         )
         self.decode_new_tokens = int(seq.shape[1] - self.prompt.shape[1])
+
+    @torch.no_grad()
+    def decode_merged_step(self) -> None:
+        """Decoding after ``merge`` (done once, untimed by the caller's warm-up): the deployment figure."""
+        if not self.merged:
+            self.model = self.merge(self.model)
+            self.merged = True
+        self.decode_step()
 
     def timed(self, kind: str) -> float:
         _sync(self.device)
@@ -365,6 +376,9 @@ class VariantRunner:
             "decode_s_all": self.times["decode"],
             "decode_new_tokens": self.decode_new_tokens,
             "decode_tokens_per_s": self.decode_new_tokens / med["decode"] if med["decode"] else None,
+            "decode_merged_tokens_per_s": (
+                self.decode_new_tokens / med["decode_merged"] if med["decode_merged"] else None
+            ),
         }
 
 
@@ -565,6 +579,10 @@ def _run(
         builders[f"mixlora_{router}"] = lambda m, router=router: make_loramix(
             m, router=router, num_experts=num_experts, top_k=top_k, r=r, alpha=alpha, dropout=dropout
         )
+    from .merge import merge_attention
+
+    mergers: dict[str, Callable[[nn.Module], nn.Module]] = {"peft_lora": lambda m: m.merge_and_unload()}
+    mergers.update({f"mixlora_{router}": merge_attention for router in routers})
     skipped: dict[str, str] = {}
     if include_official:
         reason = official_mixlora_available()
@@ -589,7 +607,7 @@ def _run(
         with PeakRSS() as rss:
             model = fresh_copy(base)
             model, params = (model, []) if build is None else build(model)
-            runner = VariantRunner(name, model, params, train=build is not None, **common)
+            runner = VariantRunner(name, model, params, train=build is not None, merge=mergers.get(name), **common)
             for _ in range(max(warmup, 1)):  # the first training step allocates grads + optimizer state
                 if runner.train:
                     runner.train_step()
@@ -643,7 +661,13 @@ def _run(
 def _timed_rounds(runners: dict[str, VariantRunner], steps: int, say: Callable[[str], Any] | None = None) -> None:
     """``steps`` timed rounds of each kind of work; within a round the variants run in rotating order."""
     names = list(runners)
-    for kind in ("train", "infer", "decode"):
+    for kind in ("train", "infer", "decode", "decode_merged"):
+        if kind == "decode_merged":  # merging ends training for that model: last, after an untimed warm-up
+            names = [n for n in names if runners[n].merge is not None]
+            if not names:
+                break
+            for name in names:
+                runners[name].decode_merged_step()
         for i in range(steps):
             for name in names[i % len(names) :] + names[: i % len(names)]:
                 if kind != "train" or runners[name].train:
@@ -671,6 +695,9 @@ def _ratios(variants: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, fl
             "tokens_per_s_vs_lora": div(f.get("train_tokens_per_s"), lora and lora.get("train_tokens_per_s")),
             "memory_vs_lora": div(f.get("peak_memory_mb"), lora and lora.get("peak_memory_mb")),
             "decode_vs_base": div(f.get("decode_tokens_per_s"), base and base.get("decode_tokens_per_s")),
+            "decode_merged_vs_base": div(
+                f.get("decode_merged_tokens_per_s"), base and base.get("decode_tokens_per_s")
+            ),
         }
         if name.startswith("mixlora_"):
             step, dec = ratios[name]["step_vs_lora"], ratios[name]["decode_vs_base"]
@@ -691,9 +718,9 @@ def format_table(result: dict[str, Any]) -> str:
     head = (
         "| variant | trainable params | train step ms | train tok/s | step / LoRA | "
         + mem
-        + " | mem / LoRA | infer step ms | decode tok/s | decode / base |"
+        + " | mem / LoRA | infer step ms | decode tok/s | decode / base | merged decode / base |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def fmt(v: float | None, pattern: str) -> str:
         return "-" if v is None else pattern.format(v)
@@ -712,10 +739,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"{f['infer_step_s'] * 1000:.0f}",
             f"{f['decode_tokens_per_s']:.1f}",
             fmt(rt["decode_vs_base"], "{:.2f}x"),
+            fmt(rt.get("decode_merged_vs_base"), "{:.2f}x"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     for name, reason in result.get("skipped", {}).items():
-        lines.append(f"| {name} | skipped: {reason} |||||||||")
+        lines.append(f"| {name} | skipped: {reason} ||||||||||")
     return "\n".join(lines)
 
 

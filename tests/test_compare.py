@@ -147,3 +147,22 @@ def test_lora_rank_option_reaches_only_the_lora_run(tmp_path):
     lora, mix = calls
     assert (lora["r"], lora["alpha"], lora["attn_r"], lora["attn_alpha"]) == (12, 24, 12, 24)
     assert (mix["r"], mix["alpha"], mix["attn_r"], mix["attn_alpha"]) == (4, 8, 2, 4)
+
+
+def test_compare_command_takes_data_and_options_from_the_config(tmp_path, monkeypatch):
+    import loramix.compare
+    from loramix.commands import compare_command
+    from loramix.config import ConfigError
+
+    seen = {}
+    monkeypatch.setattr(loramix.compare, "compare", lambda data, **kw: seen.update(data=data, **kw) or {})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: a.json,b.json\nnum_experts: 4\nmax_steps: 999\noutput_dir: elsewhere\n")
+    compare_command(config=str(cfg), lora_rank="match", max_steps=7)
+    assert seen["data"] == "a.json,b.json" and seen["num_experts"] == 4 and seen["lora_rank"] == "match"
+    assert seen["max_steps"] == 7 and seen["output_dir"] == "runs/compare"
+    compare_command(data="c.json", config=str(cfg), lora_rank="12")
+    assert seen["data"] == "c.json" and seen["lora_rank"] == 12
+    cfg.write_text("num_experts: 4\n")
+    with pytest.raises(ConfigError, match="no training data"):
+        compare_command(config=str(cfg))

@@ -109,7 +109,7 @@ def eval_command(
 
 
 def compare_command(
-    data: str,
+    data: str | None = None,
     tasks: list[str] | None = None,
     model: str | None = None,
     output_dir: str = "runs/compare",
@@ -123,21 +123,26 @@ def compare_command(
     write compare.md, compare.json and PNG plots.
 
     Args:
-        data: training data file or hub name (several files of one format: comma-separated).
+        data: training data file or hub name (several files of one format: comma-separated); default: the
+            ``data`` of ``config``.
         tasks: evaluation tasks as a YAML list (default [ARC-Easy, boolq]).
         model: base model (default: packaged SmolLM2-135M-Instruct).
         output_dir: where runs, tables and plots go.
         max_steps: optimiser steps per adapter.
         eval_limit: at most this many items per task.
         data_dir: directory of the evaluation data sets (default: $LORAMIX_DATA_DIR).
-        config: a `loramix train` options file (YAML) shared by every run; its data, output_dir and
-            max_steps are replaced by the options above.
+        config: a `loramix train` options file (YAML) shared by every run; its output_dir and max_steps
+            are replaced by the options above, its data by ``data`` when given.
         lora_rank: rank of the LoRA baseline, or "match" for the rank with MixLoRA's trainable parameters.
     """
     from .compare import compare
+    from .config import ConfigError
     from .train import load_options_file
 
     options = load_options_file(config) if config else {}
+    data = data or options.get("data")
+    if not data:
+        raise ConfigError("compare: no training data: pass --data or set data in the --config file")
     for name in ("data", "output_dir", "max_steps", "adapter"):
         options.pop(name, None)
     if options.get("model") and model is None:

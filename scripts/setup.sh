@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+[ -f .venv/bin/activate ] || "$PY" -m venv .venv  # also mends a half-made .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 pip install -q torch==2.13.0

@@ -145,9 +145,8 @@ def compare_command(
         raise ConfigError("compare: no training data: pass --data or set data in the --config file")
     for name in ("data", "output_dir", "max_steps", "adapter"):
         options.pop(name, None)
-    if options.get("model") and model is None:
-        model = options.pop("model")
-    options.pop("model", None)
+    config_model = options.pop("model", None)
+    model = model or config_model
     rank: int | str | None = lora_rank
     if isinstance(lora_rank, str) and lora_rank.isdigit():
         rank = int(lora_rank)

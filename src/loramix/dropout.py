@@ -9,6 +9,8 @@ multiple of 1/65536. On other devices, and as the reference, it is plain ``F.dro
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,9 +20,7 @@ _LANES = 4  # int16 uniforms per int64 draw
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool mask of ``shape``, each element True with probability ``1 - p`` (to 1/65536)."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     draws = torch.randint(-(2**63), 2**63 - 1, ((n + _LANES - 1) // _LANES,), dtype=torch.int64, device=device)
     bits = draws.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
     threshold = round(p * 65536) - 32768  # P(bits >= threshold) = 1 - p

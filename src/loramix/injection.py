@@ -239,22 +239,23 @@ def update_balance_biases(layers: list[nn.Module]) -> None:
         r.update_balance_bias()
 
 
-def _record_assignments(layers: list[nn.Module]) -> None:
-    for layer in layers:
-        r = layer.last_routing
-        if r is not None and layer.mixlora_router.bias_rate > 0:
-            layer.mixlora_router.record_assignments(tokens_per_expert(r.indices, r.mask, layer.num_experts))
+def _record_assignments(layers: list[nn.Module], table: torch.Tensor) -> None:
+    """Queue each layer's row of ``table`` (compute_aux_loss's (L, E_max) tokens per expert) for its bias."""
+    routed = [layer for layer in layers if layer.last_routing is not None]  # the rows of table, in order
+    for layer, row in zip(routed, table, strict=True):
+        if layer.mixlora_router.bias_rate > 0:
+            layer.mixlora_router.record_assignments(row[: layer.num_experts])
 
 
 def _post_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     state = get_state(model)
-    if model.training:
-        _record_assignments(list(state.moe_layers.values()))
     wants_loss = kwargs.get("labels") is not None or model.training
     # token_mask stays set until the next forward: activation checkpointing re-runs the layers in backward
     if not wants_loss or not state.moe_layers:
         return output
     aux, stats = compute_aux_loss(model)
+    if model.training:  # the same counts feed the balance bias (applied before the next forward)
+        _record_assignments(list(state.moe_layers.values()), stats["tokens_per_expert"])
     if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
         if kwargs.get("labels") is not None:
             output = (output[0] + aux.to(output[0].dtype), *output[1:])

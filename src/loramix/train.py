@@ -152,6 +152,15 @@ def resolve(config: str | Path | None = None, **overrides: Any) -> tuple[TrainCo
 
 
 # --- Trainer pieces ----------------------------------------------------------------------------------
+def _add_counts(total: torch.Tensor | None, outputs: Any) -> torch.Tensor | None:
+    """``total`` plus this forward's (L, E) tokens per expert (unchanged when the model reports none)."""
+    stats = outputs.get("routing_stats")
+    if stats is None:
+        return total
+    counts = stats["tokens_per_expert"].detach().cpu()
+    return counts if total is None else total + counts
+
+
 class LoramixTrainer(Trainer):
     """Trainer that checkpoints only adapter weights, logs the aux loss and stops on divergence."""
 
@@ -191,17 +200,10 @@ class LoramixTrainer(Trainer):
             self.running["lm_loss"] += value - float(aux)
             self.running["tokens"] += float(inputs["attention_mask"].sum())
             self.running["n"] += 1
-            stats = outputs.get("routing_stats")
-            if stats is not None:
-                counts = stats["tokens_per_expert"].detach().cpu()
-                self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
+            self.expert_counts = _add_counts(self.expert_counts, outputs)
         else:
             loss = loss - aux  # validation reports the language-model loss alone
-            stats = outputs.get("routing_stats")
-            if stats is not None:
-                counts = stats["tokens_per_expert"].detach().cpu()
-                previous = self.eval_expert_counts
-                self.eval_expert_counts = counts if previous is None else previous + counts
+            self.eval_expert_counts = _add_counts(self.eval_expert_counts, outputs)
         return (loss, outputs) if return_outputs else loss
 
     def pop_running(self) -> dict[str, float]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from loramix.allocator import ENV_SWITCH
 from loramix.bench import format_table, profile_training_step, run_benchmark
 from loramix.config import ROUTERS
 
@@ -47,6 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Linux: make this process the out-of-memory killer's first choice (shared machines)",
     )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the merged+compiled decoding figure (loramix.compiled.compile_decoding)",
+    )
+    p.add_argument(
+        "--no-tune-malloc",
+        action="store_true",
+        help="leave glibc malloc at its defaults (same as LORAMIX_TUNE_MALLOC=0; see loramix.allocator)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
     p.add_argument("--profile", action="store_true", help="also profile one MixLoRA (topk) training step")
     return p.parse_args(argv)
@@ -54,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.no_tune_malloc:
+        os.environ[ENV_SWITCH] = "0"
     if args.oom_first:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
@@ -74,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         dropout=args.dropout,
         threads=args.threads,
         interleave=not args.sequential,
+        compile_decode=not args.no_compile,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(format_table(result))
@@ -86,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: step {t['step_vs_lora']:.2f}x LoRA (target <= {t['step_target']}: "
             f"{'met' if t['step_target_met'] else 'MISSED'}), decode {t['decode_vs_base']:.2f}x base "
             f"(target >= {t['decode_target']}: {'met' if t['decode_target_met'] else 'MISSED'})"
+            + (
+                f"; merged+compiled decode {t['decode_compiled_vs_base']:.2f}x base "
+                f"({'met' if t['decode_compiled_target_met'] else 'MISSED'})"
+                if t.get("decode_compiled_vs_base") is not None
+                else ""
+            )
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,16 @@ def test_all_variants_and_keys(result):
         )
     assert result["variants"]["base"]["decode_merged_tokens_per_s"] is None
     assert "merged decode / base" in bench.format_table(result)
+    for name in ("mixlora_topk", "mixlora_switch"):  # merged + compiled decoding, every layer compiled
+        f, t = result["variants"][name], result["targets"][name]
+        assert f["decode_compiled_tokens_per_s"] > 0 and f["decode_compiled_layers"] == 2, name
+        assert t["decode_compiled_vs_base"] == pytest.approx(
+            f["decode_compiled_tokens_per_s"] / result["variants"]["base"]["decode_tokens_per_s"]
+        )
+        assert t["decode_compiled_target_met"] == (t["decode_compiled_vs_base"] >= bench.TARGET_DECODE_RATIO)
+    assert result["variants"]["peft_lora"]["decode_compiled_tokens_per_s"] is None
+    assert "merged+compiled decode / base" in bench.format_table(result)
+    assert result["machine"]["malloc_tuned"] in (True, False)
     assert result["memory_metric"] == "cpu_peak_rss_delta"
     assert set(result["config"]) >= {"batch_size", "seq_len", "steps", "warmup", "routers"}
     assert result["machine"]["device"] == "cpu" and result["machine"]["torch"] == torch.__version__

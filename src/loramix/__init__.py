@@ -1,7 +1,9 @@
 """loramix: Mixture-of-LoRA-Experts fine-tuning for Hugging Face causal language models."""
 
 from ._version import __version__
+from .allocator import tune_malloc
 from .checkpoint import AdapterLoadError, load_adapter, save_adapter
+from .compiled import compile_decoding
 from .config import ConfigError, MixLoraConfig
 from .ffn import FFNNotSupportedError
 from .injection import compute_aux_loss, get_config, inject, routing_stats, unload
@@ -13,6 +15,7 @@ __all__ = [
     "FFNNotSupportedError",
     "MixLoraConfig",
     "__version__",
+    "compile_decoding",
     "compute_aux_loss",
     "get_config",
     "inject",
@@ -21,5 +24,6 @@ __all__ = [
     "merge_attention",
     "routing_stats",
     "save_adapter",
+    "tune_malloc",
     "unload",
 ]

@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .allocator import ENV_SWITCH, tune_malloc
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET_STEP_RATIO = 1.15  # MixLoRA training step <= 1.15 x PEFT LoRA step
 TARGET_DECODE_RATIO = 0.8  # MixLoRA decode >= 0.8 x base tokens/s
@@ -295,6 +297,7 @@ class VariantRunner:
         train: bool = True,
         seed: int = 0,
         merge: Callable[[nn.Module], nn.Module] | None = None,
+        compile_decode: Callable[[nn.Module], Any] | None = None,
     ) -> None:
         from transformers import GenerationConfig
 
@@ -302,6 +305,8 @@ class VariantRunner:
         self.train = train
         self.merge = merge  # folds what can be folded into the base weights, for the merged-decode figure
         self.merged = False
+        self.compile_decode = compile_decode  # compiles the merged model's decoding path (loramix variants)
+        self.compiled = False
         gen = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen).to(device)
         self.mask = torch.ones_like(self.ids)
@@ -317,7 +322,13 @@ class VariantRunner:
             eos_token_id=None,
         )
         self.decode_new_tokens = 0
-        self.times: dict[str, list[float]] = {"train": [], "infer": [], "decode": [], "decode_merged": []}
+        self.times: dict[str, list[float]] = {
+            "train": [],
+            "infer": [],
+            "decode": [],
+            "decode_merged": [],
+            "decode_compiled": [],
+        }
         self.peak_memory_mb = float("nan")
 
     def train_step(self) -> None:
@@ -351,6 +362,17 @@ class VariantRunner:
             self.merged = True
         self.decode_step()
 
+    @torch.no_grad()
+    def decode_compiled_step(self) -> None:
+        """Decoding after ``merge`` with the decoding path compiled (``loramix generate --merge --compile``)."""
+        if not self.compiled:
+            if not self.merged:
+                self.model = self.merge(self.model)
+                self.merged = True
+            self.compile_decode(self.model)
+            self.compiled = True
+        self.decode_step()
+
     def timed(self, kind: str) -> float:
         _sync(self.device)
         start = time.perf_counter()
@@ -379,7 +401,18 @@ class VariantRunner:
             "decode_merged_tokens_per_s": (
                 self.decode_new_tokens / med["decode_merged"] if med["decode_merged"] else None
             ),
+            "decode_compiled_tokens_per_s": (
+                self.decode_new_tokens / med["decode_compiled"] if med["decode_compiled"] else None
+            ),
+            "decode_compiled_layers": _compiled_layers(self.model) if self.compiled else None,
         }
+
+
+def _compiled_layers(model: nn.Module) -> int:
+    """MixLoRA layers whose decoding path is still compiled (one that failed to compile fell back)."""
+    from .compiled import moe_layers
+
+    return sum(layer._compiled is not None for layer in moe_layers(model))
 
 
 def measure_variant(
@@ -484,6 +517,7 @@ def run_benchmark(
     seed: int = 0,
     threads: int | None = None,
     interleave: bool = True,
+    compile_decode: bool = True,
     log: Callable[[str], Any] | None = print,
 ) -> dict[str, Any]:
     """Measure base / PEFT LoRA / MixLoRA (each router) / official mixlora in one run.
@@ -501,6 +535,8 @@ def run_benchmark(
         interleave: keep every variant alive and time them in interleaved rounds (robust to a changing
             load on a shared machine); ``False`` builds, times and frees one variant after the other (least
             memory: only one adapted model at a time).
+        compile_decode: also time loramix decoding with the attention LoRA merged and the decoding path
+            compiled (:func:`loramix.compiled.compile_decoding`), the ``decode_compiled`` figure.
         log: progress messages (``None`` = silent).
 
     Returns ``{"config", "machine", "memory_metric", "variants": {name: figures}, "ratios", "targets",
@@ -531,6 +567,7 @@ def run_benchmark(
             dropout=dropout,
             seed=seed,
             interleave=interleave,
+            compile_decode=compile_decode,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -557,8 +594,10 @@ def _run(
     dropout: float,
     seed: int,
     interleave: bool,
+    compile_decode: bool = True,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
+    malloc_tuned = tune_malloc()  # before any variant, so every one of them runs with the same allocator
     base = _load_base(model_spec, dev, dtype).eval()
     for p in base.parameters():
         p.requires_grad_(False)
@@ -583,6 +622,9 @@ def _run(
 
     mergers: dict[str, Callable[[nn.Module], nn.Module]] = {"peft_lora": lambda m: m.merge_and_unload()}
     mergers.update({f"mixlora_{router}": merge_attention for router in routers})
+    from .compiled import compile_decoding
+
+    compilers = {f"mixlora_{router}": compile_decoding for router in routers} if compile_decode else {}
     skipped: dict[str, str] = {}
     if include_official:
         reason = official_mixlora_available()
@@ -607,7 +649,15 @@ def _run(
         with PeakRSS() as rss:
             model = fresh_copy(base)
             model, params = (model, []) if build is None else build(model)
-            runner = VariantRunner(name, model, params, train=build is not None, merge=mergers.get(name), **common)
+            runner = VariantRunner(
+                name,
+                model,
+                params,
+                train=build is not None,
+                merge=mergers.get(name),
+                compile_decode=compilers.get(name),
+                **common,
+            )
             for _ in range(max(warmup, 1)):  # the first training step allocates grads + optimizer state
                 if runner.train:
                     runner.train_step()
@@ -644,9 +694,10 @@ def _run(
             "routers": list(routers),
             "dtype": str(dtype),
             "interleaved": interleave,
+            "compile_decode": compile_decode,
             "model": getattr(base.config, "_name_or_path", None) or type(base).__name__,
         },
-        "machine": machine_info(dev),
+        "machine": {**machine_info(dev), "malloc_tuned": malloc_tuned, ENV_SWITCH: os.environ.get(ENV_SWITCH)},
         "memory_metric": "cuda_peak_allocated_delta" if dev.type == "cuda" else "cpu_peak_rss_delta",
         "base_weights_mb": sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20,
         "variants": variants,
@@ -661,13 +712,16 @@ def _run(
 def _timed_rounds(runners: dict[str, VariantRunner], steps: int, say: Callable[[str], Any] | None = None) -> None:
     """``steps`` timed rounds of each kind of work; within a round the variants run in rotating order."""
     names = list(runners)
-    for kind in ("train", "infer", "decode", "decode_merged"):
+    for kind in ("train", "infer", "decode", "decode_merged", "decode_compiled"):
         if kind == "decode_merged":  # merging ends training for that model: last, after an untimed warm-up
             names = [n for n in names if runners[n].merge is not None]
+        if kind == "decode_compiled":  # the untimed warm-up compiles
+            names = [n for n in names if runners[n].compile_decode is not None]
+        if kind in ("decode_merged", "decode_compiled"):
             if not names:
                 break
             for name in names:
-                runners[name].decode_merged_step()
+                getattr(runners[name], f"{kind}_step")()
         for i in range(steps):
             for name in names[i % len(names) :] + names[: i % len(names)]:
                 if kind != "train" or runners[name].train:
@@ -698,6 +752,9 @@ def _ratios(variants: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, fl
             "decode_merged_vs_base": div(
                 f.get("decode_merged_tokens_per_s"), base and base.get("decode_tokens_per_s")
             ),
+            "decode_compiled_vs_base": div(
+                f.get("decode_compiled_tokens_per_s"), base and base.get("decode_tokens_per_s")
+            ),
         }
         if name.startswith("mixlora_"):
             step, dec = ratios[name]["step_vs_lora"], ratios[name]["decode_vs_base"]
@@ -708,6 +765,9 @@ def _ratios(variants: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, fl
                 "decode_vs_base": dec,
                 "decode_target": TARGET_DECODE_RATIO,
                 "decode_target_met": dec is not None and dec >= TARGET_DECODE_RATIO,
+                # the deployment setting: attention LoRA merged, decoding path compiled
+                "decode_compiled_vs_base": ratios[name]["decode_compiled_vs_base"],
+                "decode_compiled_target_met": (ratios[name]["decode_compiled_vs_base"] or 0) >= TARGET_DECODE_RATIO,
             }
     return ratios, targets
 
@@ -718,9 +778,10 @@ def format_table(result: dict[str, Any]) -> str:
     head = (
         "| variant | trainable params | train step ms | train tok/s | step / LoRA | "
         + mem
-        + " | mem / LoRA | infer step ms | decode tok/s | decode / base | merged decode / base |"
+        + " | mem / LoRA | infer step ms | decode tok/s | decode / base | merged decode / base"
+        + " | merged+compiled decode / base |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def fmt(v: float | None, pattern: str) -> str:
         return "-" if v is None else pattern.format(v)
@@ -740,10 +801,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"{f['decode_tokens_per_s']:.1f}",
             fmt(rt["decode_vs_base"], "{:.2f}x"),
             fmt(rt.get("decode_merged_vs_base"), "{:.2f}x"),
+            fmt(rt.get("decode_compiled_vs_base"), "{:.2f}x"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     for name, reason in result.get("skipped", {}).items():
-        lines.append(f"| {name} | skipped: {reason} ||||||||||")
+        lines.append(f"| {name} | skipped: {reason} |||||||||||")
     return "\n".join(lines)
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .allocator import tune_malloc
+
 TRAIN_OPTIONS = ["loramix.train:TrainConfig", "loramix.data:DataConfig", "loramix.config:MixLoraConfig"]
 
 
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args.pop("command")
     args.pop("subcommand", None)
     kwargs = {k: v for k, v in args.items() if v is not None}
+    tune_malloc()  # before any model exists; LORAMIX_TUNE_MALLOC=0 opts out
     try:
         result = fn(**kwargs)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError, OSError) as e:

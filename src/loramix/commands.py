@@ -21,6 +21,8 @@ def generate_command(
     chat_template: bool = True,
     system: str | None = None,
     device: str | None = None,
+    merge: bool = False,
+    compile_decode: bool = False,
 ) -> None:
     """Generate a reply to one prompt, streamed to the terminal, from the base model or base + adapter.
 
@@ -35,10 +37,16 @@ def generate_command(
         chat_template: apply the tokenizer's chat template.
         system: optional system message.
         device: cpu, cuda, cuda:1 ... (default: CUDA when available).
+        merge: fold the attention LoRA into the base weights first (faster decoding, same outputs up to
+            rounding).
+        compile_decode: torch.compile each MixLoRA layer's per-token path (the first reply waits
+            some seconds while it compiles; later tokens are faster).
     """
     from .generation import generate, load_for_inference
 
-    model_obj, tokenizer = load_for_inference(model, adapter, device=device)
+    model_obj, tokenizer = load_for_inference(
+        model, adapter, device=device, merge=merge, compile_decode=compile_decode
+    )
     generate(model_obj, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
              top_k=top_k, chat_template=chat_template, stream=True, system=system)
 
@@ -52,6 +60,8 @@ def chat_command(
     top_k: int = 50,
     system: str | None = None,
     device: str | None = None,
+    merge: bool = False,
+    compile_decode: bool = False,
 ) -> None:
     """Interactive chat with streamed replies and history (/reset clears it, /exit quits).
 
@@ -64,10 +74,16 @@ def chat_command(
         top_k: sample among the k most likely tokens.
         system: optional system message.
         device: cpu, cuda ... (default: CUDA when available).
+        merge: fold the attention LoRA into the base weights first (faster decoding, same outputs up to
+            rounding).
+        compile_decode: torch.compile each MixLoRA layer's per-token path (the first reply waits
+            some seconds while it compiles; later tokens are faster).
     """
     from .generation import chat_loop, load_for_inference
 
-    model_obj, tokenizer = load_for_inference(model, adapter, device=device)
+    model_obj, tokenizer = load_for_inference(
+        model, adapter, device=device, merge=merge, compile_decode=compile_decode
+    )
     chat_loop(model_obj, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
               top_p=top_p, top_k=top_k)
 
@@ -166,6 +182,8 @@ def bench_command(
     include_official: bool = True,
     device: str | None = None,
     json_path: str | None = None,
+    warmup: int = 3,
+    compile_decode: bool = True,
 ) -> dict[str, Any]:
     """Training step time, tokens/s, peak memory, decode tokens/s and trainable parameters of base, PEFT LoRA,
     MixLoRA (each router) and the official mixlora package, measured in one run, as ratios to PEFT LoRA.
@@ -179,11 +197,15 @@ def bench_command(
         include_official: also measure the official `mixlora` package when it is installed.
         device: cpu, cuda ... (default: CUDA when available).
         json_path: also write the figures as JSON to this file.
+        warmup: untimed steps per variant first (the first steps of a MixLoRA run page-fault in its
+            memory and are slower than the rest).
+        compile_decode: also time decoding with the attention LoRA merged and the decoding path compiled.
     """
     from .bench import format_table, run_benchmark
 
     kwargs: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq_len, "steps": steps,
-                              "include_official": include_official, "device": device}
+                              "include_official": include_official, "device": device, "warmup": warmup,
+                              "compile_decode": compile_decode}
     if routers:
         kwargs["routers"] = [routers] if isinstance(routers, str) else list(routers)
     result = run_benchmark(model, **kwargs)

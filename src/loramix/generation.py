@@ -315,6 +315,7 @@ def load_for_inference(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     merge: bool = False,
+    compile_decode: bool = False,
 ) -> tuple[Any, Any]:
     """Load a model ready for generation/evaluation: the base alone, or base + adapter.
 
@@ -324,6 +325,8 @@ def load_for_inference(
         merge: for loramix adapters, fold the attention LoRA into the base weights
             (``loramix.merge_attention``); for PEFT adapters, ``merge_and_unload``. Faster decoding,
             same outputs up to rounding.
+        compile_decode: for loramix adapters, ``torch.compile`` each MixLoRA layer's per-token decoding path
+            (``loramix.compiled.compile_decoding``); ignored for the base model and PEFT adapters.
 
     Returns ``(model, tokenizer)`` with the model in eval mode and every parameter frozen.
     """
@@ -340,6 +343,10 @@ def load_for_inference(
                 from .merge import merge_attention
 
                 model = merge_attention(model)
+            if compile_decode:
+                from .compiled import compile_decoding
+
+                compile_decoding(model)
         else:
             from peft import PeftModel
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .allocator import tune_malloc
 from .config import MixLoraConfig
 from .dropout import use_fast_dropout
 from .ffn import check_targets, detect_ffn
@@ -139,6 +140,7 @@ def inject(model: nn.Module, config: MixLoraConfig) -> nn.Module:
         attn_targets=attn_targets,
         original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
     )
+    tune_malloc()  # MixLoRA's per-pair tensors are large and short-lived: keep freed memory for reuse
     for p in model.parameters():
         p.requires_grad_(False)
     if attn_targets:

@@ -15,7 +15,9 @@ check that all paths agree.
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +26,8 @@ from .config import MixLoraConfig
 from .dropout import FastDropout
 from .ffn import FFNSpec, linear_shape
 from .routers import Routing, build_router
+
+logger = logging.getLogger(__name__)
 
 
 class ExpertLoRA(nn.Module):
@@ -116,6 +120,7 @@ class MixLoraFFN(nn.Module):
         self.expert_type = config.expert_type
         self.use_reference = False  # switch to the loop-over-experts path (debugging, tests)
         self.pairwise_max_pairs = 16  # inference with at most this many (token, slot) pairs: pairwise path
+        self._compiled: Any = None  # torch.compile'd route_pairwise (compile_decode), or None
         hidden, intermediate = linear_shape(self.proj("up"))
         self.mixlora_router = build_router(hidden, num_experts, config)
         self.mixlora_dropout = FastDropout(config.dropout)
@@ -152,17 +157,53 @@ class MixLoraFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, H)
-        routing = self.mixlora_router(x, self._flat_token_mask(shape))
-        self.last_routing = routing
-        if self.expert_type == "adapter":
-            out = self.adapter_reference(x, routing) if self.use_reference else self.adapter_fast(x, routing)
-        elif self.use_reference:
-            out = self.mixlora_reference(x, routing)
-        elif not self.training and routing.indices.numel() <= self.pairwise_max_pairs:
-            out = self.mixlora_pairwise(x, routing)
+        token_mask = self._flat_token_mask(shape)
+        if self.uses_pairwise(x.shape[0]):
+            out, routing = self._decode(x, token_mask)
         else:
-            out = self.mixlora_fast(x, routing)
+            routing = self.mixlora_router(x, token_mask)
+            if self.expert_type == "adapter":
+                out = self.adapter_reference(x, routing) if self.use_reference else self.adapter_fast(x, routing)
+            elif self.use_reference:
+                out = self.mixlora_reference(x, routing)
+            else:
+                out = self.mixlora_fast(x, routing)
+        self.last_routing = routing
         return out.reshape(shape)
+
+    def uses_pairwise(self, num_tokens: int) -> bool:
+        """Inference on at most ``pairwise_max_pairs`` (token, slot) pairs takes the pairwise path."""
+        return (
+            not self.training
+            and self.expert_type == "mixlora"
+            and not self.use_reference
+            and num_tokens * self.mixlora_router.slots <= self.pairwise_max_pairs
+        )
+
+    def route_pairwise(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, Routing]:
+        """Router and pairwise experts in one function: the unit that :meth:`compile_decode` compiles."""
+        routing = self.mixlora_router(x, token_mask)
+        return self.mixlora_pairwise(x, routing), routing
+
+    def compile_decode(self, enable: bool = True, **compile_kwargs: Any) -> None:
+        """Run the decoding path (router + pairwise experts) through ``torch.compile``.
+
+        A one-token step is some 80 small ops per layer in eager mode, and their dispatch cost, not the
+        arithmetic, is what makes decoding slower than the base model; compiled, they fuse into a few
+        kernels. The first call per input shape compiles (seconds); training and long inputs stay eager.
+        If compiling fails (no C++ compiler, say), the layer logs it once and goes on in eager mode.
+        """
+        # the unbound function: a deep copy of the layer must not call back into this one
+        self._compiled = torch.compile(MixLoraFFN.route_pairwise, **compile_kwargs) if enable else None
+
+    def _decode(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, Routing]:
+        if self._compiled is not None:
+            try:
+                return self._compiled(self, x, token_mask)
+            except Exception as e:  # noqa: BLE001 - any backend failure: the eager path computes the same
+                logger.warning("compiled decoding failed (%s: %s); using eager mode", type(e).__name__, e)
+                self._compiled = None
+        return self.route_pairwise(x, token_mask)
 
     def _flat_token_mask(self, shape: torch.Size) -> torch.Tensor | None:
         """The attention mask aligned with the current tokens: (B, L) -> (B*T,)."""

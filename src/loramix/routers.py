@@ -44,6 +44,11 @@ class Router(nn.Module):
         self.register_buffer("balance_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("balance_pending", torch.zeros(num_experts, dtype=torch.float32))
 
+    @property
+    def slots(self) -> int:
+        """Expert slots per token (the K of :class:`Routing`): fixed by the rule, known before routing."""
+        return self.num_experts
+
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()  # (T, H) routing is done in float32 whatever the model dtype
         if self.training and self.jitter > 0:
@@ -92,6 +97,10 @@ class TopKRouter(Router):
         super().__init__(hidden_size, num_experts, config)
         self.top_k = min(config.top_k, num_experts)
 
+    @property
+    def slots(self) -> int:
+        return self.top_k
+
     def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
         probs = logits.softmax(dim=-1)  # (T, E)
         indices = self.selection_scores(logits).topk(self.top_k, dim=-1).indices  # (T, k)
@@ -129,6 +138,10 @@ class SwitchRouter(Router):
     def __init__(self, hidden_size: int, num_experts: int, config: MixLoraConfig) -> None:
         super().__init__(hidden_size, num_experts, config)
         self.capacity_factor = config.capacity_factor
+
+    @property
+    def slots(self) -> int:
+        return 1
 
     def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
         probs = logits.softmax(dim=-1)  # (T, E)

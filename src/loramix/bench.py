@@ -10,7 +10,8 @@ Every variant is a fresh deep copy of one loaded base model and all are measured
    frozen weights (``base_weights_mb``): adapters, activations, gradients and optimizer state;
    ``memory_metric`` in the result says which one was used;
 2. the timed work then runs in ``steps`` rounds with the variants interleaved (rotating order), so a
-   changing load on a shared machine hits every variant alike; figures are medians over the rounds:
+   changing load on a shared machine hits every variant alike, after ``warmup`` untimed interleaved
+   training rounds (steady state: see :func:`_timed_rounds`); figures are medians over the rounds:
 
 * training: an AdamW step (forward + backward + optimizer) on random token ids, ``batch_size x seq_len``,
   labels = inputs (loramix adds its router aux loss) -> step time and tokens/s;
@@ -674,7 +675,7 @@ def _run(
         say(f"[bench] {name}: " + _one_line(variants[name]))
         del runner
     if interleave:  # 2) timed rounds, variants interleaved, order rotated
-        _timed_rounds(runners, steps, say)
+        _timed_rounds(runners, steps, say, warmup=warmup)
         variants = {name: r.figures() for name, r in runners.items()}
         for name, f in variants.items():
             say(f"[bench] {name}: " + _one_line(f))
@@ -709,9 +710,20 @@ def _run(
     return result
 
 
-def _timed_rounds(runners: dict[str, VariantRunner], steps: int, say: Callable[[str], Any] | None = None) -> None:
-    """``steps`` timed rounds of each kind of work; within a round the variants run in rotating order."""
+def _timed_rounds(
+    runners: dict[str, VariantRunner], steps: int, say: Callable[[str], Any] | None = None, warmup: int = 0
+) -> None:
+    """``steps`` timed rounds of each kind of work; within a round the variants run in rotating order.
+
+    ``warmup`` untimed training rounds come first, interleaved the same way: the first training steps of
+    a variant among the others page-fault in the memory its step needs (on CPU, MixLoRA top-2 faulted in
+    about 1.2 GB in each of its first two such steps, which made them nearly twice as slow).
+    """
     names = list(runners)
+    for _ in range(warmup):
+        for name in names:
+            if runners[name].train:
+                runners[name].train_step()
     for kind in ("train", "infer", "decode", "decode_merged", "decode_compiled"):
         if kind == "decode_merged":  # merging ends training for that model: last, after an untimed warm-up
             names = [n for n in names if runners[n].merge is not None]

@@ -7,7 +7,6 @@ dispatch code never needs to know which rule picked the experts. Routers are reg
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -147,8 +146,8 @@ class SwitchRouter(Router):
         probs = logits.softmax(dim=-1)  # (T, E)
         top_idx = self.selection_scores(logits).argmax(dim=-1)  # (T,)
         top_prob = probs.gather(-1, top_idx[:, None]).squeeze(-1)  # (T,)
-        num_tokens = int(token_mask.sum())
-        capacity = max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
+        # capacity = max(1, ceil(factor * real tokens / E)), kept a tensor: no host sync, no graph break
+        capacity = (token_mask.sum().double() * self.capacity_factor / self.num_experts).ceil().clamp(min=1)
         one_hot = F.one_hot(top_idx, self.num_experts) * token_mask[:, None]  # (T, E)
         position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # (T,) 1-based slot in its expert
         keep = (position >= 1) & (position <= capacity)  # (T,)

@@ -1,0 +1,69 @@
+"""Training-step A/B on the default model: PEFT LoRA vs MixLoRA routers, interleaved rounds, page faults.
+
+Prints every round's step time and minor page faults per variant, then medians and ratios to LoRA over
+the rounds after ``--skip`` (steady state). Used for the page-fault finding in docs/benchmarks.md::
+
+    python scripts/train_step_ab.py topk switch --rounds 4            # malloc tuned (the default)
+    LORAMIX_TUNE_MALLOC=0 python scripts/train_step_ab.py topk --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+
+from loramix.allocator import tune_malloc
+from loramix.bench import _load_base, _touch, fresh_copy, make_loramix, make_peft_lora
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("routers", nargs="*", default=["topk"])
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--skip", type=int, default=2, help="rounds left out of the medians (warm-up)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    args = p.parse_args()
+    print("malloc tuned:", tune_malloc())
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    base = _load_base(None, torch.device("cpu"), "float32").eval()
+    base.requires_grad_(False)
+    _touch(base)
+    variants = {"lora": make_peft_lora(fresh_copy(base))}
+    for router in args.routers:
+        variants[router] = make_loramix(fresh_copy(base), router=router)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))
+    opts = {k: torch.optim.AdamW(params, lr=1e-4) for k, (_, params) in variants.items()}
+
+    def step(name: str) -> tuple[float, int]:
+        model = variants[name][0].train()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+    for name in variants:  # first step: optimizer state
+        step(name)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(args.rounds):
+        faults = {}
+        for name in variants:
+            t, faults[name] = step(name)
+            times[name].append(t)
+        cells = ", ".join(f"{k} {v[-1]:.2f} s ({faults[k]} faults)" for k, v in times.items())
+        print(f"round {i}: {cells}", flush=True)
+    lora = statistics.median(times["lora"][args.skip :])
+    for name, v in times.items():
+        med = statistics.median(v[args.skip :])
+        print(f"{name}: median {med:.3f} s over rounds {args.skip}-{args.rounds - 1}, {med / lora:.3f}x LoRA")
+
+
+if __name__ == "__main__":
+    main()

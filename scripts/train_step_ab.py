@@ -4,7 +4,6 @@ Prints every round's step time and minor page faults per variant, then medians a
 the rounds after ``--skip`` (steady state). Used for the page-fault finding in docs/benchmarks.md::
 
     python scripts/train_step_ab.py topk switch --rounds 4            # malloc tuned (the default)
-    python scripts/train_step_ab.py topk --compiled --rounds 6        # + compile_training variant
     LORAMIX_TUNE_MALLOC=0 python scripts/train_step_ab.py topk --rounds 6
 """
 
@@ -19,7 +18,6 @@ import torch
 
 from loramix.allocator import tune_malloc
 from loramix.bench import _load_base, _touch, fresh_copy, make_loramix, make_peft_lora
-from loramix.compiled import compile_training
 
 
 def main() -> None:
@@ -29,8 +27,6 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=2, help="rounds left out of the medians (warm-up)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--compiled", action="store_true",
-                   help="also time each router with compile_training (a '<router>+c' variant)")
     args = p.parse_args()
     print("malloc tuned:", tune_malloc())
     torch.set_num_threads(1)
@@ -41,9 +37,6 @@ def main() -> None:
     variants = {"lora": make_peft_lora(fresh_copy(base))}
     for router in args.routers:
         variants[router] = make_loramix(fresh_copy(base), router=router)
-        if args.compiled:
-            variants[router + "+c"] = make_loramix(fresh_copy(base), router=router)
-            compile_training(variants[router + "+c"][0])
     ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))
     opts = {k: torch.optim.AdamW(params, lr=1e-4) for k, (_, params) in variants.items()}
 

@@ -3,7 +3,7 @@
 from ._version import __version__
 from .allocator import tune_malloc
 from .checkpoint import AdapterLoadError, load_adapter, save_adapter
-from .compiled import compile_decoding, compile_training
+from .compiled import compile_decoding
 from .config import ConfigError, MixLoraConfig
 from .ffn import FFNNotSupportedError
 from .injection import compute_aux_loss, get_config, inject, routing_stats, unload
@@ -16,7 +16,6 @@ __all__ = [
     "MixLoraConfig",
     "__version__",
     "compile_decoding",
-    "compile_training",
     "compute_aux_loss",
     "get_config",
     "inject",

@@ -1,16 +1,11 @@
-"""Compiled expert paths: ``torch.compile`` the parts of every MixLoRA layer that eager mode runs slowly.
+"""Compiled decoding: ``torch.compile`` the per-token expert path of every MixLoRA layer.
 
-Decoding (:func:`compile_decoding`):
 Eager decoding runs some 80 small PyTorch ops per MixLoRA layer for each new token (router, gathers of
 the chosen experts' LoRA weights, batched matmuls, activation, mixing); on a CPU their dispatch overhead
 costs more than the arithmetic. :func:`compile_decoding` compiles that path (``MixLoraFFN.route_pairwise``)
 so it runs as a few fused kernels. Only inference steps with few (token, expert-slot) pairs take it, so
 prefill, training and evaluation keep the eager code. The first decoding step compiles (seconds, once per
 process and input shape) and needs a working ``torch.compile`` backend (a C++ compiler on CPU).
-
-Training (:func:`compile_training`): the grouped path's per-pair elementwise chain (LoRA deltas added to
-the frozen gate/up projections, activation, routing weight) becomes one fused kernel forward and one
-backward instead of some ten passes over (pairs, intermediate) tensors. The first training step compiles.
 """
 
 from __future__ import annotations
@@ -38,19 +33,4 @@ def compile_decoding(model: nn.Module, enable: bool = True, **compile_kwargs: An
         raise ValueError("compile_decoding: the model has no MixLoRA layers (inject or load an adapter first)")
     for layer in layers:
         layer.compile_decode(enable, **compile_kwargs)
-    return len(layers)
-
-
-def compile_training(model: nn.Module, enable: bool = True, **compile_kwargs: Any) -> int:
-    """Compile (or un-compile) the per-pair activation chain of every MixLoRA layer's training path.
-
-    ``compile_kwargs`` go to ``torch.compile`` (default ``dynamic=True``: the number of (token, expert)
-    pairs changes every step). Returns the number of layers changed; raises ``ValueError`` when the model
-    has no MixLoRA layer.
-    """
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError("compile_training: the model has no MixLoRA layers (inject or load an adapter first)")
-    for layer in layers:
-        layer.compile_pairs(enable, **compile_kwargs)
     return len(layers)

@@ -20,7 +20,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import MixLoraConfig
@@ -122,7 +121,6 @@ class MixLoraFFN(nn.Module):
         self.use_reference = False  # switch to the loop-over-experts path (debugging, tests)
         self.pairwise_max_pairs = 16  # inference with at most this many (token, slot) pairs: pairwise path
         self._compiled: Any = None  # torch.compile'd route_pairwise (compile_decode), or None
-        self._compiled_pairs: Any = None  # torch.compile'd pair_activation (compile_pairs), or None
         hidden, intermediate = linear_shape(self.proj("up"))
         self.mixlora_router = build_router(hidden, num_experts, config)
         self.mixlora_dropout = FastDropout(config.dropout)
@@ -219,20 +217,20 @@ class MixLoraFFN(nn.Module):
         token, weight, counts = _pairs_by_expert(routing)  # (N,), (N,), E ints
         weight = weight.to(x.dtype)[:, None]  # (N, 1)
         xd = self.mixlora_dropout(x).index_select(0, token)  # (N, H) one mask per token: half the RNG work
-        up = self.proj("up")(x)  # (T, I) frozen projection once per token; gathered per pair below
-        gate = self.proj("gate")(x) if self.spec.gated else None  # (T, I)
+        up = self.proj("up")(x).index_select(0, token)  # (N, I) frozen projection once per token, gathered
+        gate = self.proj("gate")(x).index_select(0, token) if self.spec.gated else None  # (N, I)
         lora = self.mixlora_experts
-        d_up = d_gate = None
         if gate is not None and "gate" in self.targets and "up" in self.targets:
-            d_gate, d_up = grouped_pair(lora["gate"], lora["up"], xd, counts)  # (N, I) each
+            d_gate, d_up = grouped_pair(lora["gate"], lora["up"], xd, counts)
+            gate, up = gate + d_gate, up + d_up
         else:
             if "up" in self.targets:
-                d_up = lora["up"].grouped(xd, counts)  # (N, I)
+                up = up + lora["up"].grouped(xd, counts)
             if gate is not None and "gate" in self.targets:
-                d_gate = lora["gate"].grouped(xd, counts)  # (N, I)
-        weighted, h_down = self._pairs(up, gate, token, d_up, d_gate, weight)  # (N, I) each
-        mixed = torch.zeros(num_tokens, up.shape[-1], dtype=weighted.dtype, device=x.device)
-        mixed = mixed.index_add(0, token, weighted)  # (T, I) routing-weighted sum per token
+                gate = gate + lora["gate"].grouped(xd, counts)
+        h = self._activation(up, gate)  # (N, I) each pair's expert activation
+        mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
+        mixed = mixed.index_add(0, token, h * weight)  # (T, I) routing-weighted sum per token
         coverage = torch.zeros(num_tokens, dtype=weight.dtype, device=x.device).index_add(0, token, weight[:, 0])
         dropped = ~routing.mask.any(dim=-1)  # (T,) tokens no expert took: frozen FFN
         if dropped.any():
@@ -245,70 +243,9 @@ class MixLoraFFN(nn.Module):
         if bias is not None:  # down(sum w h) adds the bias once; the mixture adds it sum(w) times
             out = out + (coverage - 1.0)[:, None] * bias
         if "down" in self.targets:
-            delta = self.mixlora_experts["down"].grouped(h_down, counts)  # (N, H)
+            delta = self.mixlora_experts["down"].grouped(self.mixlora_dropout(h), counts)  # (N, H)
             out = out.index_add(0, token, delta * weight)
         return self._finish(out)
-
-    def pair_activation(
-        self,
-        up: torch.Tensor,
-        gate: torch.Tensor | None,
-        token: torch.Tensor,
-        d_up: torch.Tensor | None,
-        d_gate: torch.Tensor | None,
-        weight: torch.Tensor,
-        compiled: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per (token, expert) pair: ``weight * h`` and the down-LoRA input ``dropout(h)``, both (N, I), where
-        ``h = act(gate[token] + d_gate) * (up[token] + d_up)`` is the pair's expert activation.
-
-        The chain that :meth:`compile_pairs` fuses: eager, it writes some ten (N, I) tensors (gathers, sums,
-        activation, dropout mask) and keeps most of them for the backward pass. Compiled (``compiled=True``),
-        dropout is ``F.dropout``, whose mask inductor draws inside the fused kernel and redraws in backward
-        instead of storing it; eager, it is :class:`FastDropout`. Same distribution, different random streams.
-        """
-        up = up.index_select(0, token)  # (N, I)
-        if d_up is not None:
-            up = up + d_up
-        if gate is not None:
-            gate = gate.index_select(0, token)  # (N, I)
-            if d_gate is not None:
-                gate = gate + d_gate
-        h = self._activation(up, gate)  # (N, I)
-        if "down" not in self.targets:
-            h_down = h
-        elif compiled:
-            h_down = F.dropout(h, self.mixlora_dropout.p, self.training)
-        else:
-            h_down = self.mixlora_dropout(h)
-        return h * weight, h_down
-
-    def compile_pairs(self, enable: bool = True, **compile_kwargs: Any) -> None:
-        """Run :meth:`pair_activation` through ``torch.compile`` in the grouped (training) path.
-
-        Fusing the chain into one kernel each way cuts its memory traffic; the pair count changes every
-        step, so shapes are dynamic by default. A failure while compiling the forward falls back to eager
-        mode with a warning, like :meth:`compile_decode`.
-        """
-        compile_kwargs.setdefault("dynamic", True)
-        self._compiled_pairs = torch.compile(MixLoraFFN.pair_activation, **compile_kwargs) if enable else None
-
-    def _pairs(
-        self,
-        up: torch.Tensor,
-        gate: torch.Tensor | None,
-        token: torch.Tensor,
-        d_up: torch.Tensor | None,
-        d_gate: torch.Tensor | None,
-        weight: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._compiled_pairs is not None:
-            try:
-                return self._compiled_pairs(self, up, gate, token, d_up, d_gate, weight, True)
-            except Exception as e:  # noqa: BLE001 - any backend failure: the eager path computes the same
-                logger.warning("compiled expert activations failed (%s: %s); using eager mode", type(e).__name__, e)
-                self._compiled_pairs = None
-        return self.pair_activation(up, gate, token, d_up, d_gate, weight)
 
     def _pair_delta(self, role: str, inp: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """LoRA delta of ``role`` for each pair: input (N, in), expert ids (N,) -> (N, out)."""

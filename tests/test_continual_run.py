@@ -32,7 +32,7 @@ def run(request, tmp_path_factory):
 
 def test_outputs_written(run):
     summary, out = run
-    for name in ("accuracy_matrix.json", "accuracy_matrix.png", "accuracy_matrix_sequential.png",
+    for name in ("accuracy_matrix.json", "progress.json", "accuracy_matrix.png", "accuracy_matrix_sequential.png",
                  "decisions.jsonl", "events.jsonl", "summary.json", "continual_model/experts.json",
                  "continual_model/experts.safetensors", "continual_model/skills.safetensors"):
         assert (out / name).is_file(), name
@@ -79,6 +79,9 @@ def test_accuracy_matrix_and_metrics(run):
     seq = data["sequential"]
     assert seq["acc"] == pytest.approx(summarize(seq["R"], base)["acc"])
     assert len(data["multitask"]["scores"]) == 3
+    progress = json.loads((out / "progress.json").read_text())  # rewritten after every evaluation
+    assert progress["complete"] is True and progress["base"] == base and progress["continual"] == R
+    assert progress["sequential"] == seq["R"] and progress["multitask"] == data["multitask"]["scores"]
 
 
 def test_maturity_switch_happened_in_every_task(run):
@@ -148,3 +151,22 @@ def test_task_with_only_a_test_file_is_split_into_disjoint_train_and_test(tmp_pa
     assert [e.prompt for e in again.test] == [e.prompt for e in task.test]  # seeded
     with pytest.raises(FileNotFoundError, match="unknown task"):
         load_tasks("no_such_task", tmp_path)
+
+
+def test_a_stopped_run_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    import loramix.continual.run as run_module
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # a run stopped after the continual phase, before the baselines
+
+    monkeypatch.setattr(run_module, "run_baselines", stopped)
+    model, tok = byte_lm("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    with pytest.raises(KeyboardInterrupt):
+        run_module.run_continual(model=str(tmp_path / "model"), output_dir=str(tmp_path / "out"), **SETTINGS)
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert progress["complete"] is False and len(progress["base"]) == 3
+    assert len(progress["continual"]) == 3 and all(len(row) == 3 for row in progress["continual"])
+    assert progress["sequential"] == [] and progress["multitask"] is None
+    assert not (tmp_path / "out" / "summary.json").exists()

@@ -200,10 +200,12 @@ def _train_single(model: Any, bank: ExpertBank, optimizer: torch.optim.Optimizer
 
 
 def run_baselines(model: Any, tokenizer: Any, stream: Stream, test_items: list[list[dict[str, Any]]],
-                  cfg: ContinualConfig, pad_id: int, lap: Any = None) -> dict[str, Any]:
+                  cfg: ContinualConfig, pad_id: int, lap: Any = None, record: Any = None) -> dict[str, Any]:
     """Sequential fine-tuning of one LoRA (rows after each task) and multi-task LoRA (one final row);
-    ``lap(name)``, when given, is called after each phase (timings)."""
+    ``lap(name)``, when given, is called after each phase (timings), ``record(key, scores)`` after each
+    evaluation (key ``sequential`` or ``multitask``)."""
     lap = lap or (lambda name: None)
+    record = record or (lambda key, scores: None)
     T = len(test_items)
     per_task: list[list[EncodedExample]] = [[] for _ in range(T)]
     for ex in stream.examples:
@@ -224,6 +226,7 @@ def run_baselines(model: Any, tokenizer: Any, stream: Stream, test_items: list[l
         losses += _train_single(model, bank, opt, per_task[t], cfg, pad_id)
         lap(f"sequential_train_{t}")
         R.append(score_all(bank))
+        record("sequential", R[-1])
         logger.info("sequential after task %d: %s", t, R[-1])
         lap(f"sequential_eval_{t}")
     bank.detach()
@@ -238,6 +241,7 @@ def run_baselines(model: Any, tokenizer: Any, stream: Stream, test_items: list[l
     losses = _train_single(model, bank, opt, mixed, cfg, pad_id)
     lap("multitask_train")
     scores = score_all(bank)
+    record("multitask", scores)
     logger.info("multitask: %s", scores)
     lap("multitask_eval")
     bank.detach()
@@ -285,7 +289,9 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
     ``config`` is an optional YAML/JSON options file (or a ContinualConfig); keyword ``options`` (the
     ContinualConfig fields) override it. Writes to ``output_dir``: ``decisions.jsonl``,
     ``events.jsonl``, ``accuracy_matrix.json``, ``accuracy_matrix.png`` (and ``_sequential.png``),
-    ``summary.json`` and ``continual_model/``. Returns the summary.
+    ``summary.json`` and ``continual_model/``; ``progress.json`` is rewritten after every evaluation (the
+    rows measured so far, ``complete`` false until the end), so a run that is stopped keeps its scores.
+    Returns the summary.
     """
     from ..models import load_base_model
 
@@ -327,6 +333,17 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
     # 3. base scores
     base = [score_routed(model, tokenizer, items, metric=cfg.metric, batch_size=cfg.eval_batch_size)
             for items in test_items]
+    progress: dict[str, Any] = {"tasks": names, "metric": cfg.metric, "base": base, "continual": [],
+                                "sequential": [], "multitask": None, "complete": False}
+
+    def record(key: str, scores: list[float]) -> None:
+        if key == "multitask":
+            progress[key] = scores
+        else:
+            progress[key].append(scores)
+        save_json(progress, out / "progress.json")
+
+    save_json(progress, out / "progress.json")
     logger.info("base scores: %s", base)
     lap("base_eval")
 
@@ -355,6 +372,7 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
                             metric=cfg.metric, batch_size=cfg.eval_batch_size)
                for items, emb in zip(test_items, test_emb, strict=True)]
         R.append(row)
+        record("continual", row)
         stages.append({"after_task": names[t], "experts": bank.num_experts, "mode": learner.mode,
                        "steps": learner.step, "scores": row})
         logger.info("continual after %s: experts=%d mode=%s scores=%s", names[t], bank.num_experts, learner.mode, row)
@@ -378,7 +396,8 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
     bank.detach()
 
     # 5. baselines
-    baselines = run_baselines(model, tokenizer, stream, test_items, cfg, pad, lap=lap) if cfg.baselines else {}
+    baselines = (run_baselines(model, tokenizer, stream, test_items, cfg, pad, lap=lap, record=record)
+                 if cfg.baselines else {})
 
     # 6. report
     continual = {"R": R, **summarize(R, base), "stages": stages}
@@ -418,6 +437,8 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
         "config": cfg.to_dict(),
     }
     save_json(summary, out / "summary.json")
+    progress["complete"] = True
+    save_json(progress, out / "progress.json")
     return summary
 
 

@@ -148,3 +148,17 @@ def test_gradient_checkpointing_trains_routers(tiny_run_inputs, tmp_path):
     assert all(r["aux_loss"] > 0 for r in rows if "loss" in r)
     grad_norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
     assert len(grad_norms) == 3 and all(g > 0 for g in grad_norms)
+
+
+def test_balance_counts_are_applied_at_every_step_end(tiny_run_inputs, tmp_path):
+    """The saved adapter holds the updated balance biases and no rank-local pending counts: the counts of
+    the last forward are applied when its optimizer step ends (2-process ranks then agree, see the slow
+    accelerate test)."""
+    model_dir, data = tiny_run_inputs
+    train(**_opts(model_dir, data, tmp_path / "run", max_steps=3))
+    weights = _weights(tmp_path / "run")
+    pending = [t for n, t in weights.items() if n.endswith("balance_pending")]
+    biases = [t for n, t in weights.items() if n.endswith("balance_bias")]
+    assert pending and len(pending) == len(biases)
+    assert all(not t.any() for t in pending)
+    assert any(t.any() for t in biases)

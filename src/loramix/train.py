@@ -25,7 +25,7 @@ from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, Train
 from .checkpoint import load_adapter_weights, save_adapter, trainable_state_dict
 from .config import ConfigError, MixLoraConfig
 from .data import DataConfig, build_datasets
-from .injection import get_state, inject
+from .injection import get_state, inject, update_balance_biases
 from .models import load_base_model
 
 ADAPTERS = ("mixlora", "lora")
@@ -268,6 +268,21 @@ class MetricsCallback(TrainerCallback):
             self.bar.close()
 
 
+class BalanceBiasCallback(TrainerCallback):
+    """Apply the pending balance-bias counts at the end of every optimizer step (on every rank: the counts
+    are all-reduced), not only before the next forward.
+
+    The update sequence is the same, but checkpoints, the final adapter and the ranks' weights then never
+    hold rank-local counts that have not been summed yet (which made 2-process ranks disagree).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        update_balance_biases(list(get_state(self.model).moe_layers.values()))
+
+
 class InterruptCallback(TrainerCallback):
     """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort."""
 
@@ -403,6 +418,7 @@ def train(
         metrics_path.unlink()
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed dicts
     trainer.add_callback(MetricsCallback(trainer, metrics_path))
+    trainer.add_callback(BalanceBiasCallback(model))
     interrupt = InterruptCallback()
     trainer.add_callback(interrupt)
     for cb in callbacks or []:

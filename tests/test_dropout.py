@@ -54,3 +54,17 @@ def test_injected_models_use_fast_dropout_everywhere() -> None:
     kinds = {type(m) for n, m in model.named_modules() if isinstance(m, nn.Dropout) and ("lora" in n)}
     assert kinds == {FastDropout}
     assert sum(isinstance(m, FastDropout) for m in model.modules()) >= 2 * 4 + 2  # q/k/v/o per layer + experts
+
+
+def test_unscaled_is_the_same_mask_without_the_rescale() -> None:
+    x = torch.randn(64, 48)
+    module = FastDropout(0.25).train()
+    torch.manual_seed(5)
+    full = module(x)
+    torch.manual_seed(5)
+    kept, factor = module.unscaled(x)
+    assert factor == pytest.approx(1 / 0.75)
+    torch.testing.assert_close(kept * factor, full)
+    assert ((kept == 0) | (kept == x)).all() and (kept == 0).any()
+    same, one = module.eval().unscaled(x)
+    assert same is x and one == 1.0

@@ -43,6 +43,16 @@ class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fast_dropout(x, self.p, self.training)
 
+    def unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(x * mask, 1 / (1 - p))``: the dropout without its rescale, and the factor, so that a caller
+        feeding a linear map can apply it to the map's (narrower) output instead of to ``x``; on CUDA
+        (plain ``F.dropout``) and in eval mode the factor is 1."""
+        if not self.training or self.p == 0.0:
+            return x, 1.0
+        if x.device.type != "cpu" or self.p >= 1.0:
+            return F.dropout(x, self.p, True), 1.0
+        return x * keep_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p)
+
 
 def use_fast_dropout(module: nn.Module) -> int:
     """Swap every ``nn.Dropout`` under ``module`` whose name marks it as LoRA's (PEFT's ``lora_dropout``)

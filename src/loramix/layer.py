@@ -46,26 +46,40 @@ class ExpertLoRA(nn.Module):
         a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
         return ((x @ a.t()) * self.scaling) @ b.t()  # scale the (rows, r) product, not the wide output
 
-    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Delta for rows sorted by expert, ``counts[e]`` rows each: (N, in) -> (N, out)."""
+    def grouped(
+        self, x: torch.Tensor, counts: list[int], base: torch.Tensor | None = None, scale: float = 1.0
+    ) -> torch.Tensor:
+        """Delta for rows sorted by expert, ``counts[e]`` rows each: (N, in) -> (N, out), times ``scale`` (a
+        dropout rescale applied to the rank-r product); with ``base`` (N, out), ``base + delta`` (one
+        ``addmm`` per expert instead of a separate pass for the sum)."""
         a_all = self.lora_A.to(x.dtype).unbind(0)  # E x (r, in); one backward node instead of E selects
         b_all = self.lora_B.to(x.dtype).unbind(0)  # E x (out, r)
         chunks = x.split(counts)
-        return torch.cat([((c @ a.t()) * self.scaling) @ b.t() for c, a, b in zip(chunks, a_all, b_all, strict=True)])
+        s = self.scaling * scale
+        if base is None:
+            return torch.cat([((c @ a.t()) * s) @ b.t() for c, a, b in zip(chunks, a_all, b_all, strict=True)])
+        return torch.cat([torch.addmm(y, (c @ a.t()) * s, b.t())
+                          for c, y, a, b in zip(chunks, base.split(counts), a_all, b_all, strict=True)])
 
 
 def grouped_pair(
-    first: ExpertLoRA, second: ExpertLoRA, x: torch.Tensor, counts: list[int]
+    first: ExpertLoRA,
+    second: ExpertLoRA,
+    x: torch.Tensor,
+    counts: list[int],
+    base_1: torch.Tensor,
+    base_2: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deltas of two projections that read the same input (gate and up), with one A matmul per expert."""
+    """``base_1 + delta_1`` and ``base_2 + delta_2`` for two projections that read the same input (gate and
+    up): one A matmul per expert for both, and each B matmul adds onto its base rows (``addmm``)."""
     r = first.lora_A.shape[1]
     a_all = torch.cat([first.lora_A, second.lora_A], dim=1).to(x.dtype).unbind(0)  # E x (2r, in)
     b1, b2 = first.lora_B.to(x.dtype).unbind(0), second.lora_B.to(x.dtype).unbind(0)  # E x (out, r)
     outs_1, outs_2 = [], []
-    for e, chunk in enumerate(x.split(counts)):
+    for e, (chunk, y1, y2) in enumerate(zip(x.split(counts), base_1.split(counts), base_2.split(counts), strict=True)):
         z = (chunk @ a_all[e].t()) * first.scaling  # (n_e, 2r)
-        outs_1.append(z[:, :r] @ b1[e].t())  # (n_e, out)
-        outs_2.append(z[:, r:] @ b2[e].t())
+        outs_1.append(torch.addmm(y1, z[:, :r], b1[e].t()))  # (n_e, out)
+        outs_2.append(torch.addmm(y2, z[:, r:], b2[e].t()))
     return torch.cat(outs_1), torch.cat(outs_2)
 
 
@@ -221,16 +235,15 @@ class MixLoraFFN(nn.Module):
         gate = self.proj("gate")(x).index_select(0, token) if self.spec.gated else None  # (N, I)
         lora = self.mixlora_experts
         if gate is not None and "gate" in self.targets and "up" in self.targets:
-            d_gate, d_up = grouped_pair(lora["gate"], lora["up"], xd, counts)
-            gate, up = gate + d_gate, up + d_up
+            gate, up = grouped_pair(lora["gate"], lora["up"], xd, counts, gate, up)  # (N, I) each
         else:
             if "up" in self.targets:
-                up = up + lora["up"].grouped(xd, counts)
+                up = lora["up"].grouped(xd, counts, base=up)  # (N, I)
             if gate is not None and "gate" in self.targets:
-                gate = gate + lora["gate"].grouped(xd, counts)
+                gate = lora["gate"].grouped(xd, counts, base=gate)  # (N, I)
         h = self._activation(up, gate)  # (N, I) each pair's expert activation
         mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
-        mixed = mixed.index_add(0, token, h * weight)  # (T, I) routing-weighted sum per token
+        mixed.index_add_(0, token, h * weight)  # (T, I) routing-weighted sum per token (fresh buffer: in place)
         coverage = torch.zeros(num_tokens, dtype=weight.dtype, device=x.device).index_add(0, token, weight[:, 0])
         dropped = ~routing.mask.any(dim=-1)  # (T,) tokens no expert took: frozen FFN
         if dropped.any():
@@ -243,7 +256,8 @@ class MixLoraFFN(nn.Module):
         if bias is not None:  # down(sum w h) adds the bias once; the mixture adds it sum(w) times
             out = out + (coverage - 1.0)[:, None] * bias
         if "down" in self.targets:
-            delta = self.mixlora_experts["down"].grouped(self.mixlora_dropout(h), counts)  # (N, H)
+            h_kept, rescale = self.mixlora_dropout.unscaled(h)  # (N, I); 1/(1-p) goes on the (N, r) product
+            delta = self.mixlora_experts["down"].grouped(h_kept, counts, scale=rescale)  # (N, H)
             out = out.index_add(0, token, delta * weight)
         return self._finish(out)
 

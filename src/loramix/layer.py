@@ -69,15 +69,17 @@ def grouped_pair(
     counts: list[int],
     base_1: torch.Tensor,
     base_2: torch.Tensor,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``base_1 + delta_1`` and ``base_2 + delta_2`` for two projections that read the same input (gate and
-    up): one A matmul per expert for both, and each B matmul adds onto its base rows (``addmm``)."""
+    up): one A matmul per expert for both, and each B matmul adds onto its base rows (``addmm``); the deltas
+    are times ``scale`` (a dropout rescale, applied to the rank-2r product)."""
     r = first.lora_A.shape[1]
     a_all = torch.cat([first.lora_A, second.lora_A], dim=1).to(x.dtype).unbind(0)  # E x (2r, in)
     b1, b2 = first.lora_B.to(x.dtype).unbind(0), second.lora_B.to(x.dtype).unbind(0)  # E x (out, r)
     outs_1, outs_2 = [], []
     for e, (chunk, y1, y2) in enumerate(zip(x.split(counts), base_1.split(counts), base_2.split(counts), strict=True)):
-        z = (chunk @ a_all[e].t()) * first.scaling  # (n_e, 2r)
+        z = (chunk @ a_all[e].t()) * (first.scaling * scale)  # (n_e, 2r)
         outs_1.append(torch.addmm(y1, z[:, :r], b1[e].t()))  # (n_e, out)
         outs_2.append(torch.addmm(y2, z[:, r:], b2[e].t()))
     return torch.cat(outs_1), torch.cat(outs_2)
@@ -230,17 +232,18 @@ class MixLoraFFN(nn.Module):
         num_tokens = x.shape[0]
         token, weight, counts = _pairs_by_expert(routing)  # (N,), (N,), E ints
         weight = weight.to(x.dtype)[:, None]  # (N, 1)
-        xd = self.mixlora_dropout(x).index_select(0, token)  # (N, H) one mask per token: half the RNG work
+        x_kept, rescale = self.mixlora_dropout.unscaled(x)  # (T, H) one mask per token: half the RNG work
+        xd = x_kept.index_select(0, token)  # (N, H); 1/(1-p) goes on the rank-r products
         up = self.proj("up")(x).index_select(0, token)  # (N, I) frozen projection once per token, gathered
         gate = self.proj("gate")(x).index_select(0, token) if self.spec.gated else None  # (N, I)
         lora = self.mixlora_experts
         if gate is not None and "gate" in self.targets and "up" in self.targets:
-            gate, up = grouped_pair(lora["gate"], lora["up"], xd, counts, gate, up)  # (N, I) each
+            gate, up = grouped_pair(lora["gate"], lora["up"], xd, counts, gate, up, rescale)  # (N, I) each
         else:
             if "up" in self.targets:
-                up = lora["up"].grouped(xd, counts, base=up)  # (N, I)
+                up = lora["up"].grouped(xd, counts, base=up, scale=rescale)  # (N, I)
             if gate is not None and "gate" in self.targets:
-                gate = lora["gate"].grouped(xd, counts, base=gate)  # (N, I)
+                gate = lora["gate"].grouped(xd, counts, base=gate, scale=rescale)  # (N, I)
         h = self._activation(up, gate)  # (N, I) each pair's expert activation
         mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
         mixed.index_add_(0, token, h * weight)  # (T, I) routing-weighted sum per token (fresh buffer: in place)

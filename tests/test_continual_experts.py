@@ -132,7 +132,8 @@ def stream_setup():
     return model, tok, tasks
 
 
-def make_learner(model, tok, *, guard="freeze", l2_coef=1.0, min_examples=1000, patience=1, min_delta=0.0):
+def make_learner(model, tok, *, guard="freeze", l2_coef=1.0, min_examples=1000, patience=1, min_delta=0.0,
+                 train_lag=0):
     torch.manual_seed(0)
     bank = ExpertBank(model, r=4, alpha=8.0, dropout=0.0)
     router = HybridRouter("hybrid", temperature=0.05, min_examples=min_examples, patience=patience,
@@ -140,7 +141,7 @@ def make_learner(model, tok, *, guard="freeze", l2_coef=1.0, min_examples=1000, 
     embedder = HiddenStateEmbedder(model, tok, disable=bank.disabled)
     return ContinualLearner(model, tok, bank, embedder, NoveltyDetector(0.8, 4), router, guard=guard,
                             l2_coef=l2_coef, learning_rate=1e-2, batch_size=4, val_size=2, val_every=4,
-                            eval_every=2)
+                            eval_every=2, train_lag=train_lag)
 
 
 def drift_of_first_expert(stream_setup, **kw) -> tuple[float, ExpertBank]:
@@ -328,3 +329,32 @@ def test_routed_scoring_shares_one_forward_per_item_when_choices_differ_in_the_l
         assert unrouted["loglikelihoods"][k] == pytest.approx(ref_all["predictions"][k]["loglikelihoods"], abs=1e-3)
     assert unrouted["acc"] == pytest.approx(ref_all["acc"])
     bank.detach()
+
+
+def test_training_lag_waits_and_hands_early_examples_of_a_new_task_to_its_expert(stream_setup):
+    """With train_lag, assigned examples train only once the stream is that far past them; examples of the
+    next task that went to the old skill before the boundary was detected go to the new expert instead."""
+    model, tok, tasks = stream_setup
+    stream = build_stream(tok, tasks)
+    first, second = stream.examples[:24], stream.examples[24:]
+    lagged = make_learner(model, tok, train_lag=10)
+    lagged.observe(first)
+    assert len(lagged.queue) >= lagged.batch_size  # without a lag, a full batch would have trained
+    assert all(ex.index > first[-1].index - 10 - lagged.batch_size for ex, _ in lagged.queue)
+    assert lagged.bank.num_experts == 1
+    # the next task's first examples, assigned to skill 0 as if the detector had not noticed them yet
+    early = second[:3]
+    for ex in early:
+        ex.embedding = lagged.embedder([ex.prompt])[0]
+        lagged.queue.append((ex, 0))
+    trained_before = lagged.counts["trained"]
+    lagged.observe(second[3:])
+    lagged.flush()
+    assert lagged.bank.num_experts == 2
+    reclaimed = [e for e in lagged.events if e["event"] == "reclaimed"]
+    assert len(reclaimed) == 1 and reclaimed[0]["expert"] == 1
+    assert sorted(reclaimed[0]["indices"]) == [ex.index for ex in early]  # none of the first task's examples
+    assert lagged.counts["trained"] > trained_before
+    lagged.bank.detach()
+    with pytest.raises(ValueError, match="train_lag"):
+        make_learner(model, tok, train_lag=-1)

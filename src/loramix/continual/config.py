@@ -63,6 +63,10 @@ class ContinualConfig:
     """How old experts are kept from drifting: freeze, l2 (penalty towards their old values), none."""
     l2_coef: float = 1.0
     """Weight of the L2 anchor penalty (guard=l2)."""
+    train_lag: int = 0
+    """Stream positions an assigned example waits before it trains. When a new skill is detected, queued
+    examples nearer its prototype than any other (the new task's first examples, which arrived before the
+    boundary was found and went to an older skill) go to the new expert instead. 0: train at once."""
 
     # --- routing and maturity --------------------------------------------------------------------------
     routing: str = "hybrid"
@@ -112,7 +116,7 @@ class ContinualConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 fail(name, f"must be an int >= 1, got {v!r}")
-        for name in ("min_examples", "val_size"):
+        for name in ("min_examples", "val_size", "train_lag"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 fail(name, f"must be an int >= 0, got {v!r}")

@@ -82,7 +82,10 @@ class ContinualLearner:
         val_size: int = 16,
         val_every: int = 5,
         eval_every: int = 10,
+        train_lag: int = 0,
     ) -> None:
+        if train_lag < 0:
+            raise ValueError(f"train_lag must be >= 0, got {train_lag}")
         if guard not in GUARDS:
             raise ValueError(f"guard must be one of {GUARDS}, got {guard!r}")
         if batch_size < 1 or steps_per_batch < 1 or val_every < 1 or eval_every < 1 or val_size < 0:
@@ -107,6 +110,7 @@ class ContinualLearner:
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
         self.device = next(model.parameters()).device
         self.optimizer: torch.optim.Optimizer | None = None
+        self.train_lag = train_lag
         self.waiting: dict[int, EncodedExample] = {}  # examples the detector has not assigned yet
         self.queue: list[tuple[EncodedExample, int]] = []  # assigned, not yet trained
         self.val: list[EncodedExample] = []  # held-out examples of the newest skill
@@ -136,9 +140,7 @@ class ContinualLearner:
                 self._new_expert(decision)
             for index, skill in assignments:
                 self._assign(self.waiting.pop(index), skill)
-            while len(self.queue) >= self.batch_size:
-                self._train(self.queue[: self.batch_size])
-                del self.queue[: self.batch_size]
+            self._train_ready(ex.index)
             decisions.append(decision)
         return decisions
 
@@ -166,7 +168,33 @@ class ContinualLearner:
         self.events.append({"event": kind, "step": self.step, **data})
         logger.info("step %d: %s %s", self.step, kind, {k: v for k, v in data.items() if k != "members"})
 
+    def _train_ready(self, current: int) -> None:
+        """Train full batches of queued examples that are at least ``train_lag`` stream positions behind
+        ``current`` (with no lag: every queued example, in queue order)."""
+        while True:
+            ready = [i for i, (ex, _) in enumerate(self.queue) if ex.index <= current - self.train_lag]
+            if len(ready) < self.batch_size:
+                return
+            take = set(ready[: self.batch_size])
+            self._train([self.queue[i] for i in sorted(take)])
+            self.queue = [q for i, q in enumerate(self.queue) if i not in take]
+
+    def _reclaim(self, new_skill: int) -> list[EncodedExample]:
+        """Take the queued (untrained) examples whose nearest prototype is the new skill's out of the queue:
+        they arrived before its boundary was detected and were assigned to an older skill. The prototypes
+        are left as they are."""
+        if not self.queue:
+            return []
+        nearest = self.library.similarities(torch.stack([ex.embedding for ex, _ in self.queue])).argmax(dim=1)
+        moved = [ex for (ex, _), k in zip(self.queue, nearest.tolist(), strict=True) if k == new_skill]
+        self.queue = [q for q, k in zip(self.queue, nearest.tolist(), strict=True) if k != new_skill]
+        if moved:
+            self._event("reclaimed", expert=new_skill, indices=[ex.index for ex in moved])
+        return moved
+
     def _new_expert(self, decision: Decision) -> None:
+        # with a training lag, examples of the new task that went to an older skill may still be untrained
+        moved = self._reclaim(decision.skill) if self.train_lag else []
         self.flush()  # examples of the previous newest skill train before it is frozen
         for e in range(self.bank.num_experts):
             if self.guard == "freeze":
@@ -182,6 +210,8 @@ class ContinualLearner:
         self.newest_assigned = 0
         self._event("new_expert", expert=expert, index=decision.index, members=len(decision.members),
                     mode=self.router.mode)
+        for ex in moved:
+            self._assign(ex, expert)
 
     def _assign(self, ex: EncodedExample, skill: int) -> None:
         newest = self.bank.num_experts - 1

@@ -358,18 +358,19 @@ class VariantRunner:
     @torch.no_grad()
     def decode_merged_step(self) -> None:
         """Decoding after ``merge`` (done once, untimed by the caller's warm-up): the deployment figure."""
+        self._merge_once()
+        self.decode_step()
+
+    def _merge_once(self) -> None:
         if not self.merged:
             self.model = self.merge(self.model)
             self.merged = True
-        self.decode_step()
 
     @torch.no_grad()
     def decode_compiled_step(self) -> None:
-        """Decoding after ``merge`` with the decoding path compiled (``loramix generate --merge --compile``)."""
+        """Decoding after ``merge`` with the decoding path compiled (``loramix generate --merge --compile-decode``)."""
         if not self.compiled:
-            if not self.merged:
-                self.model = self.merge(self.model)
-                self.merged = True
+            self._merge_once()
             self.compile_decode(self.model)
             self.compiled = True
         self.decode_step()

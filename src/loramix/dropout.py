@@ -28,13 +28,21 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -
     return bits >= threshold
 
 
+def unscaled_dropout(x: torch.Tensor, p: float, training: bool = True) -> tuple[torch.Tensor, float]:
+    """``(x * mask, 1 / (1 - p))``: dropout without its rescale, and the factor, so that a caller feeding a
+    linear map can apply it to the map's (narrower) output instead of to ``x``. On CPU the mask comes from
+    :func:`keep_mask`; elsewhere (plain ``F.dropout``, already rescaled) and in eval mode the factor is 1."""
+    if not training or p == 0.0:
+        return x, 1.0
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True), 1.0
+    return x * keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p)
+
+
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout`` semantics; on CPU the mask comes from :func:`keep_mask`."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or p >= 1.0:
-        return F.dropout(x, p, True)
-    return x * keep_mask(x.shape, p, x.device) * (1.0 / (1.0 - p))
+    kept, factor = unscaled_dropout(x, p, training)
+    return kept * factor if factor != 1.0 else kept
 
 
 class FastDropout(nn.Dropout):
@@ -44,14 +52,8 @@ class FastDropout(nn.Dropout):
         return fast_dropout(x, self.p, self.training)
 
     def unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``(x * mask, 1 / (1 - p))``: the dropout without its rescale, and the factor, so that a caller
-        feeding a linear map can apply it to the map's (narrower) output instead of to ``x``; on CUDA
-        (plain ``F.dropout``) and in eval mode the factor is 1."""
-        if not self.training or self.p == 0.0:
-            return x, 1.0
-        if x.device.type != "cpu" or self.p >= 1.0:
-            return F.dropout(x, self.p, True), 1.0
-        return x * keep_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p)
+        """:func:`unscaled_dropout` with this module's ``p`` and mode."""
+        return unscaled_dropout(x, self.p, self.training)
 
 
 def use_fast_dropout(module: nn.Module) -> int:

@@ -175,9 +175,10 @@ class ContinualLearner:
             ready = [i for i, (ex, _) in enumerate(self.queue) if ex.index <= current - self.train_lag]
             if len(ready) < self.batch_size:
                 return
-            take = set(ready[: self.batch_size])
-            self._train([self.queue[i] for i in sorted(take)])
-            self.queue = [q for i, q in enumerate(self.queue) if i not in take]
+            batch = ready[: self.batch_size]  # queue positions, in queue order
+            self._train([self.queue[i] for i in batch])
+            taken = set(batch)
+            self.queue = [q for i, q in enumerate(self.queue) if i not in taken]
 
     def _reclaim(self, new_skill: int) -> list[EncodedExample]:
         """Take the queued (untrained) examples whose nearest prototype is the new skill's out of the queue:

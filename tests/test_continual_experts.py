@@ -133,15 +133,19 @@ def stream_setup():
 
 
 def make_learner(model, tok, *, guard="freeze", l2_coef=1.0, min_examples=1000, patience=1, min_delta=0.0,
-                 train_lag=0):
+                 train_lag=0, quarantine=0):
     torch.manual_seed(0)
     bank = ExpertBank(model, r=4, alpha=8.0, dropout=0.0)
     router = HybridRouter("hybrid", temperature=0.05, min_examples=min_examples, patience=patience,
                           min_delta=min_delta)
     embedder = HiddenStateEmbedder(model, tok, disable=bank.disabled)
-    return ContinualLearner(model, tok, bank, embedder, NoveltyDetector(0.8, 4), router, guard=guard,
-                            l2_coef=l2_coef, learning_rate=1e-2, batch_size=4, val_size=2, val_every=4,
-                            eval_every=2, train_lag=train_lag)
+    try:
+        return ContinualLearner(model, tok, bank, embedder, NoveltyDetector(0.8, 4), router, guard=guard,
+                                l2_coef=l2_coef, learning_rate=1e-2, batch_size=4, val_size=2, val_every=4,
+                                eval_every=2, train_lag=train_lag, quarantine=quarantine)
+    except ValueError:
+        bank.detach()  # a rejected option must not leave experts on the shared model
+        raise
 
 
 def drift_of_first_expert(stream_setup, **kw) -> tuple[float, ExpertBank]:
@@ -358,3 +362,33 @@ def test_training_lag_waits_and_hands_early_examples_of_a_new_task_to_its_expert
     lagged.bank.detach()
     with pytest.raises(ValueError, match="train_lag"):
         make_learner(model, tok, train_lag=-1)
+
+
+def test_quarantine_drops_the_queued_examples_just_before_a_detected_boundary(stream_setup):
+    """Queued examples of the old skill that arrived within ``quarantine`` positions before the new skill's
+    first member never train (nor move to the new expert); the rest of the old task still trains."""
+    model, tok, tasks = stream_setup
+    stream = build_stream(tok, tasks)
+    first, second = stream.examples[:24], stream.examples[24:]
+    learner = make_learner(model, tok, train_lag=10, quarantine=6)
+    learner.observe(first)
+    queued_old = sorted(ex.index for ex, _ in learner.queue)
+    assert queued_old and learner.bank.num_experts == 1
+    trained = []
+    original = learner._train
+    learner._train = lambda items: (trained.extend(ex.index for ex, _ in items), original(items))[1]
+    decisions = learner.observe(second)
+    learner.flush()
+    assert learner.bank.num_experts == 2
+    first_member = min(next(d for d in decisions if d.decision == "new_skill").members)
+    quarantined = [e for e in learner.events if e["event"] == "quarantined"]
+    assert len(quarantined) == 1
+    dropped = quarantined[0]["indices"]
+    assert dropped and learner.counts["quarantined"] == len(dropped)
+    assert set(dropped) <= set(queued_old)  # old-task examples still queued at detection
+    assert not set(dropped) & set(trained)  # ... that never trained
+    assert all(first_member - 6 <= i < first_member for i in dropped)
+    assert set(queued_old) - set(dropped) <= set(trained)  # the rest of the old queue trained
+    learner.bank.detach()
+    with pytest.raises(ValueError, match="quarantine"):
+        make_learner(model, tok, train_lag=2, quarantine=3)

@@ -197,9 +197,10 @@ def test_config_validation_and_resolution(tmp_path):
     with pytest.raises(ConfigError, match="unknown"):
         resolve_config(None, windw=3)
     for bad in ({"guard": "ewc"}, {"routing": "topk"}, {"window": 0}, {"threshold": 1.5}, {"metric": "f1"},
-                {"embedder": "bert"}, {"expert_targets": "up"}):
-        with pytest.raises(ConfigError):
+                {"embedder": "bert"}, {"expert_targets": "up"}, {"train_lag": 4, "quarantine": 8}):
+        with pytest.raises(ConfigError, match=next(iter(bad)) if len(bad) == 1 else "quarantine"):
             ContinualConfig(**bad)
+    assert ContinualConfig(train_lag=16, quarantine=8).quarantine == 8
 
 
 def test_cli_continual_command_offers_every_config_field(capsys):

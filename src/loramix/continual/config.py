@@ -67,6 +67,11 @@ class ContinualConfig:
     """Stream positions an assigned example waits before it trains. When a new skill is detected, queued
     examples nearer its prototype than any other (the new task's first examples, which arrived before the
     boundary was found and went to an older skill) go to the new expert instead. 0: train at once."""
+    quarantine: int = 0
+    """When a new skill is detected, queued examples of older skills that arrived within this many stream
+    positions before the new skill's first member are dropped untrained (after the train_lag hand-over):
+    the boundary lies in that stretch, so their task is uncertain and they must not move a finished
+    expert. At most train_lag (older examples have trained already). 0: keep them."""
 
     # --- routing and maturity --------------------------------------------------------------------------
     routing: str = "hybrid"
@@ -116,10 +121,13 @@ class ContinualConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 fail(name, f"must be an int >= 1, got {v!r}")
-        for name in ("min_examples", "val_size", "train_lag"):
+        for name in ("min_examples", "val_size", "train_lag", "quarantine"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 fail(name, f"must be an int >= 0, got {v!r}")
+        if self.quarantine > self.train_lag:
+            fail("quarantine", f"must be <= train_lag ({self.train_lag}): older examples have trained already, "
+                 f"got {self.quarantine}")
         if not -1.0 <= float(self.threshold) <= 1.0:
             fail("threshold", f"is a cosine similarity in [-1, 1], got {self.threshold}")
         if self.detect_tolerance is not None and self.detect_tolerance < 0:

@@ -83,9 +83,12 @@ class ContinualLearner:
         val_every: int = 5,
         eval_every: int = 10,
         train_lag: int = 0,
+        quarantine: int = 0,
     ) -> None:
         if train_lag < 0:
             raise ValueError(f"train_lag must be >= 0, got {train_lag}")
+        if not 0 <= quarantine <= train_lag:
+            raise ValueError(f"quarantine must be in [0, train_lag={train_lag}], got {quarantine}")
         if guard not in GUARDS:
             raise ValueError(f"guard must be one of {GUARDS}, got {guard!r}")
         if batch_size < 1 or steps_per_batch < 1 or val_every < 1 or eval_every < 1 or val_size < 0:
@@ -111,6 +114,7 @@ class ContinualLearner:
         self.device = next(model.parameters()).device
         self.optimizer: torch.optim.Optimizer | None = None
         self.train_lag = train_lag
+        self.quarantine = quarantine
         self.waiting: dict[int, EncodedExample] = {}  # examples the detector has not assigned yet
         self.queue: list[tuple[EncodedExample, int]] = []  # assigned, not yet trained
         self.val: list[EncodedExample] = []  # held-out examples of the newest skill
@@ -118,7 +122,7 @@ class ContinualLearner:
         self.newest_assigned = 0
         self.step = 0
         self.events: list[dict[str, Any]] = []
-        self.counts = {"trained": 0, "held_out": 0, "frozen_skipped": 0}
+        self.counts = {"trained": 0, "held_out": 0, "frozen_skipped": 0, "quarantined": 0}
         self.losses: list[float] = []
 
     # --- public API -----------------------------------------------------------------------------------
@@ -193,9 +197,22 @@ class ContinualLearner:
             self._event("reclaimed", expert=new_skill, indices=[ex.index for ex in moved])
         return moved
 
+    def _drop_before_boundary(self, first_member: int) -> None:
+        """Drop the queued examples that arrived within ``quarantine`` positions before ``first_member`` (the
+        new skill's first example): the boundary is somewhere in that stretch, so they may belong to the
+        new task, and training them would move an older expert."""
+        start = first_member - self.quarantine
+        dropped = [ex.index for ex, _ in self.queue if start <= ex.index < first_member]
+        if dropped:
+            self.queue = [(ex, s) for ex, s in self.queue if not start <= ex.index < first_member]
+            self.counts["quarantined"] += len(dropped)
+            self._event("quarantined", indices=dropped)
+
     def _new_expert(self, decision: Decision) -> None:
         # with a training lag, examples of the new task that went to an older skill may still be untrained
         moved = self._reclaim(decision.skill) if self.train_lag else []
+        if self.quarantine and decision.members:
+            self._drop_before_boundary(min(decision.members))
         self.flush()  # examples of the previous newest skill train before it is frozen
         for e in range(self.bank.num_experts):
             if self.guard == "freeze":

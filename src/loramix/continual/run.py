@@ -360,6 +360,7 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
         guard=cfg.guard, l2_coef=cfg.l2_coef, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size, steps_per_batch=cfg.steps_per_batch,
         val_size=cfg.val_size, val_every=cfg.val_every, eval_every=cfg.eval_every, train_lag=cfg.train_lag,
+        quarantine=cfg.quarantine,
     )
     R: list[list[float]] = []
     stages: list[dict[str, Any]] = []

@@ -52,11 +52,10 @@ def test_all_variants_and_keys(result):
         assert set(f) >= FIGURES, name
         assert f["decode_new_tokens"] == 5  # exactly the requested tokens (EOS suppressed)
         assert f["decode_tokens_per_s"] > 0 and f["infer_step_s"] > 0
-        if name == "base":
-            assert f["train_step_s"] is None and f["trainable_params"] == 0
-        else:
-            assert f["train_step_s"] > 0 and len(f["train_step_s_all"]) == 2
-            assert f["train_tokens_per_s"] == pytest.approx(2 * 12 / f["train_step_s"])
+        if name == "base":  # its step is the frozen forward + backward floor
+            assert f["trainable_params"] == 0
+        assert f["train_step_s"] > 0 and len(f["train_step_s_all"]) == 2
+        assert f["train_tokens_per_s"] == pytest.approx(2 * 12 / f["train_step_s"])
     for name in ("peft_lora", "mixlora_topk", "mixlora_switch"):  # decoding after merging what merges
         f = result["variants"][name]
         assert f["decode_merged_tokens_per_s"] > 0 and len(f["decode_s_all"]) == 2, name
@@ -104,8 +103,32 @@ def test_ratios_and_targets(result):
     t = result["targets"]["mixlora_topk"]
     assert t["step_target_met"] == (t["step_vs_lora"] <= bench.TARGET_STEP_RATIO)
     assert t["decode_target_met"] == (t["decode_vs_base"] >= bench.TARGET_DECODE_RATIO)
+    official = v.get("official_mixlora")
+    if official is not None:
+        assert t["step_vs_official"] == pytest.approx(v["mixlora_topk"]["train_step_s"] / official["train_step_s"])
+        assert t["official_target_met"] == (t["step_vs_official"] <= bench.TARGET_OFFICIAL_RATIO)
+        assert t["floor_vs_official"] == pytest.approx(v["base"]["train_step_s"] / official["train_step_s"])
+    else:
+        assert t["official_target_met"] is None and t["floor_vs_official"] is None
+    floor, lora = v["base"]["train_step_s"], v["peft_lora"]["train_step_s"]
+    assert t["overhead_vs_lora_overhead"] == pytest.approx((v["mixlora_topk"]["train_step_s"] - floor) / (lora - floor))
     table = bench.format_table(result)
-    assert table.count("\n") >= 4 and "| mixlora_switch |" in table and "step / LoRA" in table
+    assert table.count("\n") >= 4 and "| mixlora_switch |" in table and "step / official" in table
+
+
+def test_floor_step_backpropagates_through_the_frozen_model_only():
+    """The base variant's step computes gradients through every layer but for no weight."""
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    runner = bench.VariantRunner("base", model, [], batch_size=2, seq_len=6, decode_tokens=2, prompt_len=2,
+                                 device=torch.device("cpu"), vocab_size=model.config.vocab_size)
+    seen = []
+    hook = model.model.layers[0].register_full_backward_hook(lambda mod, gin, gout: seen.append(gout[0].shape))
+    runner.train_step()
+    hook.remove()
+    assert seen == [torch.Size([2, 6, 32])]  # the backward reached the first layer
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_training_step_really_updates_the_adapter():

@@ -107,6 +107,18 @@ def main(argv: list[str] | None = None) -> int:
                 if t.get("decode_compiled_vs_base") is not None
                 else ""
             )
+            + (
+                f"; step {t['step_vs_official']:.2f}x official (target <= {t['official_target']}: "
+                f"{'met' if t['official_target_met'] else 'MISSED'}; the frozen floor alone is "
+                f"{t['floor_vs_official']:.2f}x)"
+                if t.get("step_vs_official") is not None
+                else ""
+            )
+            + (
+                f"; adds {t['overhead_vs_lora_overhead']:.2f}x what PEFT LoRA adds to the floor"
+                if t.get("overhead_vs_lora_overhead") is not None
+                else ""
+            )
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

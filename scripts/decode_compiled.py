@@ -16,7 +16,7 @@ import torch
 from transformers import GenerationConfig
 
 from loramix import compile_decoding, merge_attention, tune_malloc
-from loramix.bench import _load_base, _touch, fresh_copy, make_loramix
+from loramix.bench import fresh_copy, frozen_base, make_loramix
 
 
 def main() -> None:
@@ -24,9 +24,7 @@ def main() -> None:
     tune_malloc()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    base = _load_base(None, torch.device("cpu"), "float32").eval()
-    base.requires_grad_(False)
-    _touch(base)
+    base = frozen_base()
     mix, _ = make_loramix(fresh_copy(base), router=router)
     with torch.no_grad():
         for name, p in mix.named_parameters():

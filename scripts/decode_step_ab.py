@@ -10,14 +10,12 @@ import time
 import torch
 
 from loramix import compile_decoding, merge_attention, tune_malloc
-from loramix.bench import _load_base, _touch, fresh_copy, make_loramix
+from loramix.bench import fresh_copy, frozen_base, make_loramix
 
 tune_malloc()
 torch.set_num_threads(1)
 torch.manual_seed(0)
-base = _load_base(None, torch.device("cpu"), "float32").eval()
-base.requires_grad_(False)
-_touch(base)
+base = frozen_base()
 mix, _ = make_loramix(fresh_copy(base), router="topk")
 mix = merge_attention(mix.eval())
 compile_decoding(mix)
@@ -41,34 +39,19 @@ def step(m, cache, n=20):
     return (time.perf_counter() - t0) / n * 1e3
 
 
-cb, cm = prep(base), prep(mix)
-step(mix, cm, 3)
-step(base, cb, 3)
-rb, rm = [], []
-for _ in range(5):
-    rb.append(step(base, cb))
-    rm.append(step(mix, cm))
-print(
-    "base ms/token",
-    [round(x, 1) for x in rb],
-    "mix",
-    [round(x, 1) for x in rm],
-    "ratio",
-    statistics.median(rb) / statistics.median(rm),
-)
-
-
-with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+def ab(label: str) -> None:
+    """5 interleaved rounds of 20 steps each, base and MixLoRA."""
     step(mix, cm, 3)
+    step(base, cb, 3)
     rb, rm = [], []
     for _ in range(5):
         rb.append(step(base, cb))
         rm.append(step(mix, cm))
-print(
-    "SKIP GUARDS base ms/token",
-    [round(x, 1) for x in rb],
-    "mix",
-    [round(x, 1) for x in rm],
-    "ratio",
-    statistics.median(rb) / statistics.median(rm),
-)
+    print(label, "base ms/token", [round(x, 1) for x in rb], "mix", [round(x, 1) for x in rm],
+          "ratio", statistics.median(rb) / statistics.median(rm))
+
+
+cb, cm = prep(base), prep(mix)
+ab("")
+with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+    ab("SKIP GUARDS")

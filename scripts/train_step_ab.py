@@ -17,7 +17,7 @@ import time
 import torch
 
 from loramix.allocator import tune_malloc
-from loramix.bench import _load_base, _touch, fresh_copy, make_loramix, make_peft_lora
+from loramix.bench import fresh_copy, frozen_base, make_loramix, make_peft_lora
 
 
 def main() -> None:
@@ -31,9 +31,7 @@ def main() -> None:
     print("malloc tuned:", tune_malloc())
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    base = _load_base(None, torch.device("cpu"), "float32").eval()
-    base.requires_grad_(False)
-    _touch(base)
+    base = frozen_base()
     variants = {"lora": make_peft_lora(fresh_copy(base))}
     for router in args.routers:
         variants[router] = make_loramix(fresh_copy(base), router=router)

@@ -4,23 +4,17 @@ per-op self-CPU differences. Session-4 profile in docs/benchmarks.md::
     python scripts/train_step_profile.py
 """
 
-import sys
 
 import torch
 
 from loramix.allocator import tune_malloc
-from loramix.bench import _load_base, _touch, fresh_copy, make_loramix, make_peft_lora
-from loramix.compiled import compile_training
+from loramix.bench import fresh_copy, frozen_base, make_loramix, make_peft_lora
 
 tune_malloc()
 torch.set_num_threads(1)
 torch.manual_seed(0)
-base = _load_base(None, torch.device("cpu"), "float32").eval()
-base.requires_grad_(False)
-_touch(base)
+base = frozen_base()
 v = {"lora": make_peft_lora(fresh_copy(base)), "topk": make_loramix(fresh_copy(base), router="topk")}
-if "c" in sys.argv:
-    compile_training(v["topk"][0])
 ids = torch.randint(0, base.config.vocab_size, (4, 128))
 opts = {k: torch.optim.AdamW(p, lr=1e-4) for k, (_, p) in v.items()}
 

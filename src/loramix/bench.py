@@ -505,6 +505,16 @@ def _load_base(model_spec: Any, device: torch.device, dtype: str | torch.dtype) 
     return model
 
 
+def frozen_base(
+    model_spec: Any = None, device: torch.device | str = "cpu", dtype: str | torch.dtype = "float32"
+) -> nn.Module:
+    """The base model every variant shares: loaded, in eval mode, frozen, its weights paged in."""
+    base = _load_base(model_spec, torch.device(device), dtype).eval()
+    base.requires_grad_(False)
+    _touch(base)
+    return base
+
+
 def run_benchmark(
     model_spec: Any = None,
     *,
@@ -607,10 +617,7 @@ def _run(
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     malloc_tuned = tune_malloc()  # before any variant, so every one of them runs with the same allocator
-    base = _load_base(model_spec, dev, dtype).eval()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    _touch(base)
+    base = frozen_base(model_spec, dev, dtype)
     vocab = int(base.config.vocab_size)
     common = dict(
         batch_size=batch_size,

@@ -191,8 +191,7 @@ class ContinualLearner:
         if not self.queue:
             return []
         nearest = self.library.similarities(torch.stack([ex.embedding for ex, _ in self.queue])).argmax(dim=1)
-        moved = [ex for (ex, _), k in zip(self.queue, nearest.tolist(), strict=True) if k == new_skill]
-        self.queue = [q for q, k in zip(self.queue, nearest.tolist(), strict=True) if k != new_skill]
+        moved = self._take_queued([k == new_skill for k in nearest.tolist()])
         if moved:
             self._event("reclaimed", expert=new_skill, indices=[ex.index for ex in moved])
         return moved
@@ -202,11 +201,16 @@ class ContinualLearner:
         new skill's first example): the boundary is somewhere in that stretch, so they may belong to the
         new task, and training them would move an older expert."""
         start = first_member - self.quarantine
-        dropped = [ex.index for ex, _ in self.queue if start <= ex.index < first_member]
+        dropped = [ex.index for ex in self._take_queued([start <= ex.index < first_member for ex, _ in self.queue])]
         if dropped:
-            self.queue = [(ex, s) for ex, s in self.queue if not start <= ex.index < first_member]
             self.counts["quarantined"] += len(dropped)
             self._event("quarantined", indices=dropped)
+
+    def _take_queued(self, chosen: Sequence[bool]) -> list[EncodedExample]:
+        """Remove the queued examples flagged in ``chosen`` (one flag per queue entry); returns them in order."""
+        taken = [ex for (ex, _), c in zip(self.queue, chosen, strict=True) if c]
+        self.queue = [q for q, c in zip(self.queue, chosen, strict=True) if not c]
+        return taken
 
     def _new_expert(self, decision: Decision) -> None:
         # with a training lag, examples of the new task that went to an older skill may still be untrained

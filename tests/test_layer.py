@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from loramix import MixLoraConfig
-from loramix.decode_step import decode_spec, decode_step, decode_tensors, shared_activation
 from loramix.ffn import check_targets, detect_ffn
 from loramix.layer import MixLoraFFN
 from loramix.routers import Routing
@@ -217,50 +216,6 @@ def test_pairwise_inference_path_equals_reference(arch: str, router: str) -> Non
             del layer.mixlora_fast
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
         assert (ref - plain_ffn(layer, x)).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("router", ROUTER_NAMES)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_decode_step_function_equals_the_pairwise_method(arch: str, router: str) -> None:
-    """decode_step (the function compiled for decoding: tensors and a DecodeSpec in, no module) gives the
-    method's output and routing, with a balance bias, padding and switch capacity dropping tokens."""
-    cfg = {"capacity_factor": 0.25} if router == "switch" else {}
-    layer = make_layer(arch, router, "mixlora", **cfg).eval()
-    with torch.no_grad():
-        layer.mixlora_router.balance_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
-    spec = decode_spec(layer)
-    assert spec is not None and spec.gated == (arch != "gpt2")
-    x = torch.randn(6, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    for token_mask in (None, torch.tensor([1, 1, 1, 0, 1, 1], dtype=torch.bool)):
-        with torch.no_grad():
-            ref, ref_routing = layer.route_pairwise(x, token_mask)
-            out, routing = decode_step(x, token_mask, decode_tensors(layer), spec)
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-        assert torch.equal(routing.indices, ref_routing.indices) and torch.equal(routing.mask, ref_routing.mask)
-        torch.testing.assert_close(routing.weights, ref_routing.weights)
-        assert (ref - plain_ffn(layer, x)).abs().max() > 1e-3
-
-
-def test_decode_spec_declines_what_decode_step_cannot_run() -> None:
-    """A custom router, an activation with parameters or a projection that is not a plain Linear: None, so
-    the layer compiles its method instead; two layers' SiLUs share one instance (one compiled graph)."""
-    assert decode_spec(make_layer("llama")) is not None
-    assert shared_activation(torch.nn.SiLU()) is shared_activation(torch.nn.SiLU())
-    assert shared_activation(torch.nn.GELU("tanh")) is not shared_activation(torch.nn.GELU())
-    layer = make_layer("llama")
-    layer.base.act_fn = torch.nn.PReLU()
-    assert decode_spec(layer) is None
-    layer = make_layer("llama")
-    layer.mixlora_router.__class__ = type("MyRouter", (type(layer.mixlora_router),), {})
-    assert decode_spec(layer) is None
-    layer = make_layer("llama")
-
-    class Quantised(torch.nn.Linear):
-        pass
-
-    old = layer.base.down_proj
-    layer.base.down_proj = Quantised(old.in_features, old.out_features, bias=False)
-    assert decode_spec(layer) is None
 
 
 def test_pairwise_path_is_used_only_for_small_inference_batches() -> None:

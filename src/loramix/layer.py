@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from .config import MixLoraConfig
-from .decode_step import decode_spec, decode_step, decode_tensors, pair_delta
 from .dropout import FastDropout
 from .ffn import FFNSpec, linear_shape
 from .routers import Routing, build_router
@@ -207,13 +206,11 @@ class MixLoraFFN(nn.Module):
 
         A one-token step is some 80 small ops per layer in eager mode, and their dispatch cost, not the
         arithmetic, is what makes decoding slower than the base model; compiled, they fuse into a few
-        kernels. What is compiled is :func:`loramix.decode_step.decode_step`, a function of the layer's
-        tensors, whose guards are far cheaper than a method's on the module tree; layers it does not cover
-        compile :meth:`route_pairwise`. The first call per input shape compiles (seconds); training and long
-        inputs stay eager. If compiling fails (no C++ compiler, say), the layer logs it once and goes on in
-        eager mode.
+        kernels. The first call per input shape compiles (seconds); training and long inputs stay eager.
+        If compiling fails (no C++ compiler, say), the layer logs it once and goes on in eager mode.
         """
-        self._compiled = _compiled_decoder(**compile_kwargs) if enable else None
+        # the unbound function: a deep copy of the layer must not call back into this one
+        self._compiled = torch.compile(MixLoraFFN.route_pairwise, **compile_kwargs) if enable else None
 
     def _decode(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, Routing]:
         if self._compiled is not None:
@@ -270,7 +267,10 @@ class MixLoraFFN(nn.Module):
     def _pair_delta(self, role: str, inp: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """LoRA delta of ``role`` for each pair: input (N, in), expert ids (N,) -> (N, out)."""
         lora = self.mixlora_experts[role]
-        return pair_delta(inp, lora.lora_A, lora.lora_B, experts, lora.scaling)
+        a = lora.lora_A.index_select(0, experts).to(inp.dtype)  # (N, r, in)
+        b = lora.lora_B.index_select(0, experts).to(inp.dtype)  # (N, out, r)
+        z = torch.bmm(inp[:, None, :], a.transpose(1, 2)) * lora.scaling  # (N, 1, r)
+        return torch.bmm(z, b.transpose(1, 2)).squeeze(1)  # (N, out)
 
     def mixlora_pairwise(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Inference for few tokens: gathered expert weights, batched over the T*k (token, slot) pairs."""
@@ -351,17 +351,3 @@ class MixLoraFFN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, type={self.expert_type}, targets={self.targets}"
-
-
-def _compiled_decoder(**compile_kwargs: Any) -> Any:
-    """``(layer, x, token_mask) -> (out, routing)`` running the compiled :func:`decode_step` where the layer
-    has a :class:`DecodeSpec`, else the compiled :meth:`MixLoraFFN.route_pairwise`. Unbound: a deep copy of a
-    layer must not call back into the original."""
-    step = torch.compile(decode_step, **compile_kwargs)
-    method = torch.compile(MixLoraFFN.route_pairwise, **compile_kwargs)
-
-    def run(layer: MixLoraFFN, x: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, Routing]:
-        spec = decode_spec(layer)
-        return method(layer, x, token_mask) if spec is None else step(x, token_mask, decode_tensors(layer), spec)
-
-    return run

@@ -28,60 +28,6 @@ class Routing:
     token_mask: torch.Tensor | None = None  # (T,) bool real (non-padding) tokens; set by Router.forward
 
 
-def select_topk(logits: torch.Tensor, scores: torch.Tensor, top_k: int) -> Routing:
-    """Softmax over experts, keep the ``top_k`` best ``scores``, renormalise the kept weights to sum to one."""
-    probs = logits.softmax(dim=-1)  # (T, E)
-    indices = scores.topk(top_k, dim=-1).indices  # (T, k)
-    weights = probs.gather(-1, indices)  # (T, k)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
-    mask = torch.ones_like(indices, dtype=torch.bool)
-    return Routing(weights, indices, mask, logits, probs)
-
-
-def select_switch(
-    logits: torch.Tensor, scores: torch.Tensor, token_mask: torch.Tensor, capacity_factor: float
-) -> Routing:
-    """Top-1 with a per-expert capacity; the kept weight is 1 in value with the probability's gradient."""
-    num_experts = logits.shape[-1]
-    probs = logits.softmax(dim=-1)  # (T, E)
-    top_idx = scores.argmax(dim=-1)  # (T,)
-    top_prob = probs.gather(-1, top_idx[:, None]).squeeze(-1)  # (T,)
-    # capacity = max(1, ceil(factor * real tokens / E)), kept a tensor: no host sync, no graph break
-    capacity = (token_mask.sum().double() * capacity_factor / num_experts).ceil().clamp(min=1)
-    one_hot = F.one_hot(top_idx, num_experts) * token_mask[:, None]  # (T, E)
-    position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # (T,) 1-based slot in its expert
-    keep = (position >= 1) & (position <= capacity)  # (T,)
-    weight = top_prob - top_prob.detach() + 1.0  # value 1, gradient of the probability
-    return Routing(weight[:, None], top_idx[:, None], keep[:, None], logits, probs)
-
-
-def select_dense(logits: torch.Tensor) -> Routing:
-    """Every expert, weighted by the softmax."""
-    probs = logits.softmax(dim=-1)  # (T, E)
-    indices = torch.arange(logits.shape[-1], device=logits.device).expand_as(probs)  # (T, E)
-    mask = torch.ones_like(probs, dtype=torch.bool)
-    return Routing(probs, indices, mask, logits, probs)
-
-
-def select_top_p(logits: torch.Tensor, top_p: float) -> Routing:
-    """The fewest experts whose probability mass reaches ``top_p`` (at least one), renormalised."""
-    probs = logits.softmax(dim=-1)  # (T, E)
-    sorted_probs, indices = probs.sort(dim=-1, descending=True)  # (T, E)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (T, E) mass of the better experts
-    mask = mass_before < top_p  # the first slot always qualifies
-    kept = sorted_probs * mask
-    weights = kept / kept.sum(dim=-1, keepdim=True)
-    return Routing(weights, indices, mask, logits, probs)
-
-
-def mask_padding(routing: Routing, token_mask: torch.Tensor) -> Routing:
-    """Padding tokens ((T,) ``token_mask`` False) reach no expert and carry no weight."""
-    routing.mask = routing.mask & token_mask[:, None]
-    routing.weights = routing.weights * routing.mask
-    routing.token_mask = token_mask
-    return routing
-
-
 class Router(nn.Module):
     """Linear router ``logits = x W^T`` computed in float32; subclasses choose the experts."""
 
@@ -136,7 +82,11 @@ class Router(nn.Module):
         """Route ``x`` (T, H); ``token_mask`` (T,) marks real (non-padding) tokens."""
         if token_mask is None:
             token_mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        return mask_padding(self.select(self.compute_logits(x), token_mask), token_mask)
+        routing = self.select(self.compute_logits(x), token_mask)
+        routing.mask = routing.mask & token_mask[:, None]  # padding never reaches an expert
+        routing.weights = routing.weights * routing.mask
+        routing.token_mask = token_mask
+        return routing
 
 
 class TopKRouter(Router):
@@ -151,7 +101,12 @@ class TopKRouter(Router):
         return self.top_k
 
     def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
-        return select_topk(logits, self.selection_scores(logits), self.top_k)
+        probs = logits.softmax(dim=-1)  # (T, E)
+        indices = self.selection_scores(logits).topk(self.top_k, dim=-1).indices  # (T, k)
+        weights = probs.gather(-1, indices)  # (T, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        mask = torch.ones_like(indices, dtype=torch.bool)
+        return Routing(weights, indices, mask, logits, probs)
 
 
 class NoisyTopKRouter(TopKRouter):
@@ -188,14 +143,26 @@ class SwitchRouter(Router):
         return 1
 
     def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
-        return select_switch(logits, self.selection_scores(logits), token_mask, self.capacity_factor)
+        probs = logits.softmax(dim=-1)  # (T, E)
+        top_idx = self.selection_scores(logits).argmax(dim=-1)  # (T,)
+        top_prob = probs.gather(-1, top_idx[:, None]).squeeze(-1)  # (T,)
+        # capacity = max(1, ceil(factor * real tokens / E)), kept a tensor: no host sync, no graph break
+        capacity = (token_mask.sum().double() * self.capacity_factor / self.num_experts).ceil().clamp(min=1)
+        one_hot = F.one_hot(top_idx, self.num_experts) * token_mask[:, None]  # (T, E)
+        position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # (T,) 1-based slot in its expert
+        keep = (position >= 1) & (position <= capacity)  # (T,)
+        weight = top_prob - top_prob.detach() + 1.0  # value 1, gradient of the probability
+        return Routing(weight[:, None], top_idx[:, None], keep[:, None], logits, probs)
 
 
 class DenseRouter(Router):
     """Soft mixture of all experts with softmax weights (no sparsity)."""
 
     def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
-        return select_dense(logits)
+        probs = logits.softmax(dim=-1)  # (T, E)
+        indices = torch.arange(self.num_experts, device=logits.device).expand_as(probs)  # (T, E)
+        mask = torch.ones_like(probs, dtype=torch.bool)
+        return Routing(probs, indices, mask, logits, probs)
 
 
 class TopPRouter(Router):
@@ -206,7 +173,13 @@ class TopPRouter(Router):
         self.top_p = config.top_p
 
     def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
-        return select_top_p(logits, self.top_p)
+        probs = logits.softmax(dim=-1)  # (T, E)
+        sorted_probs, indices = probs.sort(dim=-1, descending=True)  # (T, E)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (T, E) mass of the better experts
+        mask = mass_before < self.top_p  # the first slot always qualifies
+        kept = sorted_probs * mask
+        weights = kept / kept.sum(dim=-1, keepdim=True)
+        return Routing(weights, indices, mask, logits, probs)
 
 
 ROUTERS: dict[str, type[Router]] = {

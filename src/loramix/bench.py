@@ -954,7 +954,7 @@ def _add_ranges(model: nn.Module) -> list[Any]:
         elif name.endswith("mixlora_router"):
             kind = "mixlora.router"
         elif type(module).__name__ == "ExpertLoRA":
-            kind = None  # called through .grouped(), not forward(): covered by ffn_total
+            kind = None  # used through loramix.grouped, not forward(): covered by ffn_total
         elif ".mlp.base." in name + "." and isinstance(module, nn.Linear):
             kind = "mixlora.frozen_proj"
         if kind is None:

@@ -3,7 +3,7 @@
 Fast path (``mixlora`` experts), for T tokens and N = valid (token, expert) pairs:
   1. the frozen gate/up projections run once over all T tokens;
   2. pairs are sorted by expert, so each expert's LoRA runs on one contiguous slice (a loop over
-     experts, never over tokens);
+     experts, never over tokens; ``loramix.grouped`` writes the slices in place, with its own backward);
   3. the frozen down projection is linear, so it runs once per token on the routing-weighted sum of
      the chosen experts' activations; each expert's own down-LoRA is added on top.
 Pairwise path (inference on a few tokens, i.e. decoding): every (token, slot) pair gathers its expert's
@@ -25,6 +25,7 @@ from torch import nn
 from .config import MixLoraConfig
 from .dropout import FastDropout
 from .ffn import FFNSpec, linear_shape
+from .grouped import grouped_lora
 from .routers import Routing, build_router
 
 logger = logging.getLogger(__name__)
@@ -45,44 +46,6 @@ class ExpertLoRA(nn.Module):
         """Delta of expert ``e`` for all rows of ``x`` (rows, in) -> (rows, out)."""
         a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
         return ((x @ a.t()) * self.scaling) @ b.t()  # scale the (rows, r) product, not the wide output
-
-    def grouped(
-        self, x: torch.Tensor, counts: list[int], base: torch.Tensor | None = None, scale: float = 1.0
-    ) -> torch.Tensor:
-        """Delta for rows sorted by expert, ``counts[e]`` rows each: (N, in) -> (N, out), times ``scale`` (a
-        dropout rescale applied to the rank-r product); with ``base`` (N, out), ``base + delta`` (one
-        ``addmm`` per expert instead of a separate pass for the sum)."""
-        a_all = self.lora_A.to(x.dtype).unbind(0)  # E x (r, in); one backward node instead of E selects
-        b_all = self.lora_B.to(x.dtype).unbind(0)  # E x (out, r)
-        chunks = x.split(counts)
-        s = self.scaling * scale
-        if base is None:
-            return torch.cat([((c @ a.t()) * s) @ b.t() for c, a, b in zip(chunks, a_all, b_all, strict=True)])
-        return torch.cat([torch.addmm(y, (c @ a.t()) * s, b.t())
-                          for c, y, a, b in zip(chunks, base.split(counts), a_all, b_all, strict=True)])
-
-
-def grouped_pair(
-    first: ExpertLoRA,
-    second: ExpertLoRA,
-    x: torch.Tensor,
-    counts: list[int],
-    base_1: torch.Tensor,
-    base_2: torch.Tensor,
-    scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``base_1 + delta_1`` and ``base_2 + delta_2`` for two projections that read the same input (gate and
-    up): one A matmul per expert for both, and each B matmul adds onto its base rows (``addmm``); the deltas
-    are times ``scale`` (a dropout rescale, applied to the rank-2r product)."""
-    r = first.lora_A.shape[1]
-    a_all = torch.cat([first.lora_A, second.lora_A], dim=1).to(x.dtype).unbind(0)  # E x (2r, in)
-    b1, b2 = first.lora_B.to(x.dtype).unbind(0), second.lora_B.to(x.dtype).unbind(0)  # E x (out, r)
-    outs_1, outs_2 = [], []
-    for e, (chunk, y1, y2) in enumerate(zip(x.split(counts), base_1.split(counts), base_2.split(counts), strict=True)):
-        z = (chunk @ a_all[e].t()) * (first.scaling * scale)  # (n_e, 2r)
-        outs_1.append(torch.addmm(y1, z[:, :r], b1[e].t()))  # (n_e, out)
-        outs_2.append(torch.addmm(y2, z[:, r:], b2[e].t()))
-    return torch.cat(outs_1), torch.cat(outs_2)
 
 
 class AdapterExperts(nn.Module):
@@ -234,16 +197,17 @@ class MixLoraFFN(nn.Module):
         weight = weight.to(x.dtype)[:, None]  # (N, 1)
         x_kept, rescale = self.mixlora_dropout.unscaled(x)  # (T, H) one mask per token: half the RNG work
         xd = x_kept.index_select(0, token)  # (N, H); 1/(1-p) goes on the rank-r products
-        up = self.proj("up")(x).index_select(0, token)  # (N, I) frozen projection once per token, gathered
-        gate = self.proj("gate")(x).index_select(0, token) if self.spec.gated else None  # (N, I)
-        lora = self.mixlora_experts
-        if gate is not None and "gate" in self.targets and "up" in self.targets:
-            gate, up = grouped_pair(lora["gate"], lora["up"], xd, counts, gate, up, rescale)  # (N, I) each
-        else:
-            if "up" in self.targets:
-                up = lora["up"].grouped(xd, counts, base=up, scale=rescale)  # (N, I)
-            if gate is not None and "gate" in self.targets:
-                gate = lora["gate"].grouped(xd, counts, base=gate, scale=rescale)  # (N, I)
+        frozen = {"up": self.proj("up")(x)}  # (T, I) frozen projections once per token
+        if self.spec.gated:
+            frozen["gate"] = self.proj("gate")(x)  # (T, I)
+        adapted = [role for role in ("gate", "up") if role in frozen and role in self.targets]
+        pairs = {role: frozen[role].index_select(0, token) for role in frozen if role not in adapted}  # (N, I)
+        if adapted:  # gathered frozen rows + each pair's expert LoRA, gate and up sharing one A pass
+            lora = [self.mixlora_experts[role] for role in adapted]
+            outs = grouped_lora(xd, [e.lora_A for e in lora], [e.lora_B for e in lora], counts,
+                                lora[0].scaling * rescale, token, [frozen[role] for role in adapted])
+            pairs.update(zip(adapted, outs, strict=True))  # (N, I) each
+        up, gate = pairs["up"], pairs.get("gate")
         h = self._activation(up, gate)  # (N, I) each pair's expert activation
         mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
         mixed.index_add_(0, token, h * weight)  # (T, I) routing-weighted sum per token (fresh buffer: in place)
@@ -260,7 +224,8 @@ class MixLoraFFN(nn.Module):
             out = out + (coverage - 1.0)[:, None] * bias
         if "down" in self.targets:
             h_kept, rescale = self.mixlora_dropout.unscaled(h)  # (N, I); 1/(1-p) goes on the (N, r) product
-            delta = self.mixlora_experts["down"].grouped(h_kept, counts, scale=rescale)  # (N, H)
+            down = self.mixlora_experts["down"]
+            (delta,) = grouped_lora(h_kept, [down.lora_A], [down.lora_B], counts, down.scaling * rescale)  # (N, H)
             out = out.index_add(0, token, delta * weight)
         return self._finish(out)
 

@@ -36,7 +36,9 @@ def unscaled_dropout(x: torch.Tensor, p: float, training: bool = True) -> tuple[
         return x, 1.0
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, True), 1.0
-    return x * keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p)
+    # the bool mask viewed as uint8 (no copy): float * uint8 runs about twice as fast as float * bool on CPU,
+    # in forward and in the backward's grad * mask
+    return x * keep_mask(x.shape, p, x.device).view(torch.uint8), 1.0 / (1.0 - p)
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

@@ -5,11 +5,16 @@ the rounds after ``--skip`` (steady state). Used for the page-fault finding in d
 
     python scripts/train_step_ab.py topk switch --rounds 4            # malloc tuned (the default)
     LORAMIX_TUNE_MALLOC=0 python scripts/train_step_ab.py topk --rounds 6
+
+``--old-src DIR`` adds the top-2 variant of an older checkout's package (``DIR/loramix``) as ``topk_old``, for a
+same-process before/after (session 6: ``git worktree add /tmp/wt_old 9817178`` then
+``python scripts/train_step_ab.py topk --rounds 10 --old-src /tmp/wt_old/src``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import resource
 import statistics
 import time
@@ -27,6 +32,7 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=2, help="rounds left out of the medians (warm-up)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--old-src", help="also time the top-2 variant of the package under this src directory")
     args = p.parse_args()
     print("malloc tuned:", tune_malloc())
     torch.set_num_threads(1)
@@ -35,6 +41,12 @@ def main() -> None:
     variants = {"lora": make_peft_lora(fresh_copy(base))}
     for router in args.routers:
         variants[router] = make_loramix(fresh_copy(base), router=router)
+    if args.old_src:
+        from grouped_lora_ab import load_old  # scripts/ is on sys.path when a script runs
+
+        old = load_old(args.old_src)
+        importlib.import_module(f"{old.__name__}.bench")
+        variants["topk_old"] = old.bench.make_loramix(fresh_copy(base), router="topk")
     ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))
     opts = {k: torch.optim.AdamW(params, lr=1e-4) for k, (_, params) in variants.items()}
 
@@ -61,6 +73,14 @@ def main() -> None:
     for name, v in times.items():
         med = statistics.median(v[args.skip :])
         print(f"{name}: median {med:.3f} s over rounds {args.skip}-{args.rounds - 1}, {med / lora:.3f}x LoRA")
+    for name in [n for n in variants if n != "lora"]:
+        ratios = [t / lo for t, lo in zip(times[name][args.skip :], times["lora"][args.skip :], strict=True)]
+        print(f"{name} / LoRA per round: median {statistics.median(ratios):.3f}, "
+              f"{' '.join(f'{r:.2f}' for r in ratios)}")
+    if "topk_old" in variants and "topk" in variants:
+        ratios = [n / o for n, o in zip(times["topk"][args.skip :], times["topk_old"][args.skip :], strict=True)]
+        cells = " ".join(f"{r:.2f}" for r in ratios)
+        print(f"topk / topk_old per round: median {statistics.median(ratios):.3f}, {cells}")
 
 
 if __name__ == "__main__":

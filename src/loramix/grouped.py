@@ -9,15 +9,24 @@ Built from autograd ops, this costs a gather, one ``addmm`` per expert and a ``t
 pieces in forward, and in backward the ``cat`` of the split's gradients again, for every (pairs, width) tensor.
 :class:`GroupedLoRA` writes each expert's rows into one preallocated output (in-place ``addmm`` on row
 slices) and its gradients into preallocated buffers the same way, so neither pass copies the wide tensors
-more than the gather needs. ``ExpertLoRA.grouped`` and :func:`grouped_lora_reference` are the plain
-autograd versions; tests check that values and gradients agree.
+more than the gather needs. :func:`grouped_lora_reference` is the plain autograd version; tests check that
+values and gradients agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+
+
+def _expert_rows(counts: Sequence[int]) -> Iterator[tuple[int, slice]]:
+    """(expert, its row slice) for every expert with rows, in order."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
 
 
 class GroupedLoRA(torch.autograd.Function):
@@ -36,18 +45,13 @@ class GroupedLoRA(torch.autograd.Function):
             base.index_select(0, token) if base is not None else x.new_empty(x.shape[0], b.shape[1])  # (N, out_j)
             for b, base in zip(bs, bases, strict=True)
         ]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
+        for e, rows in _expert_rows(counts):
             torch.mm(x[rows], a_cat[e].t(), out=z[rows])  # (n_e, R)
             offset = 0
             for b, base, out, r in zip(bs, bases, outs, ranks, strict=True):
                 beta = 1.0 if base is not None else 0.0  # beta 0: the uninitialised rows are ignored
                 out[rows].addmm_(z[rows, offset : offset + r], b[e].t(), beta=beta, alpha=scale)  # (n_e, out_j)
                 offset += r
-            start += n
         ctx.save_for_backward(x, a_cat, token, z, *bs)
         ctx.counts, ctx.scale, ctx.ranks = counts, scale, ranks
         ctx.num_tokens = [None if base is None else base.shape[0] for base in bases]
@@ -61,11 +65,7 @@ class GroupedLoRA(torch.autograd.Function):
         grads = [g if g is None else g.contiguous() for g in grads]
         gz = x.new_zeros(x.shape[0], a_cat.shape[1])  # (N, R) gradient of the scaled products
         grad_bs = [torch.zeros_like(b) if ctx.needs_input_grad[6 + 2 * j] else None for j, b in enumerate(bs)]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
+        for e, rows in _expert_rows(counts):
             offset = 0
             for j, (g, b, r) in enumerate(zip(grads, bs, ranks, strict=True)):
                 if g is not None:
@@ -73,20 +73,14 @@ class GroupedLoRA(torch.autograd.Function):
                     if grad_bs[j] is not None:
                         torch.mm(g[rows].t(), z[rows, offset : offset + r], out=grad_bs[j][e])  # (out_j, r_j)
                 offset += r
-            start += n
         gz.mul_(scale)
         grad_x = x.new_empty(x.shape) if need_x else None  # (N, in)
         grad_a = torch.zeros_like(a_cat) if need_a else None  # (E, R, in)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
+        for e, rows in _expert_rows(counts):
             if grad_x is not None:
                 torch.mm(gz[rows], a_cat[e], out=grad_x[rows])  # (n_e, in)
             if grad_a is not None:
                 torch.mm(gz[rows].t(), x[rows], out=grad_a[e])  # (R, in)
-            start += n
         out: list[torch.Tensor | None] = [grad_x, grad_a, None, None, None, None]
         for j, (g, grad_b) in enumerate(zip(grads, grad_bs, strict=True)):
             if grad_b is not None:

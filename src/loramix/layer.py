@@ -215,8 +215,8 @@ class MixLoraFFN(nn.Module):
         dropped = ~routing.mask.any(dim=-1)  # (T,) tokens no expert took: frozen FFN
         if dropped.any():
             idx = dropped.nonzero().squeeze(-1)
-            base_gate = self.proj("gate")(x[idx]) if self.spec.gated else None
-            mixed = mixed.index_add(0, idx, self._activation(self.proj("up")(x[idx]), base_gate))
+            base_gate = frozen["gate"].index_select(0, idx) if self.spec.gated else None  # (D, I) already computed
+            mixed = mixed.index_add(0, idx, self._activation(frozen["up"].index_select(0, idx), base_gate))
             coverage = coverage.index_add(0, idx, torch.ones_like(idx, dtype=coverage.dtype))
         out = self.proj("down")(mixed)  # (T, H) frozen down projection once per token
         bias = self._down_bias()

@@ -10,16 +10,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from decode_probe_setup import topk_decode_layers  # scripts/ is on sys.path when a script runs
 
-from loramix.bench import fresh_copy, frozen_base, make_loramix
-from loramix.compiled import moe_layers
-
-torch.set_num_threads(1)
-mix, _ = make_loramix(fresh_copy(frozen_base()), router="topk")
-mix.eval()
-layers = moe_layers(mix)
-x = torch.randn(1, 576)
-
+layers, x, _ = topk_decode_layers()
 
 def make(k, scaling, bt):
     def delta(inp, A, B, e):
@@ -69,10 +62,6 @@ def args(lay, bt):
     )
 
 
-for lay in layers:
-    for p in lay.parameters():
-        if p.dim() == 3:
-            p.data.normal_(0, 0.02)
 A0 = [args(lay, False) for lay in layers]
 A1 = [args(lay, True) for lay in layers]
 with torch.no_grad():

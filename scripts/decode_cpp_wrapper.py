@@ -8,24 +8,9 @@ import statistics
 import time
 
 import torch
+from decode_probe_setup import topk_decode_layers  # scripts/ is on sys.path when a script runs
 
-from loramix.bench import _load_base, fresh_copy, make_loramix
-from loramix.compiled import moe_layers
-
-torch.set_num_threads(1)
-torch.manual_seed(0)
-base = _load_base(None, torch.device("cpu"), "float32").eval()
-base.requires_grad_(False)
-mix, _ = make_loramix(fresh_copy(base), router="topk")
-mix.eval()
-layers = moe_layers(mix)
-for layer in layers:
-    for p in layer.parameters():
-        if p.dim() == 3:
-            p.data.normal_(0, 0.02)
-x = torch.randn(1, 576)
-m = torch.ones(1, dtype=torch.bool)
-
+layers, x, m = topk_decode_layers()
 
 def t(f, n=30):
     with torch.no_grad():

@@ -30,12 +30,11 @@ def test_environment_switch_leaves_malloc_alone() -> None:
     assert _run("0").split() == ["False", "False", "False"]
 
 
-def test_injecting_tunes_the_allocator() -> None:
+def test_injecting_leaves_the_callers_allocator_alone() -> None:
     code = (
         "import sys; sys.path.insert(0, 'tests'); from tiny_models import tiny_model; "
         "from loramix import MixLoraConfig, inject; from loramix.allocator import malloc_tuned; "
         "print(malloc_tuned()); inject(tiny_model('llama'), MixLoraConfig(num_experts=2, r=2)); print(malloc_tuned())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    expected = "True" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else "False"
-    assert out == ["False", expected]
+    assert out == ["False", "False"]  # only the CLI and the bench, which own their process, tune it

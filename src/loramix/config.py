@@ -26,6 +26,14 @@ def _fail(field_name: str, msg: str) -> None:
     raise ConfigError(f"MixLoraConfig.{field_name}: {msg}")
 
 
+def yaml_error_text(error: Exception) -> str:
+    """One line for a YAML parse error: ``line L column C: problem`` (PyYAML's own text spans lines)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or getattr(error, "context", None) or str(error)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
 @dataclass
 class MixLoraConfig:
     """Configuration of a MixLoRA adapter.
@@ -102,6 +110,12 @@ class MixLoraConfig:
     ffn_names: dict[str, str] | None = None
     """Override of role -> module name inside the FFN, e.g. {"gate": "w1", "up": "w3", "down": "w2"}."""
 
+    # --- precision -------------------------------------------------------------------------------
+    adapter_dtype: str = "float32"
+    """dtype of the trainable weights (expert LoRA and attention LoRA): ``float32`` (default, as PEFT: the
+    optimiser never updates them in bf16/fp16, they are cast per forward) or ``model`` (the base model's
+    floating dtype, to save memory). Routers always stay float32."""
+
     def __post_init__(self) -> None:
         for name in ("expert_targets", "attn_targets"):  # list("up") would silently become ["u", "p"]
             if isinstance(getattr(self, name), str):
@@ -170,9 +184,14 @@ class MixLoraConfig:
             _fail("attn_r", "must be >= 0 (0 turns attention LoRA off)")
         if self.attn_r > 0 and self.attn_alpha <= 0:
             _fail("attn_alpha", "must be > 0")
+        if self.attn_r == 0 and not positive:
+            _fail("num_experts", f"{self.num_experts!r} gives no layer an expert and attn_r is 0: the adapter "
+                  "would have nothing to train; give some layer experts or set attn_r > 0")
         for name in ("balance_coef", "z_loss_coef", "balance_bias_rate"):
             if getattr(self, name) < 0:
                 _fail(name, "must be >= 0")
+        if self.adapter_dtype not in ("float32", "model"):
+            _fail("adapter_dtype", f"must be 'float32' or 'model', got {self.adapter_dtype!r}")
         if self.ffn_names is not None:
             bad = [k for k in self.ffn_names if k not in FFN_ROLES]
             if bad:
@@ -244,9 +263,15 @@ class MixLoraConfig:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            d = yaml.safe_load(text)
+            try:
+                d = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {yaml_error_text(e)}") from None
         else:
-            d = json.loads(text)
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields, got {type(d).__name__}")
         return cls.from_dict(d)

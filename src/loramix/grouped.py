@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .precision import compute_dtype
+
 
 def _expert_rows(counts: Sequence[int]) -> Iterator[tuple[int, slice]]:
     """(expert, its row slice) for every expert with rows, in order."""
@@ -39,6 +41,11 @@ class GroupedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a_cat, token, counts, scale, ranks, *b_and_base):  # noqa: ANN001, ANN205
+        with torch.autocast(x.device.type, enabled=False):  # inputs arrive in one dtype; `out=` ops ignore autocast
+            return GroupedLoRA._forward(ctx, x, a_cat, token, counts, scale, ranks, *b_and_base)
+
+    @staticmethod
+    def _forward(ctx, x, a_cat, token, counts, scale, ranks, *b_and_base):  # noqa: ANN001, ANN205
         bs, bases = b_and_base[0::2], b_and_base[1::2]
         z = x.new_empty(x.shape[0], a_cat.shape[1])  # (N, R) unscaled rank-R products
         outs = [
@@ -59,10 +66,15 @@ class GroupedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # noqa: ANN001, ANN205
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return GroupedLoRA._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads):  # noqa: ANN001, ANN205
         x, a_cat, token, z, *bs = ctx.saved_tensors
         counts, scale, ranks = ctx.counts, ctx.scale, ctx.ranks
         need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grads = [g if g is None else g.contiguous() for g in grads]
+        grads = [g if g is None else g.to(x.dtype).contiguous() for g in grads]
         gz = x.new_zeros(x.shape[0], a_cat.shape[1])  # (N, R) gradient of the scaled products
         grad_bs = [torch.zeros_like(b) if ctx.needs_input_grad[6 + 2 * j] else None for j, b in enumerate(bs)]
         for e, rows in _expert_rows(counts):
@@ -103,8 +115,11 @@ def grouped_lora(
     bases: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """``base_j[token] + scale * (x A_j,e^T) B_j,e^T`` per projection j (rows sorted by expert); see
-    :class:`GroupedLoRA`. ``a[j]`` (E, r_j, in) and ``b[j]`` (E, out_j, r_j) are cast to x's dtype."""
-    bases = list(bases) if bases is not None else [None] * len(a)
+    :class:`GroupedLoRA`. Everything is cast to the compute dtype (the autocast dtype under ``torch.autocast``,
+    else x's): ``a[j]`` (E, r_j, in), ``b[j]`` (E, out_j, r_j), ``x`` and the frozen ``bases``."""
+    dtype = compute_dtype(x)
+    x = x.to(dtype)
+    bases = [None if base is None else base.to(dtype) for base in bases] if bases is not None else [None] * len(a)
     if token is None:
         if any(base is not None for base in bases):
             raise ValueError("grouped_lora: bases need the token index of every row")
@@ -125,10 +140,12 @@ def grouped_lora_reference(
     bases: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """:func:`grouped_lora` from plain autograd ops: the reference it is tested against."""
+    dtype = compute_dtype(x)
+    x = x.to(dtype)
     outs = []
     for j, (a_j, b_j) in enumerate(zip(a, b, strict=True)):
         delta = torch.cat([(chunk @ a_j[e].to(x.dtype).t()) * scale @ b_j[e].to(x.dtype).t()
                            for e, chunk in enumerate(x.split(counts))])  # (N, out_j)
         base = bases[j] if bases is not None else None
-        outs.append(delta if base is None else base.index_select(0, token) + delta)
+        outs.append(delta if base is None else base.to(delta.dtype).index_select(0, token) + delta)
     return tuple(outs)

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocator import tune_malloc
 from .config import MixLoraConfig
 from .dropout import use_fast_dropout
 from .ffn import check_targets, detect_ffn
 from .layer import MixLoraFFN
 from .losses import load_balance_loss, router_entropy, tokens_per_expert, z_loss
+from .precision import cast_trainable, floating_dtype
 
 TRAINABLE_MARKERS = ("lora_", "mixlora_")
 ATTN_CANDIDATES = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "query_key_value", "qkv_proj")
@@ -140,7 +140,7 @@ def inject(model: nn.Module, config: MixLoraConfig) -> nn.Module:
         attn_targets=attn_targets,
         original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
     )
-    tune_malloc()  # MixLoRA's per-pair tensors are large and short-lived: keep freed memory for reuse
+    model_dtype = floating_dtype(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if attn_targets:
@@ -158,6 +158,9 @@ def inject(model: nn.Module, config: MixLoraConfig) -> nn.Module:
         setattr(model.get_submodule(parent_name), child, layer)
         state.moe_layers[name] = layer
     model.train(model.training)  # new modules follow the model's mode (an eval model stays deterministic)
+    # PEFT creates attention LoRA in the base weight's dtype: keep every trainable in float32 unless asked
+    trainable = [n for n, p in model.named_parameters() if is_trainable_name(n)]
+    cast_trainable(model, trainable, config.adapter_dtype, model_dtype)
     setattr(model, STATE_ATTR, state)
     state.hooks = [
         model.register_forward_pre_hook(_pre_forward, with_kwargs=True),

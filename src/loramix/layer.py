@@ -26,6 +26,7 @@ from .config import MixLoraConfig
 from .dropout import FastDropout
 from .ffn import FFNSpec, linear_shape
 from .grouped import grouped_lora
+from .precision import compute_dtype
 from .routers import Routing, build_router
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class ExpertLoRA(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Delta of expert ``e`` for all rows of ``x`` (rows, in) -> (rows, out)."""
+        """Delta of expert ``e`` for all rows of ``x`` (rows, in) -> (rows, out), in the compute dtype."""
+        x = x.to(compute_dtype(x))
         a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
         return ((x @ a.t()) * self.scaling) @ b.t()  # scale the (rows, r) product, not the wide output
 
@@ -60,10 +62,12 @@ class AdapterExperts(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        x = x.to(compute_dtype(x))
         a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
         return self.act(x @ a.t()) @ b.t()
 
     def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        x = x.to(compute_dtype(x))  # (N, H) one dtype for every chunk, so the split's backward can join them
         return torch.cat([self.expert(chunk, e) for e, chunk in enumerate(x.split(counts))], dim=0)
 
 
@@ -193,13 +197,14 @@ class MixLoraFFN(nn.Module):
 
     def mixlora_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         num_tokens = x.shape[0]
+        dtype = compute_dtype(x)  # the autocast dtype under torch.autocast, else x's
         token, weight, counts = _pairs_by_expert(routing)  # (N,), (N,), E ints
-        weight = weight.to(x.dtype)[:, None]  # (N, 1)
+        weight = weight.to(dtype)[:, None]  # (N, 1)
         x_kept, rescale = self.mixlora_dropout.unscaled(x)  # (T, H) one mask per token: half the RNG work
         xd = x_kept.index_select(0, token)  # (N, H); 1/(1-p) goes on the rank-r products
-        frozen = {"up": self.proj("up")(x)}  # (T, I) frozen projections once per token
+        frozen = {"up": self.proj("up")(x).to(dtype)}  # (T, I) frozen projections once per token
         if self.spec.gated:
-            frozen["gate"] = self.proj("gate")(x)  # (T, I)
+            frozen["gate"] = self.proj("gate")(x).to(dtype)  # (T, I)
         adapted = [role for role in ("gate", "up") if role in frozen and role in self.targets]
         pairs = {role: frozen[role].index_select(0, token) for role in frozen if role not in adapted}  # (N, I)
         if adapted:  # gathered frozen rows + each pair's expert LoRA, gate and up sharing one A pass
@@ -218,10 +223,10 @@ class MixLoraFFN(nn.Module):
             base_gate = frozen["gate"].index_select(0, idx) if self.spec.gated else None  # (D, I) already computed
             mixed = mixed.index_add(0, idx, self._activation(frozen["up"].index_select(0, idx), base_gate))
             coverage = coverage.index_add(0, idx, torch.ones_like(idx, dtype=coverage.dtype))
-        out = self.proj("down")(mixed)  # (T, H) frozen down projection once per token
+        out = self.proj("down")(mixed).to(dtype)  # (T, H) frozen down projection once per token
         bias = self._down_bias()
         if bias is not None:  # down(sum w h) adds the bias once; the mixture adds it sum(w) times
-            out = out + (coverage - 1.0)[:, None] * bias
+            out = out + (coverage - 1.0)[:, None] * bias.to(dtype)
         if "down" in self.targets:
             h_kept, rescale = self.mixlora_dropout.unscaled(h)  # (N, I); 1/(1-p) goes on the (N, r) product
             down = self.mixlora_experts["down"]
@@ -232,6 +237,7 @@ class MixLoraFFN(nn.Module):
     def _pair_delta(self, role: str, inp: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """LoRA delta of ``role`` for each pair: input (N, in), expert ids (N,) -> (N, out)."""
         lora = self.mixlora_experts[role]
+        inp = inp.to(compute_dtype(inp))
         a = lora.lora_A.index_select(0, experts).to(inp.dtype)  # (N, r, in)
         b = lora.lora_B.index_select(0, experts).to(inp.dtype)  # (N, out, r)
         z = torch.bmm(inp[:, None, :], a.transpose(1, 2)) * lora.scaling  # (N, 1, r)
@@ -240,13 +246,14 @@ class MixLoraFFN(nn.Module):
     def mixlora_pairwise(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Inference for few tokens: gathered expert weights, batched over the T*k (token, slot) pairs."""
         num_tokens, k = routing.indices.shape
+        dtype = compute_dtype(x)
         experts = routing.indices.reshape(-1)  # (N,) N = T*k, slot-major within each token
-        weight = (routing.weights * routing.mask).to(x.dtype)  # (T, k) 0 for unused slots
-        up = self.proj("up")(x)  # (T, I)
-        gate = self.proj("gate")(x) if self.spec.gated else None  # (T, I)
+        weight = (routing.weights * routing.mask).to(dtype)  # (T, k) 0 for unused slots
+        up = self.proj("up")(x).to(dtype)  # (T, I)
+        gate = self.proj("gate")(x).to(dtype) if self.spec.gated else None  # (T, I)
         pair_up = up.repeat_interleave(k, dim=0)  # (N, I)
         pair_gate = gate.repeat_interleave(k, dim=0) if gate is not None else None  # (N, I)
-        pair_x = x.repeat_interleave(k, dim=0)  # (N, H)
+        pair_x = x.to(dtype).repeat_interleave(k, dim=0)  # (N, H)
         if "up" in self.targets:
             pair_up = pair_up + self._pair_delta("up", pair_x, experts)
         if pair_gate is not None and "gate" in self.targets:
@@ -254,12 +261,12 @@ class MixLoraFFN(nn.Module):
         h = self._activation(pair_up, pair_gate)  # (N, I)
         mixed = torch.bmm(weight[:, None, :], h.view(num_tokens, k, -1)).squeeze(1)  # (T, I)
         coverage = weight.sum(dim=-1)  # (T,)
-        dropped = (~routing.mask.any(dim=-1)).to(x.dtype)  # (T,) tokens no expert took: frozen FFN
+        dropped = (~routing.mask.any(dim=-1)).to(dtype)  # (T,) tokens no expert took: frozen FFN
         mixed = mixed + dropped[:, None] * self._activation(up, gate)
-        out = self.proj("down")(mixed)  # (T, H)
+        out = self.proj("down")(mixed).to(dtype)  # (T, H)
         bias = self._down_bias()
         if bias is not None:
-            out = out + (coverage + dropped - 1.0)[:, None] * bias
+            out = out + (coverage + dropped - 1.0)[:, None] * bias.to(dtype)
         if "down" in self.targets:
             delta = self._pair_delta("down", h, experts)  # (N, H)
             out = out + torch.bmm(weight[:, None, :], delta.view(num_tokens, k, -1)).squeeze(1)  # (T, H)
@@ -267,8 +274,9 @@ class MixLoraFFN(nn.Module):
 
     def mixlora_reference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Plain loop: every expert's full FFN on every token, mixed by a dense weight matrix."""
-        dense = self._dense_weights(routing, x.dtype)  # (T, E)
-        out = torch.zeros_like(x)
+        dtype = compute_dtype(x)
+        dense = self._dense_weights(routing, dtype)  # (T, E)
+        out = torch.zeros_like(x, dtype=dtype)
         for e in range(self.num_experts):
             xd = self.mixlora_dropout(x)
             proj = {}
@@ -285,22 +293,24 @@ class MixLoraFFN(nn.Module):
             out = out + dense[:, e : e + 1] * y
         dropped = ~routing.mask.any(dim=-1)  # (T,)
         base = self._plain_ffn(x)
-        out = out + dropped[:, None].to(x.dtype) * base
-        return self._finish(out)
+        out = out + dropped[:, None].to(dtype) * base
+        return self._finish(out.to(dtype))
 
     def adapter_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        dtype = compute_dtype(x)
         token, weight, counts = _pairs_by_expert(routing)
-        z = self.mixlora_adapters.grouped(self.mixlora_dropout(x.index_select(0, token)), counts)  # (N, H)
-        mix = torch.zeros_like(x).index_add(0, token, z * weight.to(x.dtype)[:, None])  # (T, H)
-        return self.base(x) + self.mixlora_scale.to(x.dtype) * mix
+        z = self.mixlora_adapters.grouped(self.mixlora_dropout(x.index_select(0, token)), counts).to(dtype)  # (N, H)
+        mix = torch.zeros_like(x, dtype=dtype).index_add(0, token, z * weight.to(dtype)[:, None])  # (T, H)
+        return self.base(x).to(dtype) + self.mixlora_scale.to(dtype) * mix
 
     def adapter_reference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        dense = self._dense_weights(routing, x.dtype)  # (T, E)
+        dtype = compute_dtype(x)
+        dense = self._dense_weights(routing, dtype)  # (T, E)
         mix = sum(
-            dense[:, e : e + 1] * self.mixlora_adapters.expert(self.mixlora_dropout(x), e)
+            dense[:, e : e + 1] * self.mixlora_adapters.expert(self.mixlora_dropout(x), e).to(dtype)
             for e in range(self.num_experts)
         )
-        return self.base(x) + self.mixlora_scale.to(x.dtype) * mix
+        return self.base(x).to(dtype) + self.mixlora_scale.to(dtype) * mix
 
     # --- helpers ---------------------------------------------------------------------------------
     def _plain_ffn(self, x: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,8 @@ class Router(nn.Module):
         """Route ``x`` (T, H); ``token_mask`` (T,) marks real (non-padding) tokens."""
         if token_mask is None:
             token_mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        routing = self.select(self.compute_logits(x), token_mask)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run the router's matmul in bf16/fp16
+            routing = self.select(self.compute_logits(x), token_mask)
         routing.mask = routing.mask & token_mask[:, None]  # padding never reaches an expert
         routing.weights = routing.weights * routing.mask
         routing.token_mask = token_mask

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..ffn import FFNSpec, check_targets, detect_ffn, linear_shape
 from ..injection import find_ffns
+from ..precision import compute_dtype
 
 GUARDS = ("freeze", "l2", "none")
 
@@ -44,6 +45,7 @@ class FFNExpert(nn.Module):
             self.lora_B[role] = nn.Parameter(torch.zeros(fan_out, r))
 
     def delta(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(compute_dtype(x))
         a, b = self.lora_A[role].to(x.dtype), self.lora_B[role].to(x.dtype)
         return ((x @ a.t()) * self.scaling) @ b.t()
 
@@ -96,18 +98,19 @@ class GrowableFFN(nn.Module):
             raise ValueError(f"routing weights have {w.shape[-1]} entries for {len(self.experts)} experts")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, H)
+        dtype = compute_dtype(x)  # the autocast dtype under torch.autocast, else x's
         tok_w = self._token_weights(shape, w.to(x.device))  # (T, E) float32
         base_share = (1.0 - tok_w.sum(-1)).clamp(min=0.0)  # (T,)
-        up = self.proj("up")(x)  # (T, I) frozen projections once per token
-        gate = self.proj("gate")(x) if self.spec.gated else None
-        xd = self.expert_dropout(x)
+        up = self.proj("up")(x).to(dtype)  # (T, I) frozen projections once per token
+        gate = self.proj("gate")(x).to(dtype) if self.spec.gated else None
+        xd = self.expert_dropout(x).to(dtype)
         mixed = torch.zeros_like(up)  # (T, I) weighted sum of activations
-        down_delta = torch.zeros_like(x) if "down" in self.targets else None  # (T, H)
+        down_delta = torch.zeros_like(x, dtype=dtype) if "down" in self.targets else None  # (T, H)
         for e, expert in enumerate(self.experts):
             idx = (tok_w[:, e] > 0).nonzero().squeeze(-1)  # tokens this expert serves
             if idx.numel() == 0:
                 continue
-            we = tok_w[idx, e].to(x.dtype)[:, None]  # (n, 1)
+            we = tok_w[idx, e].to(dtype)[:, None]  # (n, 1)
             xe = xd.index_select(0, idx)
             u = up.index_select(0, idx)
             if "up" in self.targets:
@@ -123,12 +126,12 @@ class GrowableFFN(nn.Module):
                 down_delta = down_delta.index_add(0, idx, expert.delta("down", self.expert_dropout(h)) * we)
         if bool((base_share > 0).any()):
             h_base = self.act(gate) * up if gate is not None else self.act(up)
-            mixed = mixed + base_share.to(x.dtype)[:, None] * h_base
-        out = self.proj("down")(mixed)
+            mixed = mixed + base_share.to(dtype)[:, None] * h_base
+        out = self.proj("down")(mixed).to(dtype)
         bias = getattr(self.proj("down"), "bias", None)
         if bias is not None:  # down() adds its bias once; the mixture adds it (sum of weights) times
             coverage = tok_w.sum(-1) + base_share
-            out = out + (coverage - 1.0).to(x.dtype)[:, None] * bias
+            out = out + (coverage - 1.0).to(dtype)[:, None] * bias.to(dtype)
         if down_delta is not None:
             out = out + down_delta
         if self.spec.dropout:

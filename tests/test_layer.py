@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import pytest
 import torch
 
+import loramix.dropout
 from loramix import MixLoraConfig
 from loramix.ffn import check_targets, detect_ffn
 from loramix.layer import MixLoraFFN
@@ -229,3 +231,36 @@ def test_pairwise_path_is_used_only_for_small_inference_batches() -> None:
         layer.train()
         layer(torch.randn(1, 1, HIDDEN, dtype=torch.float64))
     assert used == ["pairwise", "grouped", "grouped"]
+
+
+def _fixed_keep_mask(per_token: bool):
+    """A deterministic stand-in for ``keep_mask`` that keeps 3 of 4 elements. The mixlora fast path drops on
+    the (T, H) token rows and on the (pairs, I) expert activations, the reference path on (T, H) and (T, I):
+    with ``per_token`` rows of width HIDDEN get a pattern that differs per token, so a fast path that used
+    another token's mask would disagree; other widths get a per-feature pattern, the same in both layouts."""
+
+    def keep(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+        rows, width = math.prod(shape[:-1]), shape[-1]
+        col = torch.arange(width)
+        by_row = per_token and width == HIDDEN
+        row = torch.arange(rows)[:, None] if by_row else torch.zeros(rows, 1, dtype=torch.long)
+        return ((row * 7 + col * 3) % 4 != 0).reshape(shape).to(device)
+
+    return keep
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+@pytest.mark.parametrize("router", ["topk", "switch"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fast_path_equals_reference_with_dropout(arch: str, router: str, expert_type: str, monkeypatch) -> None:
+    """Dropout p = 0.3 in training with the mask fixed: the fast path (mixlora: one mask per token on x,
+    1/(1-p) on the rank-r products) equals the reference path (dropout of each expert's input), values and
+    gradients. Adapter experts draw one mask per (token, expert) pair, so their fixed mask is per feature."""
+    monkeypatch.setattr(loramix.dropout, "keep_mask", _fixed_keep_mask(per_token=expert_type == "mixlora"))
+    layer = make_layer(arch, router, expert_type)
+    layer.mixlora_dropout.p = 0.3
+    x = torch.randn(2, 8, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with_dropout, _ = assert_paths_agree(layer, x)
+    layer.mixlora_dropout.p = 0.0
+    without = run_layer(layer, x, reference=False)[0]
+    assert (with_dropout - without).abs().max() > 1e-3  # the dropout really acted

@@ -270,3 +270,19 @@ def test_checkpoint_code_never_unpickles() -> None:
     source = inspect.getsource(loramix.checkpoint)
     for forbidden in (r"torch\.load\b", r"\bimport pickle\b", r"\bpickle\.", r"\bweights_only\b"):
         assert not re.search(forbidden, source), forbidden
+
+
+def test_loading_weights_into_a_model_with_another_config_names_the_field(saved_llama: Path) -> None:
+    """load_adapter_weights (resume, best-model reload) refuses a checkpoint whose config differs, naming the
+    differing fields with both values; with the same config the saved weights are restored exactly."""
+    from loramix.checkpoint import load_adapter_weights, trainable_state_dict
+
+    other = inject(tiny_model("llama"), MixLoraConfig(num_experts=4, router="noisy_topk", top_k=1, r=4))
+    with pytest.raises(AdapterLoadError, match=r"top_k \(checkpoint 2, model 1\), r \(checkpoint 8, model 4\)"):
+        load_adapter_weights(other, saved_llama)
+    same = inject(tiny_model("llama"), MixLoraConfig(num_experts=4, router="noisy_topk"))
+    load_adapter_weights(same, saved_llama)
+    saved = load_file(saved_llama / WEIGHTS)
+    restored = trainable_state_dict(same)
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from ._version import __version__
 from .config import ConfigError, MixLoraConfig
-from .injection import architecture_fingerprint, get_state, inject, is_trainable_name, unload
+from .injection import STATE_ATTR, architecture_fingerprint, get_state, inject, is_trainable_name, unload
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,6 +36,7 @@ TOP_LEVEL_KEYS = {
     "weights_file",
     "weights_sha256",
     "config",
+    "base_weights",
 }
 
 
@@ -59,11 +61,27 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: t for n, t in model.state_dict().items() if is_trainable_name(n)}
 
 
+def umask_file_mode() -> int:
+    """The permission bits ``open()`` gives a new file under the current umask (0o666 & ~umask)."""
+    try:  # Linux: read it without changing it (os.umask would change it for every thread meanwhile)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it into place; the file gets the
+    umask's mode (``mkstemp`` would leave it readable by its owner only)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -92,6 +110,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "weights_file": WEIGHTS_NAME,
         "weights_sha256": sha256_file(weights),
         "config": state.config.to_dict(),
+        "base_weights": base_weights_digest(model),
     }
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return directory
@@ -135,6 +154,19 @@ def is_official_mixlora(directory: str | Path) -> bool:
     return isinstance(meta, dict) and str(meta.get("peft_type", "")).upper() == "MIXLORA"
 
 
+def pickle_refused(path: str | Path, error: BaseException) -> AdapterLoadError:
+    """The error for a pickled weights file that ``torch.load(weights_only=True)`` refused (it holds Python
+    objects other than tensors). Such a file is never unpickled fully: it could run arbitrary code."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f"it references the Python object {found.group(1)}" if found else "it is not a plain file of tensors"
+    return AdapterLoadError(
+        f"{path}: refused: {what}, and loramix loads pickled weights only when they hold nothing but tensors "
+        "(a pickle can run code); get the adapter as safetensors (adapter_model.safetensors) from its source"
+    )
+
+
 def _read_weights(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     path = directory / meta.get("weights_file", WEIGHTS_NAME)
     if not path.is_file():
@@ -151,6 +183,67 @@ def _read_weights(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tens
         raise AdapterLoadError(f"{path} is not a readable safetensors file: {e}") from e
 
 
+@torch.no_grad()
+def base_weights_digest(model: nn.Module, sample: int = 4096) -> dict[str, Any]:
+    """A cheap digest of the frozen base weights, to tell two bases of one architecture apart.
+
+    Every floating-point parameter that is not an adapter's contributes its shape and ``sample`` evenly
+    spaced values cast to bfloat16 (so float32 and bfloat16 loads of one checkpoint agree). The per-tensor
+    hashes are sorted before hashing, so the digest does not depend on module names: it is the same for
+    the bare base and for the base with adapters injected. ``tensors`` counts what was hashed (a quantized
+    base hashes fewer tensors and is not comparable).
+    """
+    hashes = []
+    for name, p in model.named_parameters():
+        if is_trainable_name(name) or not p.is_floating_point():
+            continue
+        flat = p.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // sample)][:sample]
+        h = hashlib.sha256(str(tuple(p.shape)).encode())
+        h.update(picked.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        hashes.append(h.hexdigest())
+    return {"tensors": len(hashes), "sample_sha256": hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()}
+
+
+def _model_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def _check_base(meta: dict[str, Any], model: nn.Module, directory: Path, strict: bool) -> None:
+    """Warn (``strict``: refuse) when the base differs from the one the adapter was trained on: different
+    weights by the recorded digest, or, for adapters without a digest, a different model name."""
+    trained_on, given = meta.get("base_model_name_or_path"), _model_name(model)
+    recorded = meta.get("base_weights")
+    problem = None
+    if isinstance(recorded, dict):
+        actual = base_weights_digest(model)
+        if actual["tensors"] == recorded.get("tensors") and actual["sample_sha256"] != recorded.get("sample_sha256"):
+            problem = "its weights differ from those the adapter was trained on"
+    elif trained_on and given and trained_on != given:
+        problem = "the model names differ (this adapter records no weight digest to compare)"
+    if problem is None:
+        return
+    msg = (f"{directory} was trained on base {trained_on!r} but is being loaded onto {given!r}: {problem}; "
+           "its outputs will not be those of the trained adapter")
+    if strict:
+        raise AdapterLoadError(msg + " (strict_base)")
+    warnings.warn(msg + " (pass strict_base=True / --strict-base to refuse)", stacklevel=3)
+
+
+def _check_not_adapted(model: nn.Module, directory: Path) -> None:
+    if getattr(model, STATE_ATTR, None) is not None:
+        raise AdapterLoadError(
+            f"cannot load {directory}: the model already carries a loramix adapter; load it onto a fresh base "
+            "model, or remove the current adapter first with loramix.unload(model)"
+        )
+    adapted = next((n for n, _ in model.named_parameters() if is_trainable_name(n)), None)
+    if adapted is not None:
+        raise AdapterLoadError(
+            f"cannot load {directory}: the model already carries adapter weights (e.g. {adapted}); load it onto "
+            "a fresh base model"
+        )
+
+
 def _check_architecture(expected: dict[str, Any], model: nn.Module) -> None:
     actual = architecture_fingerprint(model)
     diff = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
@@ -159,13 +252,19 @@ def _check_architecture(expected: dict[str, Any], model: nn.Module) -> None:
         raise AdapterLoadError(f"adapter was trained for another architecture ({details})")
 
 
-def load_adapter(base_model: nn.Module, directory: str | Path, *, trainable: bool = False) -> nn.Module:
+def load_adapter(
+    base_model: nn.Module, directory: str | Path, *, trainable: bool = False, strict_base: bool = False
+) -> nn.Module:
     """Rebuild the adapted model on ``base_model`` (modified in place) with the saved weights.
 
     Everything is verified before the model changes; if the injected model's tensors do not match the
     file, the injection is undone. ``trainable=False`` leaves every parameter frozen (inference).
+    ``base_model`` must be a base model without adapters. A base whose weights differ from the one the
+    adapter was trained on (same architecture, e.g. another fine-tune) gives a warning naming both, or
+    with ``strict_base=True`` an :class:`AdapterLoadError`.
     """
     directory = Path(directory)
+    _check_not_adapted(base_model, directory)
     if is_official_mixlora(directory):  # written by the official `mixlora` package / MoE-PEFT
         from .interop import load_official_mixlora
 
@@ -177,6 +276,7 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, trainable: boo
     meta = read_adapter_config(directory)
     _check_architecture(meta["architecture"], base_model)
     tensors = _read_weights(directory, meta)
+    _check_base(meta, base_model, directory, strict_base)
     model = inject(base_model, meta["config"])
     try:
         _assign(model, tensors, directory)
@@ -206,11 +306,24 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path)
     model.load_state_dict(tensors, strict=False)
 
 
+def verify_adapter(directory: str | Path) -> dict[str, Any]:
+    """Check an adapter directory's config and weights file (checksum, readable) without a model;
+    returns the parsed config. Raises :class:`AdapterLoadError` naming the damaged file."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    _read_weights(directory, meta)
+    return meta
+
+
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load a checkpoint's weights into an already adapted model with the same config (resume, best model)."""
     directory = Path(directory)
     meta = read_adapter_config(directory)
-    if meta["config"] != get_state(model).config:
-        raise AdapterLoadError(f"{directory}: adapter config differs from the model's loramix config")
+    saved, current = meta["config"].to_dict(), get_state(model).config.to_dict()
+    differing = [f"{k} (checkpoint {saved[k]!r}, model {current[k]!r})" for k in saved if saved[k] != current[k]]
+    if differing:
+        raise AdapterLoadError(
+            f"{directory}: adapter config differs from the model's loramix config in {', '.join(differing)}"
+        )
     _assign(model, _read_weights(directory, meta), directory)
     return model

@@ -39,6 +39,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "eval": Command("loramix.commands:eval_command"),
     "compare": Command("loramix.commands:compare_command"),
     "bench": Command("loramix.commands:bench_command"),
+    "export": Command("loramix.export:export_command"),
     "skills": {
         "add": Command("loramix.skills.commands:skills_add", tuple(TRAIN_OPTIONS), ("name",)),
         "route": Command("loramix.skills.commands:skills_route", (), ("prompts",)),

@@ -53,7 +53,8 @@ class TrainConfig:
     """Gradient accumulation: effective batch = batch_size * grad_accum * processes."""
     learning_rate: float = 2e-4
     router_lr: float | None = None
-    """Learning rate of the router weights (None = learning_rate); lower values calm routing."""
+    """Learning rate of the router weights (None = learning_rate; 0 = the router weights stay frozen, while the
+    balance bias still moves at ``balance_bias_rate``); lower values calm routing."""
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
@@ -86,8 +87,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0 or (self.router_lr is not None and self.router_lr < 0):
-            raise ConfigError("TrainConfig.learning_rate / router_lr: must be positive")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"TrainConfig.learning_rate: must be > 0, got {self.learning_rate}")
+        if self.router_lr is not None and self.router_lr < 0:
+            raise ConfigError(f"TrainConfig.router_lr: must be >= 0 (0 = frozen router), got {self.router_lr}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ConfigError("TrainConfig.max_steps / num_epochs: one of them must be positive")
 
@@ -180,7 +183,8 @@ class LoramixTrainer(Trainer):
             other = [p for n, p in params if "mixlora_router" not in n]
             groups = [{"params": other, "lr": self.args.learning_rate}]
             if router:
-                groups.append({"params": router, "lr": self.router_lr or self.args.learning_rate})
+                lr = self.args.learning_rate if self.router_lr is None else self.router_lr  # 0: frozen router
+                groups.append({"params": router, "lr": lr})
             self.optimizer = torch.optim.AdamW(groups, weight_decay=self.args.weight_decay, betas=(0.9, 0.999))
         return self.optimizer
 

@@ -115,7 +115,6 @@ def test_options_are_validated_and_yaml_config_works(tiny_run_inputs, tmp_path):
     assert (m.num_experts, m.router) == (1, "dense")
 
 
-@pytest.mark.slow
 def test_accelerate_two_cpu_processes_end_with_same_weights(tiny_run_inputs, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo) trains and both ranks end with identical weights."""
     model_dir, data = tiny_run_inputs
@@ -152,7 +151,7 @@ def test_gradient_checkpointing_trains_routers(tiny_run_inputs, tmp_path):
 
 def test_balance_counts_are_applied_at_every_step_end(tiny_run_inputs, tmp_path):
     """The saved adapter holds the updated balance biases and no rank-local pending counts: the counts of
-    the last forward are applied when its optimizer step ends (2-process ranks then agree, see the slow
+    the last forward are applied when its optimizer step ends (2-process ranks then agree, see the
     accelerate test)."""
     model_dir, data = tiny_run_inputs
     train(**_opts(model_dir, data, tmp_path / "run", max_steps=3))

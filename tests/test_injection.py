@@ -40,6 +40,12 @@ def injected(arch: str = "llama", perturb: bool = True, **cfg: object) -> torch.
     return model
 
 
+def chosen_experts(model: torch.nn.Module) -> torch.Tensor:
+    """(L, T, k) sorted expert ids each MoE layer chose in the last forward."""
+    layers = loramix.injection.get_state(model).moe_layers.values()
+    return torch.stack([layer.last_routing.indices.sort(dim=-1).values for layer in layers])
+
+
 def attention_lora_names(model: torch.nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if "lora_" in n and "mixlora_" not in n]
 
@@ -71,12 +77,14 @@ def test_eval_is_deterministic(arch: str, router: str) -> None:
 
 
 def test_train_mode_router_noise_is_active() -> None:
-    """Control for the determinism test: in train() the noisy router really perturbs the output."""
-    model = injected("llama", router="noisy_topk", num_experts=4, router_jitter=0.2, dropout=0.0,
-                     attn_dropout=0.0)
-    model.train()
+    """Control for the determinism test: in train() the noisy router's noise alone (no jitter, no dropout, no
+    balance bias) changes the output, and the same model with the plain top-k router does not."""
     ids, _ = random_batch()
-    assert not torch.equal(logits_of(model, ids), logits_of(model, ids))
+    for router, noisy in (("noisy_topk", True), ("topk", False)):
+        model = injected("llama", router=router, num_experts=4, router_jitter=0.0, dropout=0.0, attn_dropout=0.0,
+                         balance_bias_rate=0.0)
+        model.train()
+        assert torch.equal(logits_of(model, ids), logits_of(model, ids)) != noisy, router
 
 
 # --- training signal reaches everything ------------------------------------------------------------
@@ -317,16 +325,26 @@ def test_attention_lora_off() -> None:
 @pytest.mark.parametrize("router", ["topk", "noisy_topk"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_to_dtype(dtype: torch.dtype, router: str) -> None:
-    """model.to(dtype) converts the adapters too; forward and backward run and match float32 logits."""
+    """model.to(dtype) converts the adapters too; forward and backward run and match the float32 logits to the
+    precision of the coarser of the two dtypes."""
     model = injected("llama", num_experts=4, router=router, dropout=0.0, attn_dropout=0.0)
     ids, _ = random_batch()
     ref = logits_of(model, ids)
+    ref_experts = chosen_experts(model)
     model.to(dtype)
     assert all(p.dtype == dtype for p in model.parameters())
     got = logits_of(model, ids)
     assert got.dtype == dtype
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float64 else dict(rtol=0.1, atol=0.2)
-    torch.testing.assert_close(got.float(), ref, **tol)
+    # A token near a top-k tie may pick another expert in the other dtype; that changes its logits and, through
+    # attention, those of the later tokens of its row, by more than rounding: those tokens are left out.
+    flipped = (chosen_experts(model) != ref_experts).any(dim=-1).any(dim=0).reshape(ids.shape)  # (B, L)
+    same = ~flipped.cummax(dim=1).values
+    assert same.float().mean() >= 0.75
+    # The logits' error is a small multiple of the coarser dtype's eps times their scale (measured on this model:
+    # up to 5 eps for bfloat16, 9 eps for the float32 reference against float64); 16 eps leaves room for other
+    # summation orders.
+    eps = torch.finfo(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32).eps
+    torch.testing.assert_close(got.float()[same], ref[same], rtol=0.0, atol=16 * eps * float(ref.abs().max()))
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None and p.grad.dtype == dtype for p in model.parameters() if p.requires_grad)

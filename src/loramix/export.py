@@ -608,7 +608,7 @@ def export_adapted(
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(staging)
-        exported_bytes = write_safetensors(staging, tensors, dtype, max_shard_size)
+        exported_bytes = write_safetensors(staging, tensors, torch.float32, max_shard_size)  # what is checked
         report = ExportReport(
             output_dir=str(output_dir), format=plan.format, architecture=ARCHITECTURES[plan.format],
             num_experts=plan.num_experts, experts_per_token=plan.experts_per_token,
@@ -619,9 +619,15 @@ def export_adapted(
             adapter_bytes=_dir_bytes(Path(source_adapter)) if source_adapter else None,
             approximations=list(plan.approximations), notes=list(plan.notes),
         )
-        del tensors
         if check:
             _check(staging, ids, ref, plan, report, tolerance)
+        if dtype != torch.float32:  # the checked float32 weights, rounded once to the storage dtype
+            for f in [*staging.glob("*.safetensors"), *staging.glob("model.safetensors.index.json")]:
+                f.unlink()
+            report.exported_bytes = write_safetensors(staging, tensors, dtype, max_shard_size)
+            if check:
+                report.measured["max_abs_logit_diff_after_cast"] = _logit_diff(staging, ids, ref["reference"])
+        del tensors
         (staging / "README.md").write_text(_model_card(report, plan))
         (staging / "loramix_export.json").write_text(json.dumps(report.to_dict(), indent=2))
         if output_dir.exists():
@@ -655,6 +661,15 @@ def _check(directory: Path, ids: torch.Tensor, ref: dict[str, Any], plan: Export
             f"refusing to write {report.output_dir}: the exported model's logits differ from the loramix model's "
             f"by up to {diff:.3e} (tolerance {tolerance:.0e}) on {ids.numel()} tokens"
         )
+
+
+@torch.no_grad()
+def _logit_diff(directory: Path, ids: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest float32 logit difference of the checkpoint in ``directory`` (weights upcast) from ``reference``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    return float((model(input_ids=ids).logits.float() - reference).abs().max())
 
 
 def export_model(

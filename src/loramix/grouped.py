@@ -66,12 +66,13 @@ class GroupedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # noqa: ANN001, ANN205
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
-            return GroupedLoRA._backward(ctx, *grads)
+        saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no second unpack
+        with torch.autocast(saved[0].device.type, enabled=False):
+            return GroupedLoRA._backward(ctx, saved, *grads)
 
     @staticmethod
-    def _backward(ctx, *grads):  # noqa: ANN001, ANN205
-        x, a_cat, token, z, *bs = ctx.saved_tensors
+    def _backward(ctx, saved, *grads):  # noqa: ANN001, ANN205
+        x, a_cat, token, z, *bs = saved
         counts, scale, ranks = ctx.counts, ctx.scale, ctx.ranks
         need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grads = [g if g is None else g.to(x.dtype).contiguous() for g in grads]

@@ -167,8 +167,8 @@ def test_trl_sft_trainer_default_config(tmp_path) -> None:
     defaults = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=DEVICE == "cpu")
     assert defaults.gradient_checkpointing  # what the test is about: TRL's default turns it on
     cfg = trl.SFTConfig(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2,
-                        logging_steps=1, use_cpu=DEVICE == "cpu", report_to="none", save_strategy="no", disable_tqdm=True,
-                        max_length=64)
+                        logging_steps=1, use_cpu=DEVICE == "cpu", report_to="none", save_strategy="no",
+                        disable_tqdm=True, max_length=64)
     trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                              callbacks=[log])
     trainer.train()

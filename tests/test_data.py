@@ -1,7 +1,7 @@
 """Tests of loramix.data: loading, format detection, label masking, truncation, packing, splits, collation.
 
 Fast and offline: a tiny byte-level BPE tokenizer trained in-process, small temp files. The real-data tests
-run only when $LORAMIX_DATA_DIR points to a directory holding counsel_chat/.
+run only when $LORAMIX_DATA_DIR holds the files each one reads.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def test_missing_field_names_file_row_field_and_fields_present(tmp_path: Path) -
     with pytest.raises(DataError) as e:
         load_records(cfg)
     msg = str(e.value)
-    for part in ("pairs.jsonl", "row 0", "'Answer'", "response_field", "Context", "Response"):
+    for part in ("pairs.jsonl", "row 1", "'Answer'", "response_field", "Context", "Response"):
         assert part in msg, (part, msg)
 
 
@@ -257,29 +257,29 @@ def test_undetectable_format_lists_fields(tmp_path: Path) -> None:
 
 def test_null_value_names_row_and_field(tmp_path: Path, tok: PreTrainedTokenizerFast) -> None:
     rows = [{"instruction": "a", "input": "", "output": "x"} for _ in range(4)]
-    rows[2] = {"instruction": "c", "input": ""}  # no output in row 2
+    rows[2] = {"instruction": "c", "input": ""}  # no output in the third row (rows are counted from 1)
     p = write_json(tmp_path / "alp.json", rows)
     with pytest.raises(DataError) as e:
         build_datasets(cfg_for(p, tmp_path), tok)
     msg = str(e.value)
-    for part in ("alp.json", "row 2", "'output'", "instruction, input"):
+    for part in ("alp.json", "row 3", "'output'", "instruction, input"):
         assert part in msg, (part, msg)
 
 
 def test_wrong_types_named(tmp_path: Path, tok: PreTrainedTokenizerFast) -> None:
     rows = [{"prompt": "a", "response": "x"}, {"prompt": "b", "response": ["not", "text"]}]
     p = write_json(tmp_path / "typ.jsonl", rows, lines=True)
-    with pytest.raises(DataError, match=r"typ\.jsonl, row 1: field 'response'.*must be a string, got list"):
+    with pytest.raises(DataError, match=r"typ\.jsonl, row 2: field 'response'.*must be a string, got list"):
         build_datasets(cfg_for(p, tmp_path), tok)
 
     msgs = [{"messages": [{"role": "user", "content": "a"}]}, {"messages": "hello"}]
     p = write_json(tmp_path / "msg.jsonl", msgs, lines=True)
-    with pytest.raises(DataError, match=r"msg\.jsonl, row 1: field 'messages'.*must be a list"):
+    with pytest.raises(DataError, match=r"msg\.jsonl, row 2: field 'messages'.*must be a list"):
         build_datasets(cfg_for(p, tmp_path, format="messages"), tok)
 
     bad_role = [{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}]
     p = write_json(tmp_path / "role.jsonl", bad_role, lines=True)
-    with pytest.raises(DataError, match=r"role\.jsonl, row 0.*message 1 has role 'robot'"):
+    with pytest.raises(DataError, match=r"role\.jsonl, row 1.*message 1 has role 'robot'"):
         build_datasets(cfg_for(p, tmp_path), tok)
 
 
@@ -668,22 +668,23 @@ def test_batches_train_a_tiny_model(tmp_path: Path, tok: PreTrainedTokenizerFast
 
 
 # ------------------------------------------------------------------------------------------------
-# Real data (only with $LORAMIX_DATA_DIR/counsel_chat)
+# Real data (each case only with the file it reads under $LORAMIX_DATA_DIR)
 # ------------------------------------------------------------------------------------------------
 
 DATA_DIR = os.environ.get("LORAMIX_DATA_DIR")
-needs_data = pytest.mark.skipif(
-    not DATA_DIR or not (Path(DATA_DIR) / "counsel_chat").is_dir(),
-    reason="set LORAMIX_DATA_DIR to a directory holding counsel_chat/",
-)
 
 
-@needs_data
+def real_file(rel: str, *values: str):
+    """A test case reading ``$LORAMIX_DATA_DIR/rel``: skipped when that file is missing."""
+    missing = not DATA_DIR or not (Path(DATA_DIR) / rel).is_file()
+    return pytest.param(rel, *values, marks=pytest.mark.skipif(missing, reason=f"needs $LORAMIX_DATA_DIR/{rel}"))
+
+
 @pytest.mark.parametrize(
     "rel,fmt,prompt_key,response_key",
     [
-        ("counsel_chat/counsel_chat_context_response.jsonl", "prompt_response", "Context", "Response"),
-        ("llm_adapters_commonsense/boolq/train.json", "instruction", "instruction", "output"),
+        real_file("counsel_chat/counsel_chat_context_response.jsonl", "prompt_response", "Context", "Response"),
+        real_file("llm_adapters_commonsense/boolq/train.json", "instruction", "instruction", "output"),
     ],
 )
 def test_real_data_response_only_labels(

@@ -213,3 +213,24 @@ def test_experts_per_token() -> None:
     assert MixLoraConfig(router="switch").experts_per_token(8) == 1
     assert MixLoraConfig(router="dense").experts_per_token(8) == 8
     assert MixLoraConfig(router="top_p").experts_per_token(8) == 8
+
+
+@pytest.mark.parametrize("num_experts", [0, [0, 0], {0: 0, 1: 0}])
+def test_a_config_that_trains_nothing_is_refused(num_experts) -> None:
+    """No expert in any layer and no attention LoRA would leave nothing to train: refused at config time,
+    naming both fields; either one alone is fine."""
+    kwargs = {"default_num_experts": 0} if isinstance(num_experts, dict) else {}
+    with pytest.raises(ConfigError, match=r"MixLoraConfig\.num_experts: .*attn_r is 0"):
+        MixLoraConfig(num_experts=num_experts, attn_r=0, **kwargs)
+    assert MixLoraConfig(num_experts=num_experts, attn_r=4, **kwargs).attn_r == 4
+    assert MixLoraConfig(num_experts=2, attn_r=0).num_experts == 2
+
+
+@pytest.mark.parametrize("suffix, text, where", [(".yaml", "r: 8\nrouter: [topk\n", "line 3"),
+                                                 (".json", '{"r": 8,\n "router" "topk"}', "line 2")])
+def test_syntax_error_in_a_file_names_the_file_and_line(tmp_path, suffix: str, text: str, where: str) -> None:
+    """A YAML/JSON syntax error is a ConfigError naming the file and the line, not a parser traceback."""
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"c\{suffix}: not valid .*{where}"):
+        MixLoraConfig.load(path)

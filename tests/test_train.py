@@ -56,6 +56,8 @@ def test_train_end_to_end_writes_adapter_metrics_plots(tiny_run_inputs, tmp_path
     assert len(train_rows) == 12 and all("aux_loss" in r and "tokens_per_s" in r for r in train_rows)
     assert s["final_val_loss"] < s["base_val_loss"]
     assert s["steps"] == 12
+    best = Path(s["best_checkpoint"])  # the renamed checkpoint, not its staging directory
+    assert best.parent == run and best.name.startswith("checkpoint-") and best.is_dir()
     for key in ("expert_share", "val_expert_share"):  # over training, and of the final model on validation
         shares = torch.tensor(s[key])
         assert shares.shape[0] == 2 and torch.allclose(shares.sum(-1), torch.ones(2)), key
@@ -161,3 +163,126 @@ def test_balance_counts_are_applied_at_every_step_end(tiny_run_inputs, tmp_path)
     assert pending and len(pending) == len(biases)
     assert all(not t.any() for t in pending)
     assert any(t.any() for t in biases)
+
+
+# --- lost work: output directory, atomic checkpoints, resume ----------------------------------------------
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _fake_finished_run(run: Path) -> dict[str, bytes]:
+    """The files a finished run leaves (contents do not matter: they must come through untouched)."""
+    for name, text in {"adapter/adapter_config.json": "{}", "adapter/adapter_model.safetensors": "old weights",
+                       "checkpoint-9/trainer_state.json": "{}", "metrics.jsonl": '{"step": 9, "loss": 1.0}\n',
+                       "resolved_config.yaml": "train: {}\n", "summary.json": "{}"}.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    return _snapshot(run)
+
+
+def test_a_non_empty_output_dir_is_refused_and_left_untouched(tiny_run_inputs, tmp_path):
+    """Training into a directory holding a run, without resume or overwrite, fails before writing anything
+    and says how to continue or replace it."""
+    model_dir, data = tiny_run_inputs
+    run = tmp_path / "run"
+    before = _fake_finished_run(run)
+    with pytest.raises(ConfigError, match=r"output_dir: .*run is not empty.*--resume true.*--overwrite"):
+        train(**_opts(model_dir, data, run))
+    assert _snapshot(run) == before
+
+
+def test_overwrite_puts_the_previous_run_back_when_the_new_run_fails_before_saving(tiny_run_inputs, tmp_path):
+    """With overwrite, a run that fails before its first checkpoint deletes nothing of the previous run."""
+    model_dir, data = tiny_run_inputs
+    run = tmp_path / "run"
+    before = _fake_finished_run(run)
+
+    class FailAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise RuntimeError("failed right after set-up")
+
+    with pytest.raises(RuntimeError, match="right after set-up"):
+        train(**_opts(model_dir, data, run, overwrite=True), callbacks=[FailAtStart()])
+    assert _snapshot(run) == before  # adapter, metrics and resolved_config as they were; nothing new
+    assert sorted(p.name for p in run.iterdir()) == sorted({k.split("/")[0] for k in before})
+
+
+def test_overwrite_replaces_the_previous_run_entirely(tiny_run_inputs, tmp_path):
+    """A successful overwrite leaves only the new run: no old checkpoint beside the new ones, new metrics."""
+    model_dir, data = tiny_run_inputs
+    run = tmp_path / "run"
+    _fake_finished_run(run)
+    s = train(**_opts(model_dir, data, run, max_steps=2, eval_steps=2, overwrite=True))
+    assert s["steps"] == 2
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (run / ".replaced-run").exists()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() != b"old weights"
+
+
+def test_a_checkpoint_appears_only_when_complete(tiny_run_inputs, tmp_path, monkeypatch):
+    """A save that fails half-way (here: after the adapter and optimizer are written) leaves no
+    checkpoint-N directory, only the hidden staging directory."""
+    from transformers import Trainer
+
+    model_dir, data = tiny_run_inputs
+
+    def fail(self, output_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", fail)
+    with pytest.raises(OSError, match="disk full"):
+        train(**_opts(model_dir, data, tmp_path / "run", max_steps=3, eval_steps=3))
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    staged = tmp_path / "run" / ".tmp-checkpoint-3" / "checkpoint-3"
+    assert (staged / "adapter_model.safetensors").is_file() and not (staged / "trainer_state.json").exists()
+
+
+def test_resume_skips_an_incomplete_newest_checkpoint(tiny_run_inputs, tmp_path, caplog):
+    """A damaged newest checkpoint (here one written in place by a killed save) is skipped with a warning
+    naming it and the missing file; the run resumes from the last complete one and ends as a straight run."""
+    model_dir, data = tiny_run_inputs
+    run = tmp_path / "run"
+
+    class StopAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    train(**_opts(model_dir, data, run), callbacks=[StopAt3()])
+    shutil.copytree(run / "checkpoint-3", run / "checkpoint-5")
+    (run / "checkpoint-5" / "trainer_state.json").unlink()
+    with pytest.raises(ConfigError, match=r"resume: cannot resume from .*checkpoint-5.*trainer_state\.json is missing"):
+        train(**_opts(model_dir, data, run, resume=str(run / "checkpoint-5")))
+    with caplog.at_level("WARNING", logger="loramix.train"):
+        s = train(**_opts(model_dir, data, run, resume=True))
+    assert s["resumed_from"] == str(run / "checkpoint-3") and s["steps"] == 6
+    assert "checkpoint-5" in caplog.text and "trainer_state.json is missing" in caplog.text
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("batch_size", "four", r"TrainConfig\.batch_size: must be an int >= 1, got 'four'"),
+    ("max_steps", "abc", r"TrainConfig\.max_steps: must be an int, got 'abc'"),
+    ("learning_rate", "fast", r"TrainConfig\.learning_rate: must be a number, got 'fast'"),
+    ("save_total_limit", 0, r"TrainConfig\.save_total_limit: must be an int >= 1"),
+    ("warmup_ratio", 1.5, r"TrainConfig\.warmup_ratio: must be a number in \[0.0, 1.0\)"),
+    ("max_loss", 0, r"TrainConfig\.max_loss: must be a number > 0"),
+    ("plots", "yes", r"TrainConfig\.plots: must be true or false"),
+    ("lr_scheduler", "cosin", r"TrainConfig\.lr_scheduler: must be one of"),
+    ("resume", 3, r"TrainConfig\.resume: must be true, false or a checkpoint path"),
+])
+def test_train_options_are_type_checked(tiny_run_inputs, field, value, match):
+    """Wrong types and out-of-range values name the field (no TypeError from a comparison)."""
+    _, data = tiny_run_inputs
+    with pytest.raises(ConfigError, match=match):
+        resolve(data=data, **{field: value})
+
+
+def test_yaml_syntax_error_in_the_options_file_names_file_and_line(tmp_path):
+    from loramix.train import load_options_file
+
+    path = tmp_path / "opts.yaml"
+    path.write_text("data: x.jsonl\nnum_experts: [4\nr: 8\n")
+    with pytest.raises(ConfigError, match=r"opts\.yaml: not valid YAML: line \d+ column \d+"):
+        load_options_file(path)

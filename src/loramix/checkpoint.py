@@ -61,17 +61,27 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: t for n, t in model.state_dict().items() if is_trainable_name(n)}
 
 
-def umask_file_mode() -> int:
-    """The permission bits ``open()`` gives a new file under the current umask (0o666 & ~umask)."""
+def current_umask() -> int:
+    """The process umask."""
     try:  # Linux: read it without changing it (os.umask would change it for every thread meanwhile)
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
+                return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def umask_file_mode() -> int:
+    """The permission bits ``open()`` gives a new file under the current umask (0o666 & ~umask)."""
+    return 0o666 & ~current_umask()
+
+
+def umask_dir_mode() -> int:
+    """The permission bits ``mkdir`` gives a new directory under the current umask (0o777 & ~umask)."""
+    return 0o777 & ~current_umask()
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -155,8 +165,8 @@ def is_official_mixlora(directory: str | Path) -> bool:
 
 
 def pickle_refused(path: str | Path, error: BaseException) -> AdapterLoadError:
-    """The error for a pickled weights file that ``torch.load(weights_only=True)`` refused (it holds Python
-    objects other than tensors). Such a file is never unpickled fully: it could run arbitrary code."""
+    """The error for a pickled weights file that PyTorch's safe (tensors-only) loading refused: it holds
+    Python objects other than tensors. Such a file is never unpickled fully: it could run arbitrary code."""
     import re
 
     found = re.search(r"GLOBAL ([\w.]+)", str(error))

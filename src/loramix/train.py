@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import re
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -22,14 +25,22 @@ import torch
 from torch import nn
 from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from .checkpoint import load_adapter_weights, save_adapter, trainable_state_dict
-from .config import ConfigError, MixLoraConfig
+from .checkpoint import AdapterLoadError, load_adapter_weights, save_adapter, trainable_state_dict, verify_adapter
+from .checks import check_int, check_number
+from .config import ConfigError, MixLoraConfig, yaml_error_text
 from .data import DataConfig, build_datasets
 from .injection import get_state, inject, update_balance_biases
 from .models import load_base_model
 
 ADAPTERS = ("mixlora", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STAGING_PREFIX = ".tmp-"
+"""A checkpoint is written to ``.tmp-checkpoint-N`` and renamed to ``checkpoint-N`` once complete."""
+REPLACED_DIR = ".replaced-run"
+"""Where an ``overwrite`` run keeps the previous run's files until it has saved something of its own."""
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -74,12 +85,17 @@ class TrainConfig:
     model_cache_dir: str | None = None
     """Where converted GGUF models are cached."""
     resume: bool | str = False
-    """True = latest checkpoint in output_dir; a path = that checkpoint."""
+    """True = latest complete checkpoint in output_dir; a path = that checkpoint."""
+    overwrite: bool = False
+    """Replace the run already in output_dir. Without it (or ``resume``) a non-empty output_dir is refused.
+    The previous run's files are kept aside and deleted only once the new run has saved a checkpoint or its
+    adapter; if it fails before, they are put back."""
     max_loss: float = 20.0
     """Stop when the training loss is non-finite or above this (divergence)."""
     plots: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.adapter not in ADAPTERS:
             raise ConfigError(f"TrainConfig.adapter: must be one of {ADAPTERS}, got {self.adapter!r}")
         if self.precision not in PRECISIONS:
@@ -93,6 +109,39 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.router_lr: must be >= 0 (0 = frozen router), got {self.router_lr}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ConfigError("TrainConfig.max_steps / num_epochs: one of them must be positive")
+
+    def _check_types(self) -> None:
+        """Types and ranges of the plain fields, so ``batch_size: four`` names its field (not a TypeError)."""
+        for name in ("max_steps", "seed"):
+            check_int(f"TrainConfig.{name}", getattr(self, name), None)
+        for name in ("batch_size", "grad_accum", "eval_steps", "save_total_limit", "logging_steps"):
+            check_int(f"TrainConfig.{name}", getattr(self, name), 1)
+        check_number("TrainConfig.num_epochs", self.num_epochs, 0.0)
+        check_number("TrainConfig.learning_rate", self.learning_rate)
+        check_number("TrainConfig.weight_decay", self.weight_decay, 0.0)
+        check_number("TrainConfig.warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
+        check_number("TrainConfig.max_grad_norm", self.max_grad_norm, 0.0)
+        check_number("TrainConfig.max_loss", self.max_loss, 0.0, low_open=True)
+        for name in ("group_by_length", "gradient_checkpointing", "plots", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"TrainConfig.{name}: must be true or false, got {getattr(self, name)!r}")
+        for name in ("output_dir", "adapter", "lr_scheduler", "precision"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"TrainConfig.{name}: must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("model", "quantize", "model_cache_dir"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"TrainConfig.{name}: must be a non-empty string or None, got {value!r}")
+        if not isinstance(self.resume, (bool, str)) or self.resume == "":
+            raise ConfigError(f"TrainConfig.resume: must be true, false or a checkpoint path, got {self.resume!r}")
+        from transformers import SchedulerType
+
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise ConfigError(f"TrainConfig.lr_scheduler: must be one of {schedulers}, got {self.lr_scheduler!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("TrainConfig.resume / overwrite: resume continues the run in output_dir, overwrite "
+                              "replaces it; pass one of them")
 
 
 SECTIONS: dict[str, type] = {"train": TrainConfig, "data": DataConfig, "mixlora": MixLoraConfig}
@@ -122,9 +171,17 @@ def load_options_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error_text(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of options")
+        raise ConfigError(f"{path}: expected a mapping of options, got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{path}: option names must be text, got {bad}")
     return {k.replace("-", "_"): _coerce(v) for k, v in data.items()}
 
 
@@ -227,6 +284,43 @@ class LoramixTrainer(Trainer):
     def _load_best_model(self) -> None:
         load_adapter_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write the checkpoint into ``.tmp-checkpoint-N`` and rename it to ``checkpoint-N`` once every file
+        (adapter, optimizer, scheduler, RNG states of every rank, trainer state) is there, so a run killed
+        while saving leaves no half-written ``checkpoint-N`` for a resume to trip over."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging = run_dir / f"{STAGING_PREFIX}{name}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: str(staging)  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir  # back to the class's method
+        self.accelerator.wait_for_everyone()  # every rank has written its files into the staging directory
+        written, final = staging / name, run_dir / name
+        if self.state.best_model_checkpoint == str(written):  # the best is this checkpoint: record its real path
+            self.state.best_model_checkpoint = str(final)
+            if self.args.should_save:
+                self.state.save_to_json(str(written / "trainer_state.json"))
+        if self.args.should_save:
+            if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
+                old = run_dir / f"{STAGING_PREFIX}old-{name}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+                os.rename(written, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(written, final)
+            staging.rmdir()
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
 
 class MetricsCallback(TrainerCallback):
     """Progress bar (loss, aux loss, lr, tokens/s) and one JSON line of metrics per log event."""
@@ -316,10 +410,20 @@ class InterruptCallback(TrainerCallback):
             signal.signal(signal.SIGINT, self._previous)
 
 
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device that supports it, ``fp16`` on an older CUDA device (T4, V100),
+    ``fp32`` on CPU (CPU bf16 autocast works but is slower than float32 on most CPUs)."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
 def _precision_flags(precision: str) -> dict[str, bool]:
-    if precision == "auto":
-        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return {"bf16": use_bf16, "fp16": False}
+    """TrainingArguments' mixed-precision flags: autocast to bf16/fp16 (fp16 with a loss scaler) on top of the
+    frozen weights loaded in that dtype, while the trainable weights stay float32."""
+    precision = resolve_precision(precision)
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
@@ -371,6 +475,130 @@ def _keep_model_columns(ds: Any) -> Any:
     return ds.remove_columns(extra) if extra else ds
 
 
+# --- output directory and resume ------------------------------------------------------------------
+def _is_rank_zero() -> bool:
+    """Whether this process is the main one (before Trainer exists: torchrun/accelerate set ``RANK``)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """Why a training run cannot resume from ``checkpoint`` (a missing or damaged file), or None."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return f"{state} is missing"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"{state} is not valid JSON ({e})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (path / name).is_file():
+            return f"{path / name} is missing"
+    try:
+        verify_adapter(path)
+    except (AdapterLoadError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
+def resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint a run with ``cfg`` resumes from: ``cfg.resume`` itself, or with ``resume=True`` the
+    newest complete ``checkpoint-N`` in ``output_dir``; incomplete newer ones are skipped with a warning."""
+    if not cfg.resume:
+        return None
+    if cfg.resume is not True:
+        problem = checkpoint_problem(cfg.resume)
+        if problem:
+            raise ConfigError(f"TrainConfig.resume: cannot resume from {cfg.resume}: {problem}")
+        return Path(cfg.resume)
+    out = Path(cfg.output_dir)
+    found = [p for p in out.iterdir() if CHECKPOINT_RE.match(p.name) and p.is_dir()] if out.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"--resume: no checkpoint-* directory in {out}")
+    skipped = []
+    for path in sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)), reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if skipped:
+                logger.warning("resuming from %s: skipped the incomplete %s", path.name, "; ".join(skipped))
+            return path
+        skipped.append(f"{path.name} ({problem})")
+    raise FileNotFoundError(f"--resume: no complete checkpoint in {out}: {'; '.join(skipped)}")
+
+
+class OutputDirGuard:
+    """Keeps a previous run in ``output_dir`` safe: a non-empty directory is refused unless the run resumes
+    it or ``overwrite`` is set; with ``overwrite`` the old files move to ``output_dir/.replaced-run`` and are
+    deleted only by :meth:`commit` (the new run saved a checkpoint or adapter), or put back by
+    :meth:`restore` when the new run fails first."""
+
+    def __init__(self, out: Path, stash: Path | None = None) -> None:
+        self.out = out
+        self.stash = stash
+
+    @classmethod
+    def prepare(cls, cfg: TrainConfig) -> OutputDirGuard:
+        out = Path(cfg.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"TrainConfig.output_dir: {out} exists and is not a directory")
+        if cfg.resume or not _is_rank_zero():
+            out.mkdir(parents=True, exist_ok=True)
+            return cls(out)
+        entries = sorted(out.iterdir()) if out.is_dir() else []
+        if not entries:
+            out.mkdir(parents=True, exist_ok=True)
+            return cls(out)
+        if not cfg.overwrite:
+            shown = ", ".join(p.name for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
+            raise ConfigError(
+                f"TrainConfig.output_dir: {out} is not empty ({shown}); continue that run with --resume true, "
+                "replace it with --overwrite, or choose another --output-dir"
+            )
+        stash = out / REPLACED_DIR
+        if stash.is_dir():  # an earlier overwrite stopped before saving anything: its files are not a run
+            for p in entries:
+                if p != stash:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        else:
+            stash.mkdir()
+            for p in entries:
+                os.rename(p, stash / p.name)
+        logger.warning("overwrite: the previous run in %s is kept in %s until this run saves a checkpoint",
+                       out, stash)
+        return cls(out, stash)
+
+    def commit(self) -> None:
+        """The new run has saved something: delete the previous run."""
+        if self.stash is not None and self.stash.exists():
+            shutil.rmtree(self.stash)
+        self.stash = None
+
+    def restore(self) -> None:
+        """The new run failed before saving anything: remove its files and put the previous run back."""
+        if self.stash is None or not self.stash.is_dir():
+            return
+        for p in self.out.iterdir():
+            if p != self.stash:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+        for p in self.stash.iterdir():
+            os.rename(p, self.out / p.name)
+        self.stash.rmdir()
+        self.stash = None
+
+
+class _CommitOnSave(TrainerCallback):
+    """Tells the output guard when the first checkpoint is in place."""
+
+    def __init__(self, guard: OutputDirGuard) -> None:
+        self.guard = guard
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero:
+            self.guard.commit()
+
+
 # --- the recipe ----------------------------------------------------------------------------------
 def train(
     config: str | Path | None = None, *, callbacks: list[TrainerCallback] | None = None, **options: Any
@@ -380,9 +608,29 @@ def train(
     ``config`` is an optional YAML file of options; keyword ``options`` override it. Options are the
     fields of TrainConfig, DataConfig and MixLoraConfig (e.g. ``data=..., num_experts=8, top_k=2``).
     ``callbacks`` are extra HF TrainerCallbacks (library use only).
+
+    A non-empty ``output_dir`` is refused unless ``resume`` (continue it) or ``overwrite`` (replace it)
+    is set. A run stopped by Ctrl-C saves a checkpoint and returns with ``"interrupted": True``.
     """
-    # 1. configs
     train_cfg, data_cfg, mix_cfg = resolve(config, **options)
+    resume_from = resume_checkpoint(train_cfg)  # checked before anything is written
+    guard = OutputDirGuard.prepare(train_cfg)
+    try:
+        return _train(train_cfg, data_cfg, mix_cfg, callbacks, guard, resume_from)
+    except BaseException:
+        guard.restore()
+        raise
+
+
+def _train(
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig,
+    mix_cfg: MixLoraConfig,
+    callbacks: list[TrainerCallback] | None,
+    guard: OutputDirGuard,
+    resume_from: Path | None,
+) -> dict[str, Any]:
+    # 1. configs
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = {"train": dataclasses.asdict(train_cfg), "data": dataclasses.asdict(data_cfg),
@@ -390,7 +638,11 @@ def train(
     torch.manual_seed(train_cfg.seed)
 
     # 2. model and data
-    precision_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(train_cfg.precision, "auto")
+    precision = resolve_precision(train_cfg.precision)
+    if precision == "fp16" and not torch.cuda.is_available():
+        logger.warning("precision fp16 on CPU: accelerate has no fp16 mixed precision there, so the fp16 weights "
+                       "run without autocast or loss scaling; use bf16 or fp32 on CPU")
+    precision_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
     base, tokenizer = load_base_model(
         train_cfg.model,
         cache_dir=train_cfg.model_cache_dir,
@@ -417,14 +669,13 @@ def train(
         router_lr=train_cfg.router_lr,
         max_loss=train_cfg.max_loss,
     )
-    metrics_path = out / "metrics.jsonl"
-    if not train_cfg.resume and trainer.is_world_process_zero() and metrics_path.exists():
-        metrics_path.unlink()
+    metrics_path = out / "metrics.jsonl"  # empty or absent unless resuming (OutputDirGuard)
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed dicts
     trainer.add_callback(MetricsCallback(trainer, metrics_path))
     trainer.add_callback(BalanceBiasCallback(model))
     interrupt = InterruptCallback()
     trainer.add_callback(interrupt)
+    trainer.add_callback(_CommitOnSave(guard))
     for cb in callbacks or []:
         trainer.add_callback(cb)
     if trainer.is_world_process_zero():
@@ -433,16 +684,15 @@ def train(
     base_val = None
     if has_val and not train_cfg.resume:  # at init the adapted model equals the base model
         base_val = trainer.evaluate(metric_key_prefix="base")["base_loss"]
-    resume = train_cfg.resume
-    if resume is True and not any(out.glob("checkpoint-*")):
-        raise FileNotFoundError(f"--resume: no checkpoint-* directory in {out}")
     started = time.perf_counter()
     diverged = None
     try:
-        trainer.train(resume_from_checkpoint=resume or None)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except TrainingDivergedError as e:
         diverged = str(e)
-        save_adapter(model, out / "last_good")  # the update that diverged was never applied
+        if trainer.is_world_process_zero():
+            save_adapter(model, out / "last_good")  # the update that diverged was never applied
+            guard.commit()
     elapsed = time.perf_counter() - started
     trainer.eval_expert_counts = None
     final_val = trainer.evaluate()["eval_loss"] if has_val and diverged is None else None
@@ -452,7 +702,9 @@ def train(
         "output_dir": str(out),
         "adapter_dir": str(out / "adapter"),
         "steps": trainer.state.global_step,
+        "precision": precision,
         "interrupted": interrupt.requested,
+        "resumed_from": str(resume_from) if resume_from else None,
         "diverged": diverged,
         "train_seconds": round(elapsed, 1),
         "trainable_params": trainable,
@@ -476,6 +728,7 @@ def train(
         if diverged is None:
             save_adapter(model, out / "adapter")
             tokenizer.save_pretrained(out / "adapter")
+            guard.commit()
         if train_cfg.plots:
             from .plots import plot_expert_utilisation, plot_loss_curves
 

@@ -286,3 +286,55 @@ def test_loading_weights_into_a_model_with_another_config_names_the_field(saved_
     restored = trainable_state_dict(same)
     assert saved.keys() == restored.keys()
     assert all(torch.equal(saved[k], restored[k]) for k in saved)
+
+
+def test_saved_files_get_the_umask_mode(tmp_path) -> None:
+    """Adapter files are created as open() would create them (0644 under umask 022), not 0600."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_adapter(adapted("llama", num_experts=2), tmp_path / "a")
+    finally:
+        os.umask(old)
+    for name in (CONFIG, WEIGHTS):
+        assert (tmp_path / "a" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_loading_onto_an_adapted_model_says_so(saved_llama: Path) -> None:
+    """A model that already carries adapters is refused with what is wrong (not 'another architecture')."""
+    model = adapted("llama", num_experts=4, router="noisy_topk")
+    with pytest.raises(AdapterLoadError, match="already carries a loramix adapter.*fresh base model"):
+        load_adapter(model, saved_llama)
+    with pytest.raises(AdapterLoadError, match="already carries a loramix adapter"):
+        load_adapter(load_adapter(tiny_model("llama"), saved_llama), saved_llama)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_base_weights_digest_is_the_same_before_and_after_injection(arch: str) -> None:
+    """The recorded digest is computed on the adapted model at save time and on the bare base at load time."""
+    from loramix.checkpoint import base_weights_digest
+
+    bare = base_weights_digest(tiny_model(arch))
+    assert base_weights_digest(adapted(arch, num_experts=2)) == bare
+    assert base_weights_digest(tiny_model(arch, seed=1)) != bare
+
+
+def test_another_base_of_the_same_architecture_warns_or_is_refused(saved_llama: Path) -> None:
+    """An adapter put on a base with other weights warns naming both bases; strict_base refuses it; the base
+    it was trained on loads silently, whatever its name."""
+    import warnings
+
+    other = tiny_model("llama", seed=7)
+    other.config._name_or_path = "someone/else"
+    with pytest.warns(UserWarning, match=r"trained on base 'tiny-llama' but is being loaded onto 'someone/else'"):
+        load_adapter(other, saved_llama)
+    other = tiny_model("llama", seed=7)
+    with pytest.raises(AdapterLoadError, match="weights differ"):
+        load_adapter(other, saved_llama, strict_base=True)
+    assert not hasattr(other, "loramix_state")  # refused before the model changed
+    same = tiny_model("llama")
+    same.config._name_or_path = "/a/local/copy"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter(same, saved_llama, strict_base=True)

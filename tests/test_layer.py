@@ -61,7 +61,7 @@ def run_layer(layer: MixLoraFFN, x: torch.Tensor, reference: bool, token_mask: t
     x = x.clone().requires_grad_(True)
     torch.manual_seed(7)  # noisy router and jitter draw the same noise on both paths
     out = layer(x)
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype).to(out.device)
     params = dict((n, p) for n, p in layer.named_parameters() if p.requires_grad)
     grads = torch.autograd.grad((out * probe).sum(), [x, *params.values()], allow_unused=True)
     named = {"input": grads[0]}

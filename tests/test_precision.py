@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from loramix.precision import compute_dtype
 from test_layer import make_layer, run_layer
 from tiny_models import EXPERT_TYPES, ROUTER_NAMES, random_batch, tiny_model
 
+DEVICE = os.environ.get("LORAMIX_TEST_DEVICE", "cpu")  # bench/gpu_check.sh runs this file with "cuda"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCASTS = [None, "bf16", "fp16"]
 CELLS = list(itertools.product(DTYPES, AUTOCASTS))
@@ -32,7 +34,7 @@ OUT_EPS, GRAD_EPS = 8, 64
 def autocast(name: str | None) -> contextlib.AbstractContextManager:
     if name is None:
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=DTYPES[name])
+    return torch.autocast(DEVICE, dtype=DTYPES[name])
 
 
 def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, eps_units: float, dtype: torch.dtype,
@@ -46,7 +48,7 @@ def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, eps_unit
 
 def precision_layer(weights: str, router: str, expert_type: str):
     """A MixLoraFFN whose frozen FFN is in ``weights`` and whose adapters are float32 (as inject keeps them)."""
-    layer = make_layer("llama", router=router, expert_type=expert_type).float()
+    layer = make_layer("llama", router=router, expert_type=expert_type).float().to(DEVICE)
     layer.base.to(DTYPES[weights])
     return layer
 
@@ -56,7 +58,7 @@ def precision_layer(weights: str, router: str, expert_type: str):
 @pytest.mark.parametrize(("weights", "cast"), CELLS)
 def test_fast_path_matches_reference_in_every_precision(weights, cast, router, expert_type) -> None:
     layer = precision_layer(weights, router, expert_type)
-    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(5)).to(DTYPES[weights])
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE, DTYPES[weights])
     dtype = DTYPES[cast] if cast else DTYPES[weights]
     with autocast(cast):
         out_f, routing_f, grads_f = run_layer(layer, x, reference=False)
@@ -79,7 +81,7 @@ def test_decoding_paths_match_reference_in_every_precision(weights, cast, router
     layer = precision_layer(weights, router, "mixlora").eval()
     dtype = DTYPES[cast] if cast else DTYPES[weights]
     for tokens in (1, 12):  # 1 token x k slots <= pairwise_max_pairs: pairwise path; 24 tokens: fast path
-        x = torch.randn(2, tokens, 32, generator=torch.Generator().manual_seed(6)).to(DTYPES[weights])
+        x = torch.randn(2, tokens, 32, generator=torch.Generator().manual_seed(6)).to(DEVICE, DTYPES[weights])
         with torch.no_grad(), autocast(cast):
             assert layer.uses_pairwise(2 * tokens) == (tokens == 1)
             layer.use_reference = False
@@ -91,13 +93,13 @@ def test_decoding_paths_match_reference_in_every_precision(weights, cast, router
 
 
 def _train_cell(weights: str, cast: str | None, router: str, expert_type: str, steps: int = 5):
-    model = tiny_model("llama").to(DTYPES[weights])
+    model = tiny_model("llama").to(DEVICE, DTYPES[weights])
     cfg = MixLoraConfig(num_experts=4, top_k=2, r=4, alpha=8, attn_r=4, attn_alpha=8, router=router,
                         expert_type=expert_type, dropout=0.0, attn_dropout=0.0)
     model = loramix.inject(model, cfg).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
-    ids, mask = random_batch(batch=2, seq=12)
+    ids, mask = (t.to(DEVICE) for t in random_batch(batch=2, seq=12))
     losses = []
     for _ in range(steps):
         with autocast(cast):
@@ -124,9 +126,9 @@ def test_training_in_every_precision_lowers_the_loss_and_round_trips(
     assert any("lora_A" in n and "mixlora" not in n for n in trainable)  # the attention LoRA is covered too
     assert {p.dtype for p in trainable.values()} == {torch.float32}
     loramix.save_adapter(model, tmp_path / "adapter")
-    ids, mask = random_batch(batch=2, seq=12, seed=9)
+    ids, mask = (t.to(DEVICE) for t in random_batch(batch=2, seq=12, seed=9))
     model.eval()
-    reloaded = loramix.load_adapter(tiny_model("llama").to(DTYPES[weights]), tmp_path / "adapter").eval()
+    reloaded = loramix.load_adapter(tiny_model("llama").to(DEVICE, DTYPES[weights]), tmp_path / "adapter").eval()
     with torch.no_grad(), autocast(cast):
         expected = model(input_ids=ids, attention_mask=mask).logits
         got = reloaded(input_ids=ids, attention_mask=mask).logits

@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 
 import loramix
 from loramix import MixLoraConfig
@@ -57,13 +56,17 @@ def assert_loss_includes_aux(model, batch: dict[str, torch.Tensor]) -> None:
     torch.testing.assert_close(out.loss.float(), lm + out.aux_loss.float(), rtol=1e-4, atol=1e-5)
 
 
-def lm_dataset(tokenizer, rows: int = 32) -> Dataset:
+def lm_dataset(tokenizer, rows: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Padded rows as a plain list (no ``datasets``: the GPU check machine has only torch and the HF core)."""
     texts = [f"question {i}: how do I cope with stress? answer: breathe and rest {i % 5}." for i in range(rows)]
-    enc = tokenizer(texts, max_length=32, truncation=True, padding="max_length")
-    labels = [[t if m else -100 for t, m in zip(ids, mask, strict=True)]
-              for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
-    return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                              "labels": labels})
+    enc = tokenizer(texts, max_length=32, truncation=True, padding="max_length", return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return [{"input_ids": ids, "attention_mask": mask, "labels": lab}
+            for ids, mask, lab in zip(enc["input_ids"], enc["attention_mask"], labels, strict=True)]
+
+
+def stack(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 class LossLog:
@@ -104,7 +107,7 @@ def test_hf_trainer_mixed_precision(flag, tmp_path) -> None:
                         for on, dtype in seen), seen[:3]
     assert all(map(lambda x: x == x, log.losses)) and log.losses[-1] < log.losses[0], log.losses
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
-    assert_loss_includes_aux(model, data[:4] | {k: torch.tensor(v) for k, v in data[:4].items()})
+    assert_loss_includes_aux(model, stack(data[:4]))
 
 
 def test_fp16_autocast_with_grad_scaler() -> None:
@@ -114,8 +117,7 @@ def test_fp16_autocast_with_grad_scaler() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**12)
-    data = lm_dataset(tok)[:8]
-    batch = {k: torch.tensor(v, device=DEVICE) for k, v in data.items()}
+    batch = {k: v.to(DEVICE) for k, v in stack(lm_dataset(tok)[:8]).items()}
     losses = []
     for _ in range(12):
         with torch.autocast(DEVICE, dtype=torch.float16):
@@ -138,8 +140,7 @@ def test_accelerate_bf16_loop() -> None:
     model = loramix.inject(tiny_causal_lm(tok), MixLoraConfig(**CONFIG)).train()
     seen = autocast_recorder(model)
     accelerator = Accelerator(mixed_precision="bf16", cpu=DEVICE == "cpu")
-    data = lm_dataset(tok).with_format("torch")
-    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
+    loader = torch.utils.data.DataLoader(lm_dataset(tok), batch_size=8, shuffle=False, collate_fn=stack)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model, opt, loader = accelerator.prepare(model, opt, loader)
     losses = []
@@ -158,6 +159,8 @@ def test_accelerate_bf16_loop() -> None:
 
 def test_trl_sft_trainer_default_config(tmp_path) -> None:
     trl = pytest.importorskip("trl", reason="trl is a test dependency: pip install -e '.[dev]'")
+    from datasets import Dataset
+
     tok = byte_tokenizer()
     model = loramix.inject(tiny_causal_lm(tok), MixLoraConfig(**CONFIG)).train()
     seen = autocast_recorder(model)
@@ -178,5 +181,39 @@ def test_trl_sft_trainer_default_config(tmp_path) -> None:
     assert log.losses[-1] < log.losses[0], log.losses
     routers = [p for n, p in model.named_parameters() if "mixlora_router" in n]
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in routers)
-    data = lm_dataset(tok)[:4]
-    assert_loss_includes_aux(model, {k: torch.tensor(v) for k, v in data.items()})
+    assert_loss_includes_aux(model, stack(lm_dataset(tok)[:4]))
+
+
+def test_precision_auto_picks_what_the_device_supports(monkeypatch) -> None:
+    from loramix.train import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # T4 / V100
+    assert resolve_precision("auto") == "fp16"
+    assert resolve_precision("bf16") == "bf16"
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_loramix_train_runs_in_the_chosen_precision(precision, tmp_path) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    from loramix.train import resolve_precision, train
+    from tiny_lm import save_tiny_lm
+
+    model_dir = save_tiny_lm(tmp_path / "model")
+    rows = [{"prompt": f"question {i}: how do I cope?", "response": f"breathe and rest {i % 5}."} for i in range(32)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    summary = train(model=model_dir, data=str(data), output_dir=str(tmp_path / "run"), max_steps=4, eval_steps=4,
+                    num_experts=4, top_k=2, r=4, attn_r=4, learning_rate=5e-3, batch_size=4, val_size=8,
+                    plots=False, precision=precision)
+    assert summary["precision"] == resolve_precision(precision)
+    assert summary["final_val_loss"] < summary["base_val_loss"]
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}

@@ -261,3 +261,43 @@ def test_load_adapter_dispatches_official_format():
         logits = model(input_ids=ids).logits
     torch.testing.assert_close(logits, expected["adapter_all_top2"], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(logits, expected["base"], atol=1e-3)  # the adapter really changes the output
+
+
+def _pickle_with_an_object(path: Path, tensors: dict) -> None:
+    """A pickled adapter_model.bin that holds a Python object besides the tensors (not loadable safely)."""
+    import datetime
+
+    torch.save({**tensors, "saved_on": datetime.date(2024, 1, 1)}, path)
+
+
+def test_pickle_holding_objects_is_refused_without_unsafe_advice(tmp_path):
+    """An official adapter_model.bin that weights-only loading refuses fails naming the file and the object,
+    and the message never suggests turning the safety off."""
+    adapter = tampered_copy(tmp_path, "adapter_all_top2")
+    _pickle_with_an_object(adapter / "adapter_model.bin", torch.load(adapter / "adapter_model.bin", weights_only=True))
+    with pytest.raises(loramix.AdapterLoadError) as e:
+        loramix.load_adapter(base_model(), adapter)
+    msg = str(e.value)
+    assert "adapter_model.bin" in msg and "datetime.date" in msg and "safetensors" in msg
+    assert "weights_only" not in msg and e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_peft_adapter_pickle_is_refused_by_the_cli_in_one_line(tmp_path, capsys):
+    """`loramix generate --adapter <PEFT dir with such a pickle>` exits 2 with one line naming the file."""
+    from peft import LoraConfig, get_peft_model
+
+    from loramix.cli import main
+    from tiny_lm import save_tiny_lm
+
+    model_dir = save_tiny_lm(tmp_path / "m")
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(tmp_path / "peft", safe_serialization=False)
+    weights = tmp_path / "peft" / "adapter_model.bin"
+    _pickle_with_an_object(weights, torch.load(weights, weights_only=True))
+    rc = main(["generate", "--prompt", "hi", "--model", model_dir, "--adapter", str(tmp_path / "peft"),
+               "--max-new-tokens", "2", "--device", "cpu"])
+    err = capsys.readouterr().err  # progress bars of the model loading come first
+    assert rc == 2 and "Traceback" not in err and "weights_only" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("loramix: error: ") and "adapter_model.bin" in last and "refused" in last, last

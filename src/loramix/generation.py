@@ -316,6 +316,7 @@ def load_for_inference(
     device: str | torch.device | None = None,
     merge: bool = False,
     compile_decode: bool = False,
+    strict_base: bool = False,
 ) -> tuple[Any, Any]:
     """Load a model ready for generation/evaluation: the base alone, or base + adapter.
 
@@ -327,6 +328,8 @@ def load_for_inference(
             same outputs up to rounding.
         compile_decode: for loramix adapters, ``torch.compile`` each MixLoRA layer's per-token decoding path
             (``loramix.compiled.compile_decoding``); ignored for the base model and PEFT adapters.
+        strict_base: refuse (instead of warning about) a loramix adapter trained on a base whose weights
+            differ from this one's.
 
     Returns ``(model, tokenizer)`` with the model in eval mode and every parameter frozen.
     """
@@ -338,7 +341,7 @@ def load_for_inference(
         if kind == "loramix":
             from .checkpoint import load_adapter
 
-            model = load_adapter(model, adapter_dir)
+            model = load_adapter(model, adapter_dir, strict_base=strict_base)
             if merge:
                 from .merge import merge_attention
 
@@ -348,9 +351,16 @@ def load_for_inference(
 
                 compile_decoding(model)
         else:
+            import pickle
+
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
+            try:
+                model = PeftModel.from_pretrained(model, str(adapter_dir))
+            except pickle.UnpicklingError as e:  # a pickled adapter_model.bin holding more than tensors
+                from .checkpoint import pickle_refused
+
+                raise pickle_refused(Path(adapter_dir) / "adapter_model.bin", e) from None
             if merge:
                 model = model.merge_and_unload()
     for p in model.parameters():

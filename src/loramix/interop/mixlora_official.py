@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import pickle_refused
 from ..config import FFN_ROLES, ConfigError, MixLoraConfig
 from ..ffn import FFNNotSupportedError, FFNSpec, detect_ffn
 from ..injection import inject, is_trainable_name
@@ -75,18 +77,30 @@ def read_official_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict
     cfg_path = adapter_dir / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {adapter_dir}")
-    official = json.loads(cfg_path.read_text(encoding="utf8"))
+    try:
+        official = json.loads(cfg_path.read_text(encoding="utf8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OfficialMixLoraError(f"{cfg_path} is not valid JSON: {e}") from None
     if not isinstance(official, dict):
         raise OfficialMixLoraError(f"{cfg_path}: expected a JSON object, got {type(official).__name__}")
     path = next((adapter_dir / n for n in WEIGHTS_NAMES if (adapter_dir / n).is_file()), None)
     if path is None:
         raise FileNotFoundError(f"no {' or '.join(WEIGHTS_NAMES)} in {adapter_dir}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        weights = load_file(str(path))
+        try:
+            weights = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise OfficialMixLoraError(f"{path} is not a readable safetensors file: {e}") from None
     else:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # holds more than tensors: refused, never loaded unsafely
+            raise pickle_refused(path, e) from None
+        except (RuntimeError, EOFError, ValueError) as e:
+            raise OfficialMixLoraError(f"{path} is not a readable PyTorch weights file ({type(e).__name__})") from None
     if not isinstance(weights, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
     ):

@@ -28,10 +28,11 @@ def byte_tokenizer():
     return fast
 
 
-def save_tiny_lm(directory, arch: str = "llama", seed: int = 0) -> str:
-    """Write a tiny random model + byte tokenizer to ``directory``; returns the path as a string."""
+def save_tiny_lm(directory, arch: str = "llama", seed: int = 0, **overrides) -> str:
+    """Write a tiny random model + byte tokenizer to ``directory``; returns the path as a string.
+    ``overrides`` change config fields (e.g. ``hidden_size=64``)."""
     tok = byte_tokenizer()
-    cfg = tiny_config(arch, vocab_size=len(tok))
+    cfg = tiny_config(arch, vocab_size=len(tok), **overrides)
     if arch == "gpt2":
         cfg.bos_token_id = cfg.eos_token_id = tok.eos_token_id
     cfg.pad_token_id = tok.pad_token_id

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import FFN_ROLES
+from .quantized import refuse_quantized
 
 # Known layouts, tried in order: role -> child name.
 KNOWN_LAYOUTS: list[dict[str, str]] = [
@@ -94,7 +95,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in), whichever layout the module stores."""
+    """The weight as (out, in), whichever layout the module stores; a bitsandbytes-quantized layer is refused."""
+    refuse_quantized({type(module).__name__: module}, "read a dense weight (merge or export)")
     if isinstance(module, nn.Linear):
         return module.weight
     return module.weight.t()  # Conv1D (in, out) -> (out, in)

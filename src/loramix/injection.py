@@ -22,6 +22,7 @@ from .ffn import check_targets, detect_ffn
 from .layer import MixLoraFFN
 from .losses import load_balance_loss, router_entropy, tokens_per_expert, z_loss
 from .precision import cast_trainable, floating_dtype
+from .quantized import keep_trainable_layout, logical_shape
 
 TRAINABLE_MARKERS = ("lora_", "mixlora_")
 ATTN_CANDIDATES = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "query_key_value", "qkv_proj")
@@ -41,6 +42,7 @@ class LoramixState:
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
     hooks: list[Any] = field(default_factory=list)
     added_peft_config: bool = False  # PEFT set model.peft_config; unload removes it
+    marked_adapted: bool = False  # inject set _hf_peft_config_loaded on a quantized base; unload clears it
 
 
 def get_state(model: nn.Module) -> LoramixState:
@@ -111,7 +113,8 @@ def architecture_fingerprint(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "n_embd", "n_layer")
     info = {k: getattr(cfg, k) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
-    names = sorted(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters() if not is_trainable_name(n))
+    # logical shapes: an adapter trained on a 4-bit base (packed weights) fits the unquantized base too
+    names = sorted(f"{n}:{logical_shape(p)}" for n, p in model.named_parameters() if not is_trainable_name(n))
     info["params_sha256"] = hashlib.sha256("\n".join(names).encode()).hexdigest()
     return info
 
@@ -141,6 +144,7 @@ def inject(model: nn.Module, config: MixLoraConfig) -> nn.Module:
         original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
     )
     model_dtype = floating_dtype(model)
+    keep_trainable_layout(model)  # bitsandbytes 4-bit layers: gradients must flow through them
     for p in model.parameters():
         p.requires_grad_(False)
     if attn_targets:
@@ -161,6 +165,10 @@ def inject(model: nn.Module, config: MixLoraConfig) -> nn.Module:
     # PEFT creates attention LoRA in the base weight's dtype: keep every trainable in float32 unless asked
     trainable = [n for n, p in model.named_parameters() if is_trainable_name(n)]
     cast_trainable(model, trainable, config.adapter_dtype, model_dtype)
+    if getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False):
+        # HF Trainer (and TRL) refuse to train a quantized model unless it says it carries adapters
+        model._hf_peft_config_loaded = True
+        state.marked_adapted = True
     setattr(model, STATE_ATTR, state)
     state.hooks = [
         model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
@@ -212,6 +220,8 @@ def drop_state(model: nn.Module) -> None:
     state = get_state(model)
     if state.added_peft_config and hasattr(model, "peft_config"):
         delattr(model, "peft_config")
+    if state.marked_adapted:
+        model._hf_peft_config_loaded = False
     delattr(model, STATE_ATTR)
 
 

@@ -6,11 +6,17 @@ import torch
 from torch import nn
 
 from .injection import drop_state, get_state
+from .quantized import refuse_quantized
+
+
+def _attention_bases(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    return {name: model.get_submodule(name).get_base_layer() for name in names}
 
 
 def merge_attention(model: nn.Module) -> nn.Module:
     """Fold the attention LoRA into the frozen attention weights and drop the LoRA modules."""
     state = get_state(model)
+    refuse_quantized(_attention_bases(model, state.attn_targets), "merge the attention LoRA")
     for name in state.attn_targets:
         module = model.get_submodule(name)
         module.merge()
@@ -31,6 +37,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 f"{name}: cannot merge {layer.num_experts} {layer.expert_type} experts "
                 f"({state.config.router} router); only one 'mixlora' expert without capacity dropping merges"
             )
+    projections = {f"{name}.base.{getattr(layer.spec, role)}": layer.proj(role)
+                   for name, layer in state.moe_layers.items() for role in layer.mixlora_experts}
+    refuse_quantized({**_attention_bases(model, state.attn_targets), **projections}, "merge the adapter")
     merge_attention(model)
     for name, layer in state.moe_layers.items():
         for role, lora in layer.mixlora_experts.items():

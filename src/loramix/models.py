@@ -57,6 +57,7 @@ DTYPE_CHOICES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 PADDING_SIDES: tuple[str, ...] = ("right", "left")
+BITSANDBYTES_INSTALL_HINT = "pip install 'loramix[quant]'  (or: pip install bitsandbytes==0.50.2)"
 
 #: File written last into a finished GGUF conversion; a cache entry without it is never used.
 CONVERSION_MARKER = "loramix_conversion.json"
@@ -202,6 +203,37 @@ def validate_quantize(quantize: str | None) -> str | None:
     return value
 
 
+def _bitsandbytes_missing(quantize: str) -> ImportError:
+    return ImportError(
+        f"quantize={quantize!r} needs the bitsandbytes package, which is not installed. Install it with "
+        f"`{BITSANDBYTES_INSTALL_HINT}` (it runs on CPU and on CUDA GPUs), or load without quantize."
+    )
+
+
+def check_bitsandbytes(quantize: str, device: str | torch.device) -> None:
+    """Raise a clear error when bitsandbytes cannot quantize on ``device``: not installed (ImportError with
+    the install command), failing to import (ImportError with its error), or without a backend for the
+    device type (ValueError naming the device and the types it supports)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise _bitsandbytes_missing(quantize)
+    try:
+        import bitsandbytes
+    except Exception as err:  # noqa: BLE001 - a broken native library raises anything at import
+        raise ImportError(
+            f"quantize={quantize!r}: bitsandbytes is installed but does not import on this platform "
+            f"({type(err).__name__}: {err}); reinstall it with `{BITSANDBYTES_INSTALL_HINT}`, or load without "
+            "quantize."
+        ) from err
+    dev_type = torch.device(device).type
+    supported = sorted(getattr(bitsandbytes, "supported_torch_devices", ("cpu", "cuda")))
+    if dev_type not in supported:
+        raise ValueError(
+            f"quantize={quantize!r}: bitsandbytes {getattr(bitsandbytes, '__version__', '?')} has no backend "
+            f"for device={str(device)!r} (it supports {supported}); pick one of those devices or load without "
+            "quantize."
+        )
+
+
 def bitsandbytes_config(quantize: str, compute_dtype: torch.dtype) -> Any:
     """Build the ``BitsAndBytesConfig`` for ``"4bit"`` (NF4, double quant, QLoRA recipe) or ``"8bit"``.
 
@@ -211,11 +243,7 @@ def bitsandbytes_config(quantize: str, compute_dtype: torch.dtype) -> Any:
     if value is None:
         raise ValueError("bitsandbytes_config() needs quantize='4bit' or '8bit'.")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError(
-            f"quantize={value!r} needs the bitsandbytes package, which is not installed. Install it with "
-            "`pip install bitsandbytes` (it requires an NVIDIA GPU with CUDA; k-bit loading is not supported "
-            "on CPU), or load without quantize."
-        )
+        raise _bitsandbytes_missing(value)
     from transformers import BitsAndBytesConfig
 
     if value == "4bit":
@@ -441,7 +469,11 @@ def _from_pretrained(
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-        kwargs["device_map"] = {"": device.index if device.index is not None else 0}
+        # bitsandbytes quantizes while loading onto the device_map's device (its CPU backend included)
+        target: int | str = str(device)
+        if device.type == "cuda":
+            target = device.index if device.index is not None else 0
+        kwargs["device_map"] = {"": target}
     model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
     if quantization_config is None:
         model.to(device)
@@ -466,7 +498,10 @@ def load_base_model(
         cache_dir: where GGUF conversions are stored (default ``$LORAMIX_CACHE/models`` or
             ``~/.cache/loramix/models``); unused for other sources.
         dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (see :func:`resolve_dtype`).
-        quantize: ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes, CUDA only).
+        quantize: ``None``, ``"4bit"`` (NF4, double quantization) or ``"8bit"`` (LLM.int8()) through
+            bitsandbytes, on any device type bitsandbytes supports (CPU and CUDA included). Every ``nn.Linear``
+            of the decoder layers is quantized (attention and FFN projections); the embeddings, ``lm_head`` and
+            norms stay in ``dtype`` (float32 after :func:`peft.prepare_model_for_kbit_training`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
         gradient_checkpointing: enable non-reentrant activation checkpointing (see
             :func:`enable_gradient_checkpointing`).
@@ -482,11 +517,8 @@ def load_base_model(
     torch_dtype = resolve_dtype(dtype, dev)
     quant_config = None
     if quant is not None:
+        check_bitsandbytes(quant, dev)
         quant_config = bitsandbytes_config(quant, torch_dtype)
-        if dev.type != "cuda":
-            raise ValueError(
-                f"quantize={quant!r} (bitsandbytes) needs a CUDA device, got device={str(dev)!r}."
-            )
 
     from transformers import AutoTokenizer
 
@@ -511,6 +543,9 @@ def load_base_model(
     prepare_tokenizer(tokenizer, padding_side=padding_side)
     _sync_pad_token_id(base, tokenizer)
     if quant_config is not None:
+        from .quantized import keep_trainable_layout
+
+        keep_trainable_layout(base)
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(
@@ -528,6 +563,7 @@ __all__ = [
     "DEFAULT_GGUF_NAME",
     "QUANTIZE_CHOICES",
     "bitsandbytes_config",
+    "check_bitsandbytes",
     "convert_gguf",
     "default_cache_dir",
     "default_model_path",

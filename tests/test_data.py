@@ -703,3 +703,44 @@ def test_real_data_response_only_labels(
         assert tok.decode(ex["input_ids"][:s]).endswith(
             row[prompt_key] + "<|im_end|>\n<|im_start|>assistant\n"
         )
+
+
+# --- data errors name the file and the line ---------------------------------------------------------------
+@pytest.mark.parametrize("name, content, where", [
+    ("bad.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n'
+                  b'{"prompt": "\xe9t\xe9", "response": "e"}\n', r"bad\.jsonl, line 3: not UTF-8 text \(byte 13 "),
+    ("bad.csv", b"prompt,response\na,b\nc,d\xff\n", r"bad\.csv, line 3: not UTF-8 text \(byte 4 "),
+    ("bad.txt", b"one\ntwo\n\x80three\n", r"bad\.txt, line 3: not UTF-8 text \(byte 1 "),
+])
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path, tok, name, content, where) -> None:
+    """A Latin-1 byte in a text data file fails naming the file, the line (from 1) and the byte."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=where):
+        build_datasets(cfg_for(tmp_path / name, tmp_path), tok)
+
+
+def test_malformed_jsonl_line_is_named_counting_from_one(tmp_path, tok) -> None:
+    """A JSON-lines file whose third line is cut off fails with 'line 3', not the parser's 0-based row."""
+    rows = [json.dumps(r) for r in PAIRS[:5]]
+    rows[2] = rows[2][:25]
+    (tmp_path / "cut.jsonl").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"cut\.jsonl, line 3: not valid JSON"):
+        build_datasets(cfg_for(tmp_path / "cut.jsonl", tmp_path), tok)
+    (tmp_path / "list.json").write_text('[\n{"prompt": "a", "response": "b"},\n{"prompt": "c" "response": "d"}\n]')
+    with pytest.raises(DataError, match=r"list\.json, line 3: not valid JSON"):
+        build_datasets(cfg_for(tmp_path / "list.json", tmp_path), tok)
+
+
+def test_empty_responses_are_counted_and_all_empty_is_refused(tmp_path, tok) -> None:
+    """Rows whose reply is blank are dropped and counted as empty; a file with nothing but blank replies is
+    refused naming the file (it used to train on end-of-turn tokens alone)."""
+    rows = [{"prompt": f"question {i}", "response": "  " if i % 3 == 0 else f"answer {i}"} for i in range(9)]
+    p = write_json(tmp_path / "some.jsonl", rows, lines=True)
+    train, _, stats = build_datasets(cfg_for(p, tmp_path), tok)
+    assert stats["train"]["empty"] == 3 and len(train) == 6
+    assert "dropped 3 rows with an empty response" in stats["summary"]
+    p = write_json(tmp_path / "none.jsonl", [{"prompt": f"q {i}", "response": ""} for i in range(4)], lines=True)
+    with pytest.raises(DataError, match=r"none\.jsonl: all 4 training rows have an empty response"):
+        build_datasets(cfg_for(p, tmp_path), tok)
+    train, _, stats = build_datasets(cfg_for(p, tmp_path, train_on_prompt=True), tok)  # the prompts still train
+    assert len(train) == 4 and stats["train"]["empty"] == 0

@@ -257,6 +257,8 @@ def _load_one(data: str, split: str, cfg: DataConfig) -> tuple[datasets.Dataset,
         if path.stat().st_size == 0 or _only_whitespace(path):
             raise DataError(f"data file is empty: {source}")
         builder, kwargs = _FILE_BUILDERS[suffix]
+        if builder != "parquet":
+            _check_utf8(path)
         try:
             ds = datasets.load_dataset(
                 builder, data_files=str(path), split="train", cache_dir=cfg.cache_dir, **kwargs
@@ -265,6 +267,8 @@ def _load_one(data: str, split: str, cfg: DataConfig) -> tuple[datasets.Dataset,
             cause = e.__cause__ or e.__context__ or e
             if "corresponds to no data" in str(e):
                 raise DataError(f"data file has no rows: {source}") from e
+            if builder == "json":
+                _raise_json_error(path)
             raise DataError(f"could not read {source} as {builder}: {type(cause).__name__}: {cause}") from e
     if isinstance(ds, datasets.DatasetDict):  # a hub name without a split that matched; be explicit
         raise DataError(f"{source}: split {split!r} not found; available: {list(ds)}")
@@ -273,6 +277,58 @@ def _load_one(data: str, split: str, cfg: DataConfig) -> tuple[datasets.Dataset,
     if cfg.limit is not None and len(ds) > cfg.limit:
         ds = ds.select(range(cfg.limit))
     return ds, source
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Raise DataError naming the line and byte of the first invalid UTF-8 sequence in a text data file."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while True:
+            block = f.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                bad = offset + e.start - len(decoder.getstate()[0]) if e.start >= 0 else offset
+                with path.open("rb") as g:
+                    before = g.read(max(bad, 0))
+                line = before.count(b"\n") + 1
+                column = len(before) - (before.rfind(b"\n") + 1) + 1
+                raise DataError(
+                    f"{path}, line {line}: not UTF-8 text (byte {column} of the line is {e.object[e.start]:#04x}); "
+                    "save the file as UTF-8"
+                ) from None
+            if not block:
+                return
+            offset += len(block)
+
+
+def _raise_json_error(path: Path) -> None:
+    """Find why a .json/.jsonl file failed to load and raise DataError naming the line (counted from 1);
+    returns when every line (or the whole JSON document) parses, i.e. the problem lies elsewhere."""
+    import json
+
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # one JSON document (a list of rows)
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); a JSON-lines file holds one "
+                "JSON object per line"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
 
 
 def _only_whitespace(path: Path, probe: int = 1 << 16) -> bool:
@@ -346,7 +402,7 @@ def resolve_format(
     """Decide the format and the field names used for ``ds``.
 
     Returns ``(format, {"prompt_field": "Context", ...})`` holding only the fields the format uses.
-    Raises ``DataError`` naming the file, row 0, the missing field and the fields the rows do have.
+    Raises ``DataError`` naming the file, row 1, the missing field and the fields the rows do have.
     """
     columns = list(ds.column_names)
     first = ds[0]
@@ -375,7 +431,7 @@ def resolve_format(
             fmt = "text"
         else:
             raise DataError(
-                f"{source}: could not detect the data format from the fields of row 0 "
+                f"{source}: could not detect the data format from the fields of row 1 "
                 f"({', '.join(columns)}); "
                 "set DataConfig.format and the field names (e.g. prompt_field/response_field, "
                 "instruction_field/output_field, messages_field or text_field)"
@@ -396,7 +452,7 @@ def resolve_format(
                 continue
             shown = col if col is not None else f"one of {list(CANDIDATES[name])}"
             raise DataError(
-                f"{source}: row 0 has no field {shown!r} ({name}, needed by format {fmt!r}); {have}"
+                f"{source}: row 1 has no field {shown!r} ({name}, needed by format {fmt!r}); {have}"
             )
         fields[name] = col
     return fmt, fields
@@ -438,9 +494,10 @@ def record_to_messages(
     *,
     system_prompt: str | None = None,
     source: str = "data",
-    row: int = 0,
+    row: int = 1,
 ) -> list[dict[str, str]]:
-    """One row as a chat: ``[{role, content}, ...]`` (not for the ``text`` format).
+    """One row as a chat: ``[{role, content}, ...]`` (not for the ``text`` format). ``row`` (counted from 1)
+    only names the row in error messages.
 
     prompt_response -> user=prompt, assistant=response; instruction -> user=instruction (+ blank line +
     input when non-empty), assistant=output; messages -> validated and role-normalized copy.
@@ -509,7 +566,8 @@ def _validate_messages(record: dict[str, Any], field: str, *, source: str, row: 
 def _normalize(
     ds: datasets.Dataset, fmt: str, fields: dict[str, str], cfg: DataConfig, source: str
 ) -> datasets.Dataset:
-    """Validate every row and replace the columns by ``_messages`` (chat) or ``_text`` (text format)."""
+    """Validate every row and replace the columns by ``_messages`` (chat) or ``_text`` (text format).
+    Errors name rows counted from 1 (in a JSON-lines file without blank lines, row n is line n)."""
 
     def fn(batch: dict[str, list[Any]], idx: list[int]) -> dict[str, list[Any]]:
         keys = list(batch)
@@ -518,11 +576,11 @@ def _normalize(
             f = fields["text_field"]
             kw = {"source": source, "field": f, "role": "text_field"}
             return {
-                "_text": [_as_text(r.get(f), row=i, record=r, **kw) for r, i in zip(rows, idx, strict=True)]
+                "_text": [_as_text(r.get(f), row=i + 1, record=r, **kw) for r, i in zip(rows, idx, strict=True)]
             }
         return {
             "_messages": [
-                record_to_messages(r, fmt, fields, system_prompt=cfg.system_prompt, source=source, row=i)
+                record_to_messages(r, fmt, fields, system_prompt=cfg.system_prompt, source=source, row=i + 1)
                 for r, i in zip(rows, idx, strict=True)
             ]
         }
@@ -667,7 +725,9 @@ def _tokenize_fn(
                 for s, e in spans[r]:
                     labels[s:e] = ids[s:e]
                 labels_list.append(labels)
-            status = [_OK] * len(convs)
+            # a conversation whose replies are all blank teaches nothing but the end-of-turn token
+            replies = [[m["content"] for m in msgs if m["role"] == "assistant"] for msgs in convs]
+            status = [_EMPTY if r and not all_labels and not any(c.strip() for c in r) else _OK for r in replies]
 
         out: dict[str, list[Any]] = {
             "input_ids": [],
@@ -783,8 +843,9 @@ def build_datasets(
     - ``rows``, ``truncated``, ``skipped``, ``no_target``, ``tokens``, ``label_tokens``: train + val sums;
     - ``train`` / ``val`` (None without validation): ``rows`` (input rows), ``truncated`` (cut to
       max_length, kept), ``skipped`` (over max_length, dropped with truncation="skip"), ``no_target``
-      (dropped: no response token left, e.g. the prompt alone fills max_length), ``empty`` (dropped empty
-      text rows), ``examples`` (rows or packed blocks returned), ``tokens``, ``label_tokens``,
+      (dropped: no response token left, e.g. the prompt alone fills max_length), ``empty`` (dropped: blank
+      text, or every reply blank unless ``train_on_prompt``), ``examples`` (rows or packed blocks returned),
+      ``tokens``, ``label_tokens``,
       ``boundary_mismatch`` (assistant turns whose rendered prefix did not tokenize to an exact prefix of the
       conversation, so the label boundary fell back to the longest common prefix; 0 normally), and with
       packing ``dropped_blocks`` / ``dropped_block_tokens`` (blocks without any label token, dropped);
@@ -817,6 +878,10 @@ def build_datasets(
     if val_norm is not None:
         val_ds, val_stats = _tokenize_split(val_norm, tokenizer, cfg, fmt, "validation")
     if len(train_ds) == 0:
+        if train_stats["empty"] == train_stats["rows"]:
+            what = "text" if fmt == "text" else "response"
+            raise DataError(f"{source}: all {train_stats['rows']} training rows have an empty {what}; "
+                            "nothing to train on")
         raise DataError(
             f"{source}: no training example left ({train_stats}); raise max_length or check the data"
         )
@@ -844,7 +909,9 @@ def build_datasets(
         "val": val_stats,
     }
     stats["summary"] = _summary(stats)
-    log = logger.warning if (stats["truncated"] or stats["skipped"] or stats["no_target"]) else logger.info
+    dropped_empty = train_stats["empty"] + (val_stats["empty"] if val_stats else 0)
+    dropped = stats["truncated"] or stats["skipped"] or stats["no_target"] or dropped_empty
+    log = logger.warning if dropped else logger.info
     log("%s", stats["summary"])
     return train_ds, val_ds, stats
 
@@ -863,7 +930,8 @@ def _summary(stats: dict[str, Any]) -> str:
         parts.append(f"dropped {stats['no_target']} rows with no response token left")
     empty = tr["empty"] + (va["empty"] if va else 0)
     if empty:
-        parts.append(f"dropped {empty} empty text rows")
+        what = "text" if stats["format"] == "text" else "response"
+        parts.append(f"dropped {empty} rows with an empty {what}")
     if stats["packing"]:
         parts.append(f"packed into {stats['max_length']}-token blocks")
     return "; ".join(parts)

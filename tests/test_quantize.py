@@ -217,7 +217,9 @@ def test_adapter_from_a_4bit_base_loads_onto_the_unquantized_base_and_merges_the
 
 @needs_bnb
 @pytest.mark.parametrize("quantize", ["4bit", "8bit"])
-def test_merge_on_a_quantized_base_refuses_and_unload_restores_it(model_dir, quantize):
+def test_merge_on_a_quantized_base_refuses_and_unload_restores_it(model_dir, tmp_path, quantize):
+    from loramix.export import export_adapted
+
     base = load(model_dir, quantize).eval()
     probe = batch(seed=4, n=2)
     with torch.no_grad():
@@ -226,7 +228,7 @@ def test_merge_on_a_quantized_base_refuses_and_unload_restores_it(model_dir, qua
     perturb(model)
     with torch.no_grad():
         adapted = model(input_ids=probe).logits
-    for merge in (loramix.merge_and_unload, loramix.merge_attention):
+    for merge in (loramix.merge_and_unload, loramix.merge_attention, lambda m: export_adapted(m, tmp_path / "x")):
         with pytest.raises(ValueError, match=f"is a bitsandbytes {CLASSES[quantize]} layer.*without quantize"):
             merge(model)
     with torch.no_grad():  # nothing was changed by the refused merges

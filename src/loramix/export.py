@@ -48,6 +48,7 @@ from ._version import __version__
 from .ffn import linear_weight
 from .injection import get_state
 from .layer import MixLoraFFN
+from .quantized import refuse_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -580,6 +581,7 @@ def export_adapted(
         dtype = DTYPE_CHOICES[dtype]
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ExportError(f"output_dir {output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
+    refuse_quantized(dict(model.named_modules()), "export")
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ExportError("export needs the model in float32 (load the base with dtype='float32')")
     plan = plan_export(model, format)

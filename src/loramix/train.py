@@ -80,7 +80,7 @@ class TrainConfig:
     precision: str = "auto"
     """auto = bf16 on CUDA when supported, fp32 on CPU."""
     quantize: str | None = None
-    """4bit / 8bit base model through bitsandbytes (CUDA only)."""
+    """4bit (NF4) / 8bit base model through bitsandbytes (CPU or CUDA; ``pip install 'loramix[quant]'``)."""
     gradient_checkpointing: bool = False
     model_cache_dir: str | None = None
     """Where converted GGUF models are cached."""

@@ -307,3 +307,48 @@ def test_default_model_on_real_data():
     res = ev.evaluate(model, tok, ["wikitext2", "boolq", "gsm8k"], limit=4, max_new_tokens=64, progress=False)
     assert 1 < res["tasks"]["wikitext2"]["perplexity"] < 100
     assert res["tasks"]["boolq"]["n"] == 4 and res["tasks"]["gsm8k"]["n"] == 4
+
+
+# --- counts that would give wrong figures -------------------------------------------------------------------
+@pytest.mark.parametrize("limit", [0, -5])
+def test_a_limit_below_one_is_refused(data_dir, limit):
+    """limit=0 used to print nan% and limit=-5 to score all but the last five items; both are errors now,
+    for every kind of task and before any model work."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    for task in ("wikitext2", "ARC-Easy", "gsm8k"):
+        with pytest.raises(ValueError, match=rf"limit: must be an int >= 1 or None, got {limit}"):
+            ev.evaluate(model, tok, [task], data_dir=data_dir, limit=limit, progress=False)
+    with pytest.raises(ValueError, match="limit"):
+        ev.perplexity(model, tok, TEXT, max_length=16, limit=limit, progress=False)
+    with pytest.raises(ValueError, match="limit"):
+        ev.load_records(data_dir / "llm_adapters_commonsense" / "ARC-Easy" / "test.json", limit)
+
+
+@pytest.mark.parametrize("option, value", [("batch_size", 0), ("max_length", 1), ("stride", 0),
+                                           ("max_new_tokens", 0), ("batch_size", "8")])
+def test_other_eval_counts_are_checked(data_dir, option, value):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    with pytest.raises(ValueError, match=rf"^{option}: must be an int"):
+        ev.evaluate(model, tok, ["ARC-Easy"], data_dir=data_dir, progress=False, **{option: value})
+
+
+def test_perplexity_stride_follows_a_short_context():
+    """A model whose context is shorter than 512 tokens gets a stride of half its window by default (a fixed
+    512 used to make the evaluation impossible); a stride longer than the window names the window."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()  # max_position_embeddings = 64
+    res = ev.perplexity(model, tok, TEXT, progress=False)
+    assert (res["max_length"], res["stride"]) == (64, 32)
+    assert res["num_tokens"] == len(_ids(tok, TEXT)) - 1
+    assert ev.perplexity(model, tok, TEXT, stride=16, progress=False)["stride"] == 16
+    with pytest.raises(ValueError, match=r"stride must be in \[1, window=64\]"):
+        ev.perplexity(model, tok, TEXT, stride=100, progress=False)
+
+
+def test_eval_records_errors_name_the_line(tmp_path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"a": 1}\n\n{"a": 2\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl, line 3: not valid JSON"):
+        ev.load_records(bad)
+    (tmp_path / "e.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"e\.json: holds no records"):
+        ev.load_records(tmp_path / "e.json")

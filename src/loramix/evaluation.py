@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checks import check_int
 from .generation import generation_config, render_chat
 
 DATA_ENV = "LORAMIX_DATA_DIR"
@@ -85,15 +86,31 @@ def read_text_file(path: str | os.PathLike[str]) -> str:
 
 
 def load_records(path: str | os.PathLike[str], limit: int | None = None) -> list[dict[str, Any]]:
-    """A JSON list (or JSONL) of records, the first ``limit`` of them."""
+    """A JSON list (or JSONL) of records, the first ``limit`` (>= 1) of them; errors name the file and line."""
+    check_int("limit", limit, 1, optional=True)
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
     if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
     else:
-        records = json.loads(text)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records")
+    if not records:
+        raise ValueError(f"{path}: holds no records")
     return records[:limit] if limit is not None else records
 
 
@@ -132,7 +149,7 @@ def perplexity(
     *,
     path: str | os.PathLike[str] | None = None,
     max_length: int | None = 1024,
-    stride: int = 512,
+    stride: int | None = None,
     limit: int | None = None,
     add_special_tokens: bool = False,
     progress: bool = True,
@@ -147,18 +164,26 @@ def perplexity(
     logits and divided by the number of scored tokens (exact, unlike averaging per-window means).
 
     Args:
-        max_length: window length; ``None`` = the model's context size.
-        limit: score at most this many windows (a quick estimate on a prefix of the text).
+        max_length: window length, at most the model's context size; ``None`` = the model's context size.
+        stride: tokens between window starts, in [1, window]; ``None`` = half the window (512 for the
+            default 1024-token window; a model with a shorter context gets a shorter stride).
+        limit: score at most this many windows (>= 1; a quick estimate on a prefix of the text).
 
     Returns ``{"perplexity", "nll", "num_tokens" (scored), "num_windows", "max_length", "stride"}``.
     """
     if (text is None) == (path is None):
         raise ValueError("pass exactly one of text or path")
+    check_int("max_length", max_length, 2, optional=True)
+    check_int("stride", stride, 1, optional=True)
+    check_int("limit", limit, 1, optional=True)
     if text is None:
         text = read_text_file(path)  # type: ignore[arg-type]
     window = min(max_length or _context_limit(model), _context_limit(model))
+    if stride is None:
+        stride = max(window // 2, 1)
     if not 0 < stride <= window:
-        raise ValueError(f"stride must be in [1, max_length={window}], got {stride}")
+        raise ValueError(f"stride must be in [1, window={window}] (the window is max_length, at most the "
+                         f"model's context size), got {stride}")
     ids = tokenizer(text, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
     seq = torch.tensor(ids, dtype=torch.long)
     if seq.numel() < 2:
@@ -550,18 +575,19 @@ def evaluate(
     batch_size: int = 8,
     chat_template: bool = True,
     max_length: int | None = 1024,
-    stride: int = 512,
+    stride: int | None = None,
     max_new_tokens: int = 256,
     keep_predictions: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every task in ``tasks`` and collect ``{"tasks": {task: metrics}, ...}``.
 
-    ``limit`` caps items per task (windows for perplexity). Per-item predictions are dropped unless
-    ``keep_predictions`` (they can be large).
+    ``limit`` caps items per task (windows for perplexity); ``max_length`` / ``stride`` are the perplexity
+    window and step (see :func:`perplexity`). Per-item predictions are dropped unless ``keep_predictions``
+    (they can be large).
     """
-    for t in tasks:
-        task_kind(t)  # fail on a typo before any model work
+    check_eval_options(tasks, limit=limit, batch_size=batch_size, max_length=max_length, stride=stride,
+                       max_new_tokens=max_new_tokens)  # fail on a typo or a bad count before any model work
     results: dict[str, Any] = {"tasks": {}, "limit": limit, "data_dir": str(resolve_data_dir(data_dir))}
     for task in tasks:
         start = time.perf_counter()
@@ -605,6 +631,30 @@ def evaluate(
         res["seconds"] = round(time.perf_counter() - start, 2)
         results["tasks"][task] = res
     return results
+
+
+def check_eval_options(
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_length: int | None = 1024,
+    stride: int | None = None,
+    max_new_tokens: int = 256,
+) -> None:
+    """Refuse unknown task names and counts that would give wrong figures (``limit=0`` scores nothing,
+    a negative limit drops items from the end)."""
+    if isinstance(tasks, str) or not tasks:
+        raise ValueError(f"tasks: expected a non-empty list of task names, got {tasks!r}")
+    for t in tasks:
+        task_kind(t)
+    check_int("limit", limit, 1, optional=True)
+    check_int("batch_size", batch_size, 1)
+    check_int("max_length", max_length, 2, optional=True)
+    check_int("stride", stride, 1, optional=True)
+    if stride is not None and max_length is not None and stride > max_length:
+        raise ValueError(f"stride: must be <= max_length={max_length}, got {stride}")
+    check_int("max_new_tokens", max_new_tokens, 1)
 
 
 def main_metric(task_result: dict[str, Any]) -> tuple[str, float]:

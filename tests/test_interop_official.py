@@ -57,7 +57,8 @@ def tampered_copy(tmp_path: Path, variant: str, **changes) -> Path:
 
 # --- fixture: logits equal the official package's --------------------------------------------------
 def test_fixture_base_is_reproduced(inputs, expected):
-    assert torch.equal(logits(base_model(), inputs), expected["base"])
+    # float32 rounding differs between CPU kernels (AVX2 / AVX-512): equal to rounding, not bit for bit
+    torch.testing.assert_close(logits(base_model(), inputs), expected["base"], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import MixLoraConfig
 from .dropout import FastDropout
@@ -103,6 +104,8 @@ class MixLoraFFN(nn.Module):
         self.expert_type = config.expert_type
         self.use_reference = False  # switch to the loop-over-experts path (debugging, tests)
         self.pairwise_max_pairs = 16  # inference with at most this many (token, slot) pairs: pairwise path
+        # training: recompute the per-pair activations in backward instead of storing them (see mixlora_fast)
+        self.recompute_experts = True
         self._compiled: Any = None  # torch.compile'd route_pairwise (compile_decode), or None
         hidden, intermediate = linear_shape(self.proj("up"))
         self.mixlora_router = build_router(hidden, num_experts, config)
@@ -201,10 +204,39 @@ class MixLoraFFN(nn.Module):
         token, weight, counts = _pairs_by_expert(routing)  # (N,), (N,), E ints
         weight = weight.to(dtype)[:, None]  # (N, 1)
         x_kept, rescale = self.mixlora_dropout.unscaled(x)  # (T, H) one mask per token: half the RNG work
+        up = self.proj("up")(x).to(dtype)  # (T, I) frozen projections once per token
+        gate = self.proj("gate")(x).to(dtype) if self.spec.gated else None  # (T, I)
+        args = (x_kept, up, gate, token, weight, counts, rescale)
+        if self.recompute_experts and self.training and torch.is_grad_enabled():
+            # backward keeps only the per-token inputs and recomputes the (N, I) per-pair activations
+            mixed, down_delta = checkpoint(self._routed_experts, *args, use_reentrant=False)
+        else:
+            mixed, down_delta = self._routed_experts(*args)
+        coverage = torch.zeros(num_tokens, dtype=weight.dtype, device=x.device).index_add(0, token, weight[:, 0])
+        dropped = ~routing.mask.any(dim=-1)  # (T,) tokens no expert took: frozen FFN
+        if dropped.any():
+            idx = dropped.nonzero().squeeze(-1)
+            base_gate = gate.index_select(0, idx) if gate is not None else None  # (D, I) already computed
+            mixed = mixed.index_add(0, idx, self._activation(up.index_select(0, idx), base_gate))
+            coverage = coverage.index_add(0, idx, torch.ones_like(idx, dtype=coverage.dtype))
+        out = self.proj("down")(mixed).to(dtype)  # (T, H) frozen down projection once per token
+        bias = self._down_bias()
+        if bias is not None:  # down(sum w h) adds the bias once; the mixture adds it sum(w) times
+            out = out + (coverage - 1.0)[:, None] * bias.to(dtype)
+        if down_delta is not None:
+            out = out + down_delta
+        return self._finish(out)
+
+    def _routed_experts(
+        self, x_kept: torch.Tensor, up: torch.Tensor, gate: torch.Tensor | None, token: torch.Tensor,
+        weight: torch.Tensor, counts: list[int], rescale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The per-pair part of :meth:`mixlora_fast`: x_kept (T, H) dropout-masked input, up/gate (T, I) frozen
+        projections, token (N,) and weight (N, 1) of the pairs sorted by expert. Returns the routing-weighted sum
+        of the experts' activations (T, I) and of their down-LoRA deltas (T, H), or None without down LoRA."""
+        num_tokens = x_kept.shape[0]
         xd = x_kept.index_select(0, token)  # (N, H); 1/(1-p) goes on the rank-r products
-        frozen = {"up": self.proj("up")(x).to(dtype)}  # (T, I) frozen projections once per token
-        if self.spec.gated:
-            frozen["gate"] = self.proj("gate")(x).to(dtype)  # (T, I)
+        frozen = {"up": up} if gate is None else {"up": up, "gate": gate}
         adapted = [role for role in ("gate", "up") if role in frozen and role in self.targets]
         pairs = {role: frozen[role].index_select(0, token) for role in frozen if role not in adapted}  # (N, I)
         if adapted:  # gathered frozen rows + each pair's expert LoRA, gate and up sharing one A pass
@@ -212,27 +244,17 @@ class MixLoraFFN(nn.Module):
             outs = grouped_lora(xd, [e.lora_A for e in lora], [e.lora_B for e in lora], counts,
                                 lora[0].scaling * rescale, token, [frozen[role] for role in adapted])
             pairs.update(zip(adapted, outs, strict=True))  # (N, I) each
-        up, gate = pairs["up"], pairs.get("gate")
-        h = self._activation(up, gate)  # (N, I) each pair's expert activation
+        h = self._activation(pairs["up"], pairs.get("gate"))  # (N, I) each pair's expert activation
         mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
         mixed.index_add_(0, token, h * weight)  # (T, I) routing-weighted sum per token (fresh buffer: in place)
-        coverage = torch.zeros(num_tokens, dtype=weight.dtype, device=x.device).index_add(0, token, weight[:, 0])
-        dropped = ~routing.mask.any(dim=-1)  # (T,) tokens no expert took: frozen FFN
-        if dropped.any():
-            idx = dropped.nonzero().squeeze(-1)
-            base_gate = frozen["gate"].index_select(0, idx) if self.spec.gated else None  # (D, I) already computed
-            mixed = mixed.index_add(0, idx, self._activation(frozen["up"].index_select(0, idx), base_gate))
-            coverage = coverage.index_add(0, idx, torch.ones_like(idx, dtype=coverage.dtype))
-        out = self.proj("down")(mixed).to(dtype)  # (T, H) frozen down projection once per token
-        bias = self._down_bias()
-        if bias is not None:  # down(sum w h) adds the bias once; the mixture adds it sum(w) times
-            out = out + (coverage - 1.0)[:, None] * bias.to(dtype)
-        if "down" in self.targets:
-            h_kept, rescale = self.mixlora_dropout.unscaled(h)  # (N, I); 1/(1-p) goes on the (N, r) product
-            down = self.mixlora_experts["down"]
-            (delta,) = grouped_lora(h_kept, [down.lora_A], [down.lora_B], counts, down.scaling * rescale)  # (N, H)
-            out = out.index_add(0, token, delta * weight)
-        return self._finish(out)
+        if "down" not in self.targets:
+            return mixed, None
+        h_kept, rescale = self.mixlora_dropout.unscaled(h)  # (N, I); 1/(1-p) goes on the (N, r) product
+        down = self.mixlora_experts["down"]
+        (delta,) = grouped_lora(h_kept, [down.lora_A], [down.lora_B], counts, down.scaling * rescale)  # (N, H)
+        down_delta = torch.zeros(num_tokens, delta.shape[-1], dtype=delta.dtype, device=delta.device)
+        down_delta.index_add_(0, token, delta * weight)  # (T, H)
+        return mixed, down_delta
 
     def _pair_delta(self, role: str, inp: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """LoRA delta of ``role`` for each pair: input (N, in), expert ids (N,) -> (N, out)."""

@@ -56,3 +56,169 @@ def test_cli_train_runs_and_reports_bad_input(tmp_path, capsys):
                "--output-dir", str(tmp_path / "run2")])
     assert rc == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+# --- ordinary mistakes: exit 2 with one line naming the flag, field or file ---------------------------------
+def _subcommands(parser=None, prefix=()):
+    """(argv prefix, sub-parser) of every runnable command, nested ones (skills add, ...) included."""
+    import argparse
+
+    parser = parser or build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                nested = list(_subcommands(sub, (*prefix, name)))
+                yield from nested or [((*prefix, name), sub)]
+
+
+def _flags(sub, kinds):
+    from loramix import cli
+
+    types = {"int": cli.parse_int, "float": cli.parse_float, "yaml": cli.parse_value}
+    wanted = {types[k] for k in kinds}
+    return [(a.option_strings[0], a.dest, a.type) for a in sub._actions if a.option_strings and a.type in wanted]
+
+
+BAD_VALUES = {"int": ["abc", "1.5"], "float": ["fast"], "yaml": ["[4", "{a: [1"]}
+
+
+@pytest.fixture()
+def one_parser(monkeypatch):
+    """main() builds the parser once for the whole test (building it reads every command's docstrings)."""
+    import functools
+
+    from loramix import cli
+
+    monkeypatch.setattr(cli, "build_parser", functools.lru_cache(cli.build_parser))
+
+
+def test_every_command_refuses_badly_typed_values_in_one_line(capsys, one_parser):
+    """Every flag of every command that takes a number, list or map gets malformed values: each is an
+    argparse error (exit 2) on one line naming the flag, never a traceback."""
+    from loramix import cli
+
+    seen = set()
+    for prefix, sub in _subcommands():
+        for kind, values in BAD_VALUES.items():
+            for flag, _, _ in _flags(sub, [kind]):
+                for value in values:
+                    with pytest.raises(SystemExit) as e:
+                        main([*prefix, f"{flag}={value}"])
+                    err = capsys.readouterr().err
+                    assert e.value.code == 2, (prefix, flag, value)
+                    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+                    assert f"argument {flag}" in err and value in err, err
+                    seen.add((prefix[0], kind))
+    assert {("train", "int"), ("train", "float"), ("train", "yaml"), ("eval", "int"), ("generate", "float"),
+            ("skills", "int"), ("continual", "int"), ("bench", "yaml")} <= seen
+    assert cli.parse_int("7") == 7 and cli.parse_float("5e-3") == 0.005
+
+
+# Options whose every int is meaningful; every other integer option of every command refuses -5.
+ANY_INT = {"seed", "embed_layer", "max_steps"}
+
+
+def _required_args(prefix, tmp_path):
+    nowhere = str(tmp_path / "no-model")
+    data = str(tmp_path / "d.jsonl")
+    return {
+        "train": ["--data", data, "--output-dir", str(tmp_path / "o"), "--model", nowhere],
+        "generate": ["--prompt", "hi", "--model", nowhere],
+        "chat": ["--model", nowhere],
+        "eval": ["--tasks", "[wikitext2]", "--model", nowhere, "--data-dir", str(tmp_path)],
+        "compare": ["--data", data, "--model", nowhere, "--output-dir", str(tmp_path / "c")],
+        "bench": ["--model", nowhere],
+        "continual": ["--model", nowhere, "--output-dir", str(tmp_path / "cl")],
+        "add": ["s1", "--library-dir", str(tmp_path / "lib"), "--data", data],
+        "route": ["hi", "--library-dir", str(tmp_path / "lib")],
+        "generate-skills": ["hi", "--library-dir", str(tmp_path / "lib")],
+        "compare-static": ["hi", "--library-dir", str(tmp_path / "lib")],
+    }["generate-skills" if prefix == ("skills", "generate") else prefix[-1]]
+
+
+def test_every_count_option_refuses_negative_values_before_loading_anything(tmp_path, capsys, one_parser):
+    """Each integer option of each command (counts, sizes, limits) refuses -5 with exit 2 and one line naming
+    it, before any model or data is loaded (the model path does not exist, so a later failure would name it)."""
+    checked = []
+    for prefix, sub in _subcommands():
+        if prefix == ("skills", "list"):
+            continue
+        flags = _flags(sub, ["int"])
+        if prefix in (("train",), ("skills", "add")):
+            flags += [("--num-experts", "num_experts", None), ("--val-size", "val_size", None)]
+        for flag, dest, _ in flags:
+            if dest in ANY_INT:
+                continue
+            rc = main([*prefix, *_required_args(prefix, tmp_path), flag, "-5"])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert rc == 2 and err, (prefix, flag)
+            assert dest in err[-1] or dest.removeprefix("gate_") in err[-1], (prefix, flag, err[-1])
+            assert "no-model" not in err[-1], (prefix, flag, err[-1])
+            checked.append((prefix, dest))
+    assert ((("eval",), "limit") in checked and (("train",), "batch_size") in checked
+            and (("bench",), "warmup") in checked and (("skills", "generate"), "max_new_tokens") in checked)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["eval", "--tasks", "[boolq]", "--limit", "0"], "limit"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["generate", "--prompt", "x", "--top-p", "1.5"], "top_p"),
+    (["bench", "--steps", "0"], "steps"),
+    (["compare", "--data", "x.jsonl", "--eval-limit", "0"], "eval_limit"),
+    (["train", "--data", "x.jsonl", "--batch-size", "0"], "TrainConfig.batch_size"),
+    (["train", "--data", "x.jsonl", "--num-experts", "0", "--attn-r", "0"], "MixLoraConfig.num_experts"),
+])
+def test_zero_counts_are_refused(tmp_path, capsys, argv, names):
+    rc = main([*argv, "--model", str(tmp_path / "no-model")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and names in err[0], err
+
+
+def test_config_file_and_flag_mistakes_name_the_file_or_field(tmp_path, capsys):
+    """A YAML syntax error in --config names the file and line; a value of the wrong type in the file
+    names the field; an unparsable list flag names the flag. Always exit 2 and one line."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data: x.jsonl\nlearning_rate: 1.0e-3\nnum_experts: [4\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run.yaml: not valid YAML: line" in err[0], err
+    cfg.write_text("data: x.jsonl\nbatch_size: four\n")
+    assert main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TrainConfig.batch_size: must be an int >= 1, got 'four'" in err[0], err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", "x.jsonl", "--num-experts", "[4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "argument --num-experts: cannot read '[4'" in err[0], err
+
+
+def test_train_into_a_finished_run_is_refused_by_the_cli(tmp_path, capsys):
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    rc = main(["train", "--data", "x.jsonl", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is not empty" in err[0] and "--overwrite" in err[0], err
+
+
+def test_ctrl_c_exits_130_after_the_checkpoint_is_saved(tmp_path, monkeypatch, capsys):
+    """A run stopped by Ctrl-C (SIGINT during step 2) saves its checkpoint and exits 130, not 0."""
+    import os
+    import signal
+
+    import loramix.train
+
+    class InterruptAt2(loramix.train.InterruptCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loramix.train, "InterruptCallback", InterruptAt2)
+    model_dir = save_tiny_lm(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"say {i}", "response": f"ok {i}"}) for i in range(12)))
+    rc = main(["train", "--model", model_dir, "--data", str(data), "--output-dir", str(tmp_path / "run"),
+               "--max-steps", "6", "--num-experts", "2", "--r", "2", "--attn-r", "0", "--val-size", "0",
+               "--no-plots"])
+    assert rc == 130
+    assert (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["interrupted"] is True
+    assert "interrupted" in capsys.readouterr().err

@@ -398,3 +398,16 @@ def test_sentence_embedder_optional(lib, tmp_path):
     assert SkillLibrary.open(root).manifest["embedder"]["kind"] == "sentence"
     res = skills_route(root, lib["held"]["review"][:4] + lib["held"]["dialogue"][:4], device="cpu")
     assert [r["top"] for r in res["routes"]] == ["review"] * 4 + ["dialogue"] * 4
+
+
+def test_library_files_get_the_umask_mode(lib):
+    """Every file and directory of the library (manifest, skill directories, adapters) is created as open()
+    and mkdir() would create it under the umask, so teammates can read a shared library (no 0600 / 0700)."""
+    from loramix.checkpoint import current_umask
+
+    mask = current_umask()
+    wrong = [(p.relative_to(lib["root"]).as_posix(), oct(p.stat().st_mode & 0o777))
+             for p in lib["root"].rglob("*") if p.name != ".lock"
+             and p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~mask]
+    assert not wrong, wrong
+    assert (lib["root"] / "manifest.json").is_file() and (lib["root"] / "skills" / "review" / "adapter").is_dir()

@@ -57,8 +57,14 @@ OPTIONAL_BUFFERS = (".balance_bias", ".balance_pending")
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's own tensors (names with a ``lora_`` / ``mixlora_`` marker)."""
-    return {n: t for n, t in model.state_dict().items() if is_trainable_name(n)}
+    """The adapter's own tensors (names with a ``lora_`` / ``mixlora_`` marker), whole.
+
+    A tensor sharded by FSDP2 (a DTensor) is gathered: with a sharded model every rank must call this.
+    """
+    from torch.distributed.tensor import DTensor
+
+    tensors = {n: t for n, t in model.state_dict().items() if is_trainable_name(n)}
+    return {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in tensors.items()}
 
 
 def current_umask() -> int:
@@ -96,6 +102,12 @@ def _atomic_write(path: Path, write: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` written atomically and with the umask's mode (safetensors itself
+    creates files readable by their owner only)."""
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
@@ -305,6 +317,8 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path)
     expected = {n: t.shape for n, t in state.items()}
     # Adapters saved before balance biases existed have none: they start at zero (the router as trained).
     tensors = {**{n: torch.zeros_like(t) for n, t in state.items() if n.endswith(OPTIONAL_BUFFERS)}, **tensors}
+    # adapter experts' scale was saved as a 0-dim tensor before it became (1,) (FSDP2 shards no scalars)
+    tensors = {n: t.reshape(1) if n.endswith(".mixlora_scale") and t.dim() == 0 else t for n, t in tensors.items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(n for n in set(expected) & set(tensors) if tensors[n].shape != expected[n])

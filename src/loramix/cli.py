@@ -51,6 +51,13 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``loramix train: error: argument --max-steps: ...`` (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_value(text: str) -> Any:
     """A flag value: int, float (``5e-3`` too, which YAML 1.1 reads as a string), or any YAML value."""
     for cast in (int, float):
@@ -58,7 +65,31 @@ def parse_value(text: str) -> Any:
             return cast(text)
         except ValueError:
             pass
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        from .config import yaml_error_text
+
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a value ({yaml_error_text(e)})") from None
+
+
+def parse_int(text: str) -> int:
+    """A flag value that must be an integer."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def parse_float(text: str) -> float:
+    """A flag value that must be a number."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+TYPED_FLAGS = {"int": parse_int, "int|None": parse_int, "float": parse_float, "float|None": parse_float}
 
 
 def _resolve(ref: str) -> Any:
@@ -112,7 +143,11 @@ def _add_flag(
         parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
     elif annotation.replace(" ", "") in ("str", "str|None", "Path|None", "str|Path|None", "str|Path"):
         parser.add_argument(flag, dest=name, default=None, help=text, metavar="STR", required=required)
-    else:  # numbers, lists, maps, unions: parsed as YAML ("8", "[4, 8]", "{0: 2}", "true")
+    elif annotation.replace(" ", "") in TYPED_FLAGS:
+        kind = annotation.replace(" ", "")
+        parser.add_argument(flag, dest=name, type=TYPED_FLAGS[kind], default=None, help=text,
+                            metavar=kind.split("|")[0].upper(), required=required)
+    else:  # lists, maps, unions: parsed as YAML ("[4, 8]", "{0: 2}", "true"), numbers as numbers
         parser.add_argument(flag, dest=name, type=parse_value, default=None, help=text, metavar="VALUE",
                             required=required)
 
@@ -151,7 +186,7 @@ def _add_command(sub: Any, name: str, cmd: Command) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loramix", description="Mixture-of-LoRA-Experts fine-tuning")
+    parser = ArgumentParser(prog="loramix", description="Mixture-of-LoRA-Experts fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cmd in COMMANDS.items():
         if isinstance(cmd, Command):
@@ -165,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PRINTS_RESULT = {"train", "skills_add", "skills_route", "skills_generate", "skills_list", "skills_compare_static"}
+EXIT_INTERRUPTED = 130
+"""Exit status of a run stopped by Ctrl-C (128 + SIGINT), after its checkpoint is saved."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,10 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError, RuntimeError, OSError) as e:
         if os.environ.get("LORAMIX_DEBUG"):
             raise
-        print(f"loramix: error: {e}", file=sys.stderr)
+        print(f"loramix: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
+    except KeyboardInterrupt:
+        print("loramix: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if isinstance(result, dict) and fn.__name__ in PRINTS_RESULT:  # the others print their own report
         print(json.dumps(result, indent=2, default=str))
+    if isinstance(result, dict) and result.get("interrupted") is True:
+        print("loramix: interrupted; the checkpoint is saved (continue with --resume true)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -9,6 +9,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .checks import check_int, check_number
+
+
+def check_sampling(max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any) -> None:
+    """Generation options: a length >= 1, temperature >= 0, top_p in (0, 1], top_k >= 0 (0 = off)."""
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_number("temperature", temperature, 0.0)
+    check_number("top_p", top_p, 0.0, 1.0, low_open=True)
+    check_int("top_k", top_k, 0)
+
 
 def generate_command(
     prompt: str,
@@ -23,6 +33,7 @@ def generate_command(
     device: str | None = None,
     merge: bool = False,
     compile_decode: bool = False,
+    strict_base: bool = False,
 ) -> None:
     """Generate a reply to one prompt, streamed to the terminal, from the base model or base + adapter.
 
@@ -41,11 +52,13 @@ def generate_command(
             rounding).
         compile_decode: torch.compile each MixLoRA layer's per-token path (the first reply waits
             some seconds while it compiles; later tokens are faster).
+        strict_base: refuse an adapter trained on a base with different weights (default: a warning).
     """
     from .generation import generate, load_for_inference
 
+    check_sampling(max_new_tokens, temperature, top_p, top_k)
     model_obj, tokenizer = load_for_inference(
-        model, adapter, device=device, merge=merge, compile_decode=compile_decode
+        model, adapter, device=device, merge=merge, compile_decode=compile_decode, strict_base=strict_base
     )
     generate(model_obj, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
              top_k=top_k, chat_template=chat_template, stream=True, system=system)
@@ -62,6 +75,7 @@ def chat_command(
     device: str | None = None,
     merge: bool = False,
     compile_decode: bool = False,
+    strict_base: bool = False,
 ) -> None:
     """Interactive chat with streamed replies and history (/reset clears it, /exit quits).
 
@@ -78,11 +92,13 @@ def chat_command(
             rounding).
         compile_decode: torch.compile each MixLoRA layer's per-token path (the first reply waits
             some seconds while it compiles; later tokens are faster).
+        strict_base: refuse an adapter trained on a base with different weights (default: a warning).
     """
     from .generation import chat_loop, load_for_inference
 
+    check_sampling(max_new_tokens, temperature, top_p, top_k)
     model_obj, tokenizer = load_for_inference(
-        model, adapter, device=device, merge=merge, compile_decode=compile_decode
+        model, adapter, device=device, merge=merge, compile_decode=compile_decode, strict_base=strict_base
     )
     chat_loop(model_obj, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
               top_p=top_p, top_k=top_k)
@@ -97,6 +113,10 @@ def eval_command(
     batch_size: int = 8,
     json_path: str | None = None,
     device: str | None = None,
+    max_length: int = 1024,
+    stride: int | None = None,
+    max_new_tokens: int = 256,
+    strict_base: bool = False,
 ) -> dict[str, Any]:
     """Evaluate perplexity (wikitext2), multiple-choice accuracy (ARC-Easy, ARC-Challenge, boolq, openbookqa)
     or math exact match; prints a markdown table.
@@ -110,13 +130,20 @@ def eval_command(
         batch_size: scoring batch size.
         json_path: also write the results as JSON to this file.
         device: cpu, cuda ... (default: CUDA when available).
+        max_length: perplexity window in tokens (at most the model's context size).
+        stride: perplexity: tokens between window starts (default: half the window).
+        max_new_tokens: length limit of the replies scored by the math tasks.
+        strict_base: refuse an adapter trained on a base with different weights (default: a warning).
     """
-    from .evaluation import evaluate, results_table
+    from .evaluation import check_eval_options, evaluate, results_table
     from .generation import load_for_inference
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    model_obj, tokenizer = load_for_inference(model, adapter, device=device)
-    results = evaluate(model_obj, tokenizer, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size)
+    check_eval_options(tasks, limit=limit, batch_size=batch_size, max_length=max_length, stride=stride,
+                       max_new_tokens=max_new_tokens)  # before the model loads
+    model_obj, tokenizer = load_for_inference(model, adapter, device=device, strict_base=strict_base)
+    results = evaluate(model_obj, tokenizer, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                       max_length=max_length, stride=stride, max_new_tokens=max_new_tokens)
     results.update(model=model or "default", adapter=adapter)
     print(results_table(results))
     if json_path:
@@ -134,6 +161,7 @@ def compare_command(
     data_dir: str | None = None,
     config: str | None = None,
     lora_rank: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Base vs LoRA vs MixLoRA: train each adapter with the same budget, evaluate all on the same tasks,
     write compare.md, compare.json and PNG plots.
@@ -150,11 +178,14 @@ def compare_command(
         config: a `loramix train` options file (YAML) shared by every run; its output_dir and max_steps
             are replaced by the options above, its data by ``data`` when given.
         lora_rank: rank of the LoRA baseline, or "match" for the rank with MixLoRA's trainable parameters.
+        overwrite: replace the runs already in output_dir (otherwise a non-empty run directory is refused).
     """
     from .compare import compare
     from .config import ConfigError
     from .train import load_options_file
 
+    check_int("max_steps", max_steps, 1)
+    check_int("eval_limit", eval_limit, 1, optional=True)
     options = load_options_file(config) if config else {}
     data = data or options.get("data")
     if not data:
@@ -168,6 +199,14 @@ def compare_command(
         rank = int(lora_rank)
     kwargs: dict[str, Any] = {"model": model, "output_dir": output_dir, "max_steps": max_steps,
                               "eval_limit": eval_limit, "data_dir": data_dir, "lora_rank": rank, **options}
+    if overwrite:
+        kwargs["overwrite"] = True
+    else:  # fail before the base model is evaluated, not when the first adapter run starts
+        for name in ("lora", "mixlora"):
+            run = Path(output_dir) / name
+            if run.is_dir() and any(run.iterdir()):
+                raise ConfigError(f"compare: {run} is not empty; pass --overwrite to replace the runs in "
+                                  f"{output_dir}, or choose another --output-dir")
     if tasks:
         kwargs["tasks"] = [tasks] if isinstance(tasks, str) else list(tasks)
     return compare(data, **kwargs)
@@ -203,6 +242,9 @@ def bench_command(
     """
     from .bench import format_table, run_benchmark
 
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("steps", steps)):
+        check_int(name, value, 1)
+    check_int("warmup", warmup, 0)
     kwargs: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq_len, "steps": steps,
                               "include_official": include_official, "device": device, "warmup": warmup,
                               "compile_decode": compile_decode}

@@ -6,6 +6,7 @@ Every function takes the library directory first and returns a JSON-serialisable
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import umask_dir_mode
+from ..checks import check_int, check_number
 from .gate import Gate, GateConfig, apply_policy, embed_prompts, embedder_spec, train_gate
 from .library import (
     MANIFEST,
@@ -63,7 +66,7 @@ def skill_prompts(data_cfg: Any, *, limit: int = 1000, seed: int = 0) -> list[st
             text = str(row[fields["text_field"]])[:2000]
         else:
             users = []
-            for m in record_to_messages(row, fmt, fields, source=str(data_cfg.data), row=i):
+            for m in record_to_messages(row, fmt, fields, source=str(data_cfg.data), row=i + 1):
                 if m["role"] == "assistant":
                     break
                 if m["role"] == "user":
@@ -190,6 +193,8 @@ def skills_add(
     from ..train import load_options_file, resolve, train
 
     check_name(name)
+    check_int("max_gate_prompts", max_gate_prompts, 1)
+    check_int("embed_layer", embed_layer, None)
     root = Path(library_dir).expanduser()
     callbacks = train_options.pop("callbacks", None)
     if "output_dir" in train_options:
@@ -262,6 +267,7 @@ def _add_locked(lib: SkillLibrary, name: str, data: str, adapter: str, config: s
     skills_dir = root / "skills"
     skills_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=skills_dir))
+    os.chmod(tmp, umask_dir_mode())  # it becomes skills/<name>: readable as any new directory, not 0700
     final = skills_dir / name
     new_gate_files: list[Path] = []
     committed = renamed = False
@@ -362,6 +368,7 @@ def skills_route(
         model: load the base from here instead of the library's record (it must be the same model).
     """
     _check_policy(mode, threshold, fallback)
+    check_number("gate_temperature", gate_temperature, 0.0, low_open=True, optional=True)
     lib = SkillLibrary.open(library_dir)
     names = lib.resolve_names(skills)
     prompts = _as_list(prompts)
@@ -418,6 +425,14 @@ def skills_generate(
     from .blend import SkillBlend
 
     _check_policy(mode, threshold, fallback)
+    check_number("gate_temperature", gate_temperature, 0.0, low_open=True, optional=True)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_number("temperature", temperature, 0.0)
+    check_number("top_p", top_p, 0.0, 1.0, low_open=True)
+    check_int("top_k", top_k, 0)
+    check_number("repetition_penalty", repetition_penalty, 0.0, low_open=True)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, None, optional=True)
     lib = SkillLibrary.open(library_dir)
     names = lib.resolve_names(skills)
     prompts = _as_list(prompts)
@@ -478,6 +493,8 @@ def skills_compare_static(
         combination_type: PEFT ``add_weighted_adapter`` type (``cat`` is exact; ``svd``/``linear`` approximate).
     Greedy decoding for both, so differences come from the weights, not from sampling.
     """
+    check_number("gate_temperature", gate_temperature, 0.0, low_open=True, optional=True)
+    check_int("max_new_tokens", max_new_tokens, 1)
     from ..generation import generate
     from .blend import SkillBlend
     from .static_merge import build_static_merge

@@ -35,9 +35,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ..checkpoint import save_tensors
 from .library import SkillLibraryError
 
 KINDS = ("linear", "mlp")
@@ -248,7 +249,7 @@ class Gate(nn.Module):
     # --- persistence -----------------------------------------------------------------------------
     def save(self, weights_path: Path, config_path: Path, embedder: dict[str, Any]) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(weights_path), metadata={"producer": "loramix-skill-gate"})
+        save_tensors(weights_path, tensors, metadata={"producer": "loramix-skill-gate"})
         meta = {"format": "loramix-skill-gate", "format_version": 1, "in_dim": self.in_dim,
                 "skills": self.skills, "config": asdict(self.config), "embedder": embedder,
                 "history": self.history}

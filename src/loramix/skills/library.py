@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .._version import __version__
-from ..checkpoint import sha256_file
+from ..checkpoint import save_tensors, sha256_file, umask_file_mode
 from ..injection import architecture_fingerprint
 
 MANIFEST = "manifest.json"
@@ -58,6 +58,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, umask_file_mode())  # mkstemp's 0600 would hide the file from the owner's group
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -282,5 +283,4 @@ class SkillLibrary:
 
 
 def save_prompt_embeddings(path: Path, embeddings: torch.Tensor) -> None:
-    save_file({"embeddings": embeddings.detach().float().cpu().contiguous()}, str(path),
-              metadata={"producer": FORMAT})
+    save_tensors(path, {"embeddings": embeddings.detach().float().cpu().contiguous()}, metadata={"producer": FORMAT})

@@ -222,3 +222,38 @@ def test_ctrl_c_exits_130_after_the_checkpoint_is_saved(tmp_path, monkeypatch, c
     assert (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").is_file()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["interrupted"] is True
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_compare_refuses_earlier_runs_before_any_work_unless_overwrite(tmp_path, monkeypatch):
+    """`loramix compare` into a directory with earlier runs fails before the base model is evaluated;
+    --overwrite passes overwrite=True to every training run."""
+    import loramix.compare
+    from loramix.commands import compare_command
+    from loramix.config import ConfigError
+
+    calls = []
+    monkeypatch.setattr(loramix.compare, "compare", lambda data, **kw: calls.append(kw) or {})
+    (tmp_path / "c" / "lora" / "adapter").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"compare: .*lora is not empty; pass --overwrite"):
+        compare_command(data="x.jsonl", output_dir=str(tmp_path / "c"))
+    assert calls == []
+    compare_command(data="x.jsonl", output_dir=str(tmp_path / "c"), overwrite=True)
+    assert calls and calls[0]["overwrite"] is True
+
+
+def test_strict_base_flag_refuses_an_adapter_of_another_base(tmp_path, capsys):
+    """generate/eval --strict-base turn the other-base warning into exit 2 naming both bases."""
+    from loramix import MixLoraConfig, inject, save_adapter
+    from loramix.models import load_base_model
+
+    trained_on = save_tiny_lm(tmp_path / "a", seed=0)
+    other = save_tiny_lm(tmp_path / "b", seed=1)
+    base, _ = load_base_model(trained_on, device="cpu")
+    save_adapter(inject(base, MixLoraConfig(num_experts=2, r=2, attn_r=0)), tmp_path / "adapter")
+    argv = ["generate", "--prompt", "hi", "--model", other, "--adapter", str(tmp_path / "adapter"),
+            "--max-new-tokens", "2", "--device", "cpu"]
+    assert main([*argv, "--strict-base"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "weights differ" in last and str(tmp_path / "a") in last and str(tmp_path / "b") in last, last
+    with pytest.warns(UserWarning, match="weights differ"):
+        assert main(argv) == 0

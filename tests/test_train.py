@@ -251,6 +251,15 @@ def test_resume_skips_an_incomplete_newest_checkpoint(tiny_run_inputs, tmp_path,
                 control.should_training_stop = True
 
     train(**_opts(model_dir, data, run), callbacks=[StopAt3()])
+    before = _snapshot(run)
+
+    class FailAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise RuntimeError("failed right after set-up")
+
+    with pytest.raises(RuntimeError, match="right after set-up"):  # a resume that fails changes no file
+        train(**_opts(model_dir, data, run, resume=True, learning_rate=1e-3), callbacks=[FailAtStart()])
+    assert _snapshot(run) == before
     shutil.copytree(run / "checkpoint-3", run / "checkpoint-5")
     (run / "checkpoint-5" / "trainer_state.json").unlink()
     with pytest.raises(ConfigError, match=r"resume: cannot resume from .*checkpoint-5.*trainer_state\.json is missing"):

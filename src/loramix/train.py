@@ -678,7 +678,7 @@ def _train(
     trainer.add_callback(_CommitOnSave(guard))
     for cb in callbacks or []:
         trainer.add_callback(cb)
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero() and resume_from is None:  # a resumed run writes it with its adapter
         (out / "resolved_config.yaml").write_text(_yaml(resolved))
 
     base_val = None
@@ -729,6 +729,8 @@ def _train(
             save_adapter(model, out / "adapter")
             tokenizer.save_pretrained(out / "adapter")
             guard.commit()
+        if resume_from is not None:
+            (out / "resolved_config.yaml").write_text(_yaml(resolved))
         if train_cfg.plots:
             from .plots import plot_expert_utilisation, plot_loss_curves
 

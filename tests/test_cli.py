@@ -129,6 +129,7 @@ def _required_args(prefix, tmp_path):
         "compare": ["--data", data, "--model", nowhere, "--output-dir", str(tmp_path / "c")],
         "bench": ["--model", nowhere],
         "continual": ["--model", nowhere, "--output-dir", str(tmp_path / "cl")],
+        "export": ["--adapter", str(tmp_path / "no-adapter"), "--output-dir", str(tmp_path / "x"), "--model", nowhere],
         "add": ["s1", "--library-dir", str(tmp_path / "lib"), "--data", data],
         "route": ["hi", "--library-dir", str(tmp_path / "lib")],
         "generate-skills": ["hi", "--library-dir", str(tmp_path / "lib")],

@@ -139,6 +139,8 @@ def eval_command(
     from .generation import load_for_inference
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+        raise ValueError("tasks: name at least one task, e.g. --tasks \"[wikitext2, boolq]\"")
     check_eval_options(tasks, limit=limit, batch_size=batch_size, max_length=max_length, stride=stride,
                        max_new_tokens=max_new_tokens)  # before the model loads
     model_obj, tokenizer = load_for_inference(model, adapter, device=device, strict_base=strict_base)

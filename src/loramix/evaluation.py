@@ -644,8 +644,8 @@ def check_eval_options(
 ) -> None:
     """Refuse unknown task names and counts that would give wrong figures (``limit=0`` scores nothing,
     a negative limit drops items from the end)."""
-    if isinstance(tasks, str) or not tasks:
-        raise ValueError(f"tasks: expected a non-empty list of task names, got {tasks!r}")
+    if isinstance(tasks, str):
+        raise ValueError(f"tasks: expected a list of task names, got the string {tasks!r}")
     for t in tasks:
         task_kind(t)
     check_int("limit", limit, 1, optional=True)

@@ -758,6 +758,9 @@ def export_command(
         max_shard_size: largest safetensors shard, e.g. 2GB.
         overwrite: replace a non-empty output directory.
     """
+    from .checks import check_int
+
+    check_int("check_tokens", check_tokens, 1)  # before the model loads
     report = export_model(adapter, output_dir, model=model, format=format, check=check,
                           allow_approximate=allow_approximate, dtype=dtype, check_text=check_text,
                           tolerance=tolerance, max_shard_size=max_shard_size, overwrite=overwrite)

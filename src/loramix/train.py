@@ -118,6 +118,7 @@ class TrainConfig:
             check_int(f"TrainConfig.{name}", getattr(self, name), 1)
         check_number("TrainConfig.num_epochs", self.num_epochs, 0.0)
         check_number("TrainConfig.learning_rate", self.learning_rate)
+        check_number("TrainConfig.router_lr", self.router_lr, optional=True)
         check_number("TrainConfig.weight_decay", self.weight_decay, 0.0)
         check_number("TrainConfig.warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
         check_number("TrainConfig.max_grad_norm", self.max_grad_norm, 0.0)

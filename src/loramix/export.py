@@ -104,7 +104,8 @@ class ExportReport:
     adapter_bytes: int | None
     check_tokens: int = 0
     max_abs_logit_diff: float | None = None  # exported vs loramix (as exported), float32
-    tolerance: float | None = None
+    tolerance: float | None = None  # allowed difference, relative to the largest |logit| (at least 1)
+    logit_scale: float | None = None  # max(1, largest |logit| of the loramix model on the check tokens)
     approximations: list[str] = field(default_factory=list)
     measured: dict[str, float] = field(default_factory=dict)  # effect of the approximations on the check text
     notes: list[str] = field(default_factory=list)
@@ -126,7 +127,7 @@ class ExportReport:
         else:
             lines.append(
                 f"check: max |logit difference| {self.max_abs_logit_diff:.2e} over {self.check_tokens} tokens "
-                f"(float32; tolerance {self.tolerance:.0e})"
+                f"(float32; allowed {self.tolerance:.0e} x logit scale {self.logit_scale:.1f})"
             )
         for a in self.approximations:
             lines.append(f"approximation: {a}")
@@ -621,6 +622,8 @@ def export_adapted(
             adapter_bytes=_dir_bytes(Path(source_adapter)) if source_adapter else None,
             approximations=list(plan.approximations), notes=list(plan.notes),
         )
+        if dtype == torch.float32:
+            del tensors  # nothing left to write: free them before the check loads the checkpoint
         if check:
             _check(staging, ids, ref, plan, report, tolerance)
         if dtype != torch.float32:  # the checked float32 weights, rounded once to the storage dtype
@@ -629,7 +632,7 @@ def export_adapted(
             report.exported_bytes = write_safetensors(staging, tensors, dtype, max_shard_size)
             if check:
                 report.measured["max_abs_logit_diff_after_cast"] = _logit_diff(staging, ids, ref["reference"])
-        del tensors
+            del tensors
         (staging / "README.md").write_text(_model_card(report, plan))
         (staging / "loramix_export.json").write_text(json.dumps(report.to_dict(), indent=2))
         if output_dir.exists():
@@ -657,11 +660,13 @@ def _check(directory: Path, ids: torch.Tensor, ref: dict[str, Any], plan: Export
     report.check_tokens = ids.numel()
     report.max_abs_logit_diff = diff
     report.tolerance = tolerance
+    report.logit_scale = max(1.0, float(ref["reference"].abs().max()))
     report.measured = _measure(ref, logits, ids, plan)
-    if not diff <= tolerance:
+    if not diff <= tolerance * report.logit_scale:
         raise ExportError(
             f"refusing to write {report.output_dir}: the exported model's logits differ from the loramix model's "
-            f"by up to {diff:.3e} (tolerance {tolerance:.0e}) on {ids.numel()} tokens"
+            f"by up to {diff:.3e} (allowed: tolerance {tolerance:.0e} x the largest |logit| {report.logit_scale:.1f}) "
+            f"on {ids.numel()} tokens"
         )
 
 
@@ -699,7 +704,8 @@ def export_model(
         format: auto, mixtral, qwen2_moe or qwen3_moe; auto picks by the base (llama/mistral -> mixtral,
             qwen2 -> qwen2_moe, qwen3 -> qwen3_moe).
         check: load the written checkpoint with transformers and compare its float32 logits with the loramix
-            model's on the check tokens; a model that differs by more than the tolerance is not written.
+            model's on the check tokens; a model that differs by more than tolerance x the largest |logit| is
+            not written.
         allow_approximate: export even where the format cannot reproduce the adapter exactly (a non-constant
             balance bias, the switch router's capacity limit); the difference is measured on the check
             tokens and reported.
@@ -707,7 +713,8 @@ def export_model(
             weights before the cast).
         check_text: text (or a path to a UTF-8 text file) tokenised for the check; default: a built-in paragraph.
         check_tokens: at most this many tokens of the check text.
-        tolerance: largest allowed float32 logit difference.
+        tolerance: largest allowed float32 logit difference, relative to the largest |logit| (at least 1):
+            float32 rounding grows with the logits' size.
         max_shard_size: largest safetensors shard, e.g. 2GB or 500MB.
         overwrite: replace a non-empty output_dir.
     """
@@ -737,6 +744,7 @@ def export_command(
     allow_approximate: bool = False,
     dtype: str = "float32",
     check_text: str | None = None,
+    check_tokens: int = 128,
     tolerance: float = DEFAULT_TOLERANCE,
     max_shard_size: str = "2GB",
     overwrite: bool = False,
@@ -754,7 +762,8 @@ def export_command(
             capacity) and print the measured difference.
         dtype: float32, bfloat16 or float16 weights.
         check_text: text or text file for the check (default: a built-in paragraph).
-        tolerance: largest allowed float32 logit difference.
+        check_tokens: at most this many tokens of the check text.
+        tolerance: largest allowed float32 logit difference relative to the largest |logit|.
         max_shard_size: largest safetensors shard, e.g. 2GB.
         overwrite: replace a non-empty output directory.
     """
@@ -763,6 +772,7 @@ def export_command(
     check_int("check_tokens", check_tokens, 1)  # before the model loads
     report = export_model(adapter, output_dir, model=model, format=format, check=check,
                           allow_approximate=allow_approximate, dtype=dtype, check_text=check_text,
-                          tolerance=tolerance, max_shard_size=max_shard_size, overwrite=overwrite)
+                          check_tokens=check_tokens, tolerance=tolerance, max_shard_size=max_shard_size,
+                          overwrite=overwrite)
     print(report.summary())
     return report.to_dict()

@@ -80,6 +80,11 @@ def test_exported_logits_equal_loramix(arch, tmp_path):
     assert not config["tie_word_embeddings"]
     for name in ("tokenizer.json", "generation_config.json", "README.md", "loramix_export.json"):
         assert (tmp_path / "out" / name).is_file(), name
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "f").write_text("x")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not private
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == (plain / "f").stat().st_mode & 0o777
 
 
 def test_exported_model_differs_from_base(tmp_path):

@@ -317,3 +317,21 @@ def test_cli_export_error_names_option(tmp_path, capsys):
                  "--output-dir", str(tmp_path / "out")])
     assert code == 2
     assert "--allow-approximate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["adapter_all_top2", "adapter_rslora_top1"])
+def test_official_mixlora_adapter_exports(variant, tmp_path):
+    """An adapter written by the official MixLoRA package exports to a Mixtral that computes the official
+    package's logits (stored in the fixture)."""
+    from safetensors.torch import load_file
+
+    from loramix import load_adapter
+
+    fixture = Path(__file__).parent / "fixtures" / "official_mixlora"
+    base = AutoModelForCausalLM.from_pretrained(fixture / "base", dtype=torch.float32).eval()
+    export_adapted(load_adapter(base, fixture / variant), tmp_path / "out")
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    ids = load_file(fixture / "inputs.safetensors")["input_ids"]
+    with torch.no_grad():
+        logits = exported(input_ids=ids).logits
+    assert (logits - load_file(fixture / "expected_logits.safetensors")[variant]).abs().max() < TOL

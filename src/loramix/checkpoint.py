@@ -110,8 +110,13 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write only the trainable weights and the metadata needed to rebuild the model."""
+def save_adapter(model: nn.Module, directory: str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write only the trainable weights and the metadata needed to rebuild the model.
+
+    ``tensors``: the adapter's whole tensors when they were gathered already. With an FSDP-sharded model,
+    gather them on every rank with :func:`trainable_state_dict` and save from one rank with ``tensors``;
+    nothing here then communicates between ranks (the base-weights digest was taken at ``inject``).
+    """
     state = get_state(model)
     if state.config.attn_r > 0 and not state.attn_targets:  # the config would re-create attention LoRA
         raise ValueError(
@@ -120,7 +125,14 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.detach().to("cpu").contiguous() for n, t in trainable_state_dict(model).items()}
+    if tensors is None:
+        tensors = trainable_state_dict(model)
+    else:  # names only: reading the model's state dict could gather shards on this rank alone
+        other = sorted(n for n in tensors if not is_trainable_name(n))
+        if not tensors or other:
+            raise ValueError(f"save_adapter: tensors must be the adapter's (trainable_state_dict), got {len(tensors)} "
+                             f"tensors, of which not the adapter's: {other[:5]}")
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     weights = directory / WEIGHTS_NAME
     _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "producer": FORMAT}))
     meta = {
@@ -132,7 +144,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "weights_file": WEIGHTS_NAME,
         "weights_sha256": sha256_file(weights),
         "config": state.config.to_dict(),
-        "base_weights": base_weights_digest(model),
+        "base_weights": state.base_weights or base_weights_digest(model),
     }
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return directory

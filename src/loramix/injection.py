@@ -43,6 +43,7 @@ class LoramixState:
     hooks: list[Any] = field(default_factory=list)
     added_peft_config: bool = False  # PEFT set model.peft_config; unload removes it
     marked_adapted: bool = False  # inject set _hf_peft_config_loaded on a quantized base; unload clears it
+    base_weights: dict[str, Any] | None = None  # checkpoint.base_weights_digest of the base, taken at inject
 
 
 def get_state(model: nn.Module) -> LoramixState:
@@ -143,6 +144,11 @@ def inject(model: nn.Module, config: MixLoraConfig) -> nn.Module:
         attn_targets=attn_targets,
         original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
     )
+    from .checkpoint import base_weights_digest  # (checkpoint imports this module)
+
+    # taken now, while every rank holds whole weights: saving from one rank of a sharded (FSDP) model must
+    # not read the other ranks' shards
+    state.base_weights = base_weights_digest(model)
     model_dtype = floating_dtype(model)
     keep_trainable_layout(model)  # bitsandbytes 4-bit layers: gradients must flow through them
     for p in model.parameters():

@@ -117,7 +117,8 @@ class MixLoraFFN(nn.Module):
                 self.mixlora_experts[role] = ExpertLoRA(num_experts, fan_in, fan_out, config.r, config.scaling)
         else:
             self.mixlora_adapters = AdapterExperts(num_experts, hidden, config.r, self.act)
-            self.mixlora_scale = nn.Parameter(torch.tensor(float(config.adapter_scale_init)))
+            # shape (1,), not a scalar: FSDP2 (fully_shard) cannot shard 0-dim parameters
+            self.mixlora_scale = nn.Parameter(torch.tensor([float(config.adapter_scale_init)]))
         self.token_mask: torch.Tensor | None = None  # set per forward by the model hook
         self.last_routing: Routing | None = None  # kept for the aux loss and statistics
 

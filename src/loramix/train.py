@@ -29,7 +29,7 @@ from .checkpoint import AdapterLoadError, load_adapter_weights, save_adapter, tr
 from .checks import check_int, check_number
 from .config import ConfigError, MixLoraConfig, yaml_error_text
 from .data import DataConfig, build_datasets
-from .injection import get_state, inject, update_balance_biases
+from .injection import get_state, inject, is_trainable_name, update_balance_biases
 from .models import load_base_model
 
 ADAPTERS = ("mixlora", "lora")
@@ -276,8 +276,11 @@ class LoramixTrainer(Trainer):
         return out
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        tensors = None  # under FSDP, Trainer gathered the full state dict on every rank: no rank-0-only gather
+        if self.is_fsdp_enabled and state_dict:
+            tensors = {n: t for n, t in state_dict.items() if is_trainable_name(n)}
         if self.args.should_save:
-            save_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+            save_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir, tensors)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_adapter_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
@@ -725,9 +728,10 @@ def _train(
         digest_dir = out / "rank_digests"
         digest_dir.mkdir(exist_ok=True)
         (digest_dir / f"rank{trainer.args.process_index}.txt").write_text(weights_digest(model))
+    final = trainable_state_dict(model) if diverged is None else None  # every rank: gathers FSDP shards
     if trainer.is_world_process_zero():
         if diverged is None:
-            save_adapter(model, out / "adapter")
+            save_adapter(model, out / "adapter", final)
             tokenizer.save_pretrained(out / "adapter")
             guard.commit()
         if resume_from is not None:

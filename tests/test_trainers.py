@@ -217,3 +217,16 @@ def test_loramix_train_runs_in_the_chosen_precision(precision, tmp_path) -> None
     assert summary["final_val_loss"] < summary["base_val_loss"]
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_evaluation_keeps_no_logits(tmp_path) -> None:
+    """loramix's Trainer evaluates the loss only: gathering every validation row's (length, vocab) logits cost
+    gigabytes with a 49k vocabulary."""
+    from loramix.train import LoramixTrainer, TrainConfig, _training_args
+
+    tok = byte_tokenizer()
+    model = loramix.inject(tiny_causal_lm(tok), MixLoraConfig(**CONFIG))
+    args = _training_args(TrainConfig(output_dir=str(tmp_path), max_steps=1), has_val=True)
+    trainer = LoramixTrainer(model=model, args=args, eval_dataset=lm_dataset(tok, rows=8))
+    out = trainer.evaluation_loop(trainer.get_eval_dataloader(), "eval")
+    assert out.predictions is None and out.metrics["eval_loss"] > 0

@@ -462,6 +462,7 @@ def _training_args(cfg: TrainConfig, has_val: bool) -> TrainingArguments:
         metric_for_best_model="eval_loss" if has_val else None,
         greater_is_better=False,
         report_to=report_to,
+        prediction_loss_only=True,  # evaluation needs the loss only: never gather (rows, length, vocab) logits
         disable_tqdm=True,
         remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",

@@ -49,8 +49,8 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def mixlora(vocab: int, **overrides) -> torch.nn.Module:
-    base = tiny_model("llama", vocab_size=vocab, **overrides)
+def mixlora(vocab: int, arch: str = "llama", **overrides) -> torch.nn.Module:
+    base = tiny_model(arch, vocab_size=vocab, **overrides)
     cfg = MixLoraConfig(num_experts=4, top_k=2, r=4, attn_r=4, dropout=0.0, attn_dropout=0.0)
     model = inject(base, cfg)
     perturb_adapters(model, scale=0.3)
@@ -110,10 +110,12 @@ def greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
     return ids[0, len(prompt):].tolist()
 
 
-def test_vllm_greedy_tokens_equal_loramix(tmp_path):
-    """vLLM (CPU) loads the exported Mixtral and decodes greedily the tokens the loramix model decodes."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_vllm_greedy_tokens_equal_loramix(arch, tmp_path):
+    """vLLM (CPU) loads the exported Mixtral / Qwen2-MoE (zero shared expert) and decodes greedily the
+    tokens the loramix model decodes."""
     python = vllm_python()
-    model = mixlora(128, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+    model = mixlora(128, arch, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                     max_position_embeddings=256)  # vLLM's CPU attention needs head_dim >= 32
     prompts = [[5, 17, 33, 2, 90], [7, 7, 100, 3], [64, 1, 12, 12, 12, 40, 9]]
     expected = [greedy(model, p, 8) for p in prompts]

@@ -104,7 +104,7 @@ class MixLoraFFN(nn.Module):
         self.expert_type = config.expert_type
         self.use_reference = False  # switch to the loop-over-experts path (debugging, tests)
         self.pairwise_max_pairs = 16  # inference with at most this many (token, slot) pairs: pairwise path
-        # training: recompute the per-pair activations in backward instead of storing them (see mixlora_fast)
+        # training: recompute the pairs' activations in backward instead of storing them (see mixlora_fast)
         self.recompute_experts = True
         self._compiled: Any = None  # torch.compile'd route_pairwise (compile_decode), or None
         hidden, intermediate = linear_shape(self.proj("up"))
@@ -207,12 +207,13 @@ class MixLoraFFN(nn.Module):
         x_kept, rescale = self.mixlora_dropout.unscaled(x)  # (T, H) one mask per token: half the RNG work
         up = self.proj("up")(x).to(dtype)  # (T, I) frozen projections once per token
         gate = self.proj("gate")(x).to(dtype) if self.spec.gated else None  # (T, I)
-        args = (x_kept, up, gate, token, weight, counts, rescale)
+        pair_up, pair_gate = self._pair_projections(x_kept, up, gate, token, counts, rescale)  # (N, I) each
+        args = (pair_up, pair_gate, token, weight, counts, num_tokens)
         if self.recompute_experts and self.training and torch.is_grad_enabled():
-            # backward keeps only the per-token inputs and recomputes the (N, I) per-pair activations
-            mixed, down_delta = checkpoint(self._routed_experts, *args, use_reentrant=False)
+            # backward keeps the pairs' gate/up pre-activations and recomputes the activations from them
+            mixed, down_delta = checkpoint(self._mix_pairs, *args, use_reentrant=False)
         else:
-            mixed, down_delta = self._routed_experts(*args)
+            mixed, down_delta = self._mix_pairs(*args)
         coverage = torch.zeros(num_tokens, dtype=weight.dtype, device=x.device).index_add(0, token, weight[:, 0])
         dropped = ~routing.mask.any(dim=-1)  # (T,) tokens no expert took: frozen FFN
         if dropped.any():
@@ -228,24 +229,30 @@ class MixLoraFFN(nn.Module):
             out = out + down_delta
         return self._finish(out)
 
-    def _routed_experts(
+    def _pair_projections(
         self, x_kept: torch.Tensor, up: torch.Tensor, gate: torch.Tensor | None, token: torch.Tensor,
-        weight: torch.Tensor, counts: list[int], rescale: float,
+        counts: list[int], rescale: float,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The per-pair part of :meth:`mixlora_fast`: x_kept (T, H) dropout-masked input, up/gate (T, I) frozen
-        projections, token (N,) and weight (N, 1) of the pairs sorted by expert. Returns the routing-weighted sum
-        of the experts' activations (T, I) and of their down-LoRA deltas (T, H), or None without down LoRA."""
-        num_tokens = x_kept.shape[0]
-        xd = x_kept.index_select(0, token)  # (N, H); 1/(1-p) goes on the rank-r products
+        """Each pair's gate/up pre-activations: the frozen rows (T, I) of its token plus its expert's LoRA on the
+        dropout-masked input x_kept (T, H); token (N,) and counts describe the pairs sorted by expert."""
         frozen = {"up": up} if gate is None else {"up": up, "gate": gate}
         adapted = [role for role in ("gate", "up") if role in frozen and role in self.targets]
         pairs = {role: frozen[role].index_select(0, token) for role in frozen if role not in adapted}  # (N, I)
         if adapted:  # gathered frozen rows + each pair's expert LoRA, gate and up sharing one A pass
+            xd = x_kept.index_select(0, token)  # (N, H); 1/(1-p) goes on the rank-r products
             lora = [self.mixlora_experts[role] for role in adapted]
             outs = grouped_lora(xd, [e.lora_A for e in lora], [e.lora_B for e in lora], counts,
                                 lora[0].scaling * rescale, token, [frozen[role] for role in adapted])
             pairs.update(zip(adapted, outs, strict=True))  # (N, I) each
-        h = self._activation(pairs["up"], pairs.get("gate"))  # (N, I) each pair's expert activation
+        return pairs["up"], pairs.get("gate")
+
+    def _mix_pairs(
+        self, pair_up: torch.Tensor, pair_gate: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,
+        counts: list[int], num_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pairs' activations mixed per token: the routing-weighted sum of the activations (T, I) and of the
+        experts' down-LoRA deltas (T, H), or None without down LoRA; weight (N, 1)."""
+        h = self._activation(pair_up, pair_gate)  # (N, I) each pair's expert activation
         mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
         mixed.index_add_(0, token, h * weight)  # (T, I) routing-weighted sum per token (fresh buffer: in place)
         if "down" not in self.targets:

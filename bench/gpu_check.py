@@ -45,13 +45,17 @@ def bench(dtype: torch.dtype, device: str, steps: int) -> dict:
 
 def quantized_smoke(device: str) -> dict:
     """Load a small random Llama 4-bit on ``device``, inject, 5 AdamW steps: the loss must fall."""
-    from loramix.models import load_base_model
+    from transformers import AutoModelForCausalLM
+
+    from loramix.models import bitsandbytes_config
 
     with tempfile.TemporaryDirectory() as d:
         small = random_llama(torch.float32, "cpu", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                              num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)
         small.save_pretrained(d)
-        model, _ = load_base_model(d, quantize="4bit", device=device, dtype="bf16")
+        model = AutoModelForCausalLM.from_pretrained(
+            d, quantization_config=bitsandbytes_config("4bit", torch.bfloat16), device_map=device, dtype=torch.bfloat16
+        )
     model = loramix.inject(model, loramix.MixLoraConfig(num_experts=4, top_k=2, r=8, attn_r=8)).train()
     kinds = sorted({type(m.proj("up")).__name__ for m in loramix.injection.get_state(model).moe_layers.values()})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -1,7 +1,8 @@
 """GPU check, part 2: the training bench on a randomly initialised model of Llama-3.2-1B's shape (no weights to
 copy), in float32 and bfloat16 weights, and a 4-bit training smoke run when bitsandbytes is importable.
 
-Run by ``bench/gpu_check.sh``; prints the bench tables and writes ``<out>/gpu_bench.json``.
+Run by ``bench/gpu_check.sh`` (``python -m bench.gpu_check`` from the repository root); prints the bench tables
+and writes ``<out>/gpu_bench.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loramix
-from loramix.bench import format_table, run_benchmark
+from bench.harness import format_table, run_benchmark
 
 # Llama-3.2-1B's config.json (meta-llama/Llama-3.2-1B), minus the weights
 LLAMA_32_1B = dict(

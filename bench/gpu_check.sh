@@ -4,7 +4,8 @@
 #      the trainer tests (HF Trainer bf16 and fp16, Accelerate bf16, fp16 + GradScaler) on CUDA;
 #   2. the 4-bit tests if bitsandbytes is importable;
 #   3. the training bench (step time and peak memory as ratios to PEFT LoRA, measured in the same run) on a
-#      randomly initialised model of Llama-3.2-1B's shape, and a 4-bit smoke run on CUDA (bench/gpu_check.py).
+#      randomly initialised model of Llama-3.2-1B's shape, and a 4-bit smoke run on CUDA
+#      (python -m bench.gpu_check).
 # Needs torch, transformers, peft, safetensors and accelerate, plus pytest. Without internet, fetch pytest here
 #   pip download --no-deps -d bench/.wheels pytest==9.2.0 iniconfig==2.3.1 pluggy==1.7.0 pygments==2.21.0
 # and copy bench/.wheels along; the script installs them when pytest is missing. trl, datasets and bitsandbytes
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 python -c "import pytest" 2>/dev/null || pip install -q --no-index --no-deps bench/.wheels/*.whl
-export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" LORAMIX_TEST_DEVICE=cuda LORAMIX_TEST_THREADS=4
+export PYTHONPATH="$PWD/src:$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" LORAMIX_TEST_DEVICE=cuda LORAMIX_TEST_THREADS=4
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 status=0
 timeout 200 python -m pytest -q -p no:cacheprovider -o addopts="" tests/test_precision.py tests/test_trainers.py \
@@ -27,6 +28,6 @@ if python -c "import bitsandbytes" 2>/dev/null; then
 else
   echo "bitsandbytes not importable: 4-bit tests skipped" | tee "$OUT/quantize.log"
 fi
-timeout 240 python bench/gpu_check.py --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log" || status=1
+timeout 240 python -m bench.gpu_check --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log" || status=1
 echo "gpu_check status $status"
 exit $status

@@ -1,5 +1,8 @@
 """Speed / memory benchmark: base model vs PEFT LoRA vs loramix MixLoRA (per router) vs official ``mixlora``.
 
+This harness lives beside the package, not in it: the library never imports it. ``loramix bench`` and
+``bench/run_bench.py`` are its command lines.
+
 Every variant is a fresh deep copy of one loaded base model and all are measured in the same process:
 
 1. each variant is built (a fresh copy of the model modules sharing the frozen weights, see
@@ -48,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocator import ENV_SWITCH, tune_malloc
+from loramix.allocator import ENV_SWITCH, tune_malloc
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET_STEP_RATIO = 1.15  # MixLoRA training step <= 1.15 x PEFT LoRA step
@@ -152,8 +155,8 @@ def make_loramix(
     dropout: float = 0.05,
 ) -> tuple[nn.Module, list]:
     """loramix MixLoRA: ``num_experts`` rank-r experts on gate/up/down + rank-r attention LoRA."""
-    from .config import MixLoraConfig
-    from .injection import inject
+    from loramix.config import MixLoraConfig
+    from loramix.injection import inject
 
     cfg = MixLoraConfig(
         num_experts=num_experts,
@@ -419,7 +422,7 @@ class VariantRunner:
 
 def _compiled_layers(model: nn.Module) -> int:
     """MixLoRA layers whose decoding path is still compiled (one that failed to compile fell back)."""
-    from .compiled import moe_layers
+    from loramix.compiled import moe_layers
 
     return sum(layer._compiled is not None for layer in moe_layers(model))
 
@@ -499,7 +502,7 @@ def _touch(model: nn.Module) -> None:
 def _load_base(model_spec: Any, device: torch.device, dtype: str | torch.dtype) -> nn.Module:
     if isinstance(model_spec, nn.Module):
         return model_spec.to(device)
-    from .models import load_base_model
+    from loramix.models import load_base_model
 
     model, _ = load_base_model(model_spec, dtype=dtype, device=device)
     return model
@@ -634,11 +637,11 @@ def _run(
         builders[f"mixlora_{router}"] = lambda m, router=router: make_loramix(
             m, router=router, num_experts=num_experts, top_k=top_k, r=r, alpha=alpha, dropout=dropout
         )
-    from .merge import merge_attention
+    from loramix.merge import merge_attention
 
     mergers: dict[str, Callable[[nn.Module], nn.Module]] = {"peft_lora": lambda m: m.merge_and_unload()}
     mergers.update({f"mixlora_{router}": merge_attention for router in routers})
-    from .compiled import compile_decoding
+    from loramix.compiled import compile_decoding
 
     compilers = {f"mixlora_{router}": compile_decoding for router in routers} if compile_decode else {}
     skipped: dict[str, str] = {}

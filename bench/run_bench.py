@@ -1,8 +1,8 @@
-"""Thin command line around ``loramix.bench.run_benchmark``: prints the table, optionally writes JSON.
+"""Thin command line around ``bench.harness.run_benchmark``: prints the table, optionally writes JSON.
 
-Example (the default SmolLM2-135M-Instruct on CPU, batch 4 x 128)::
+Example, from the repository root (the default SmolLM2-135M-Instruct on CPU, batch 4 x 128)::
 
-    python bench/run_bench.py --batch-size 4 --seq-len 128 --steps 5 --warmup 2 --threads 1 --json bench.json
+    python -m bench.run_bench --batch-size 4 --seq-len 128 --steps 5 --warmup 2 --threads 1 --json bench.json
 
 Add ``--profile`` to also print a torch.profiler breakdown of one MixLoRA training step.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from bench.harness import format_table, profile_training_step, run_benchmark
 from loramix.allocator import ENV_SWITCH
-from loramix.bench import format_table, profile_training_step, run_benchmark
 from loramix.config import ROUTERS
 
 

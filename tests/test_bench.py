@@ -1,4 +1,5 @@
-"""bench.py on a tiny model: every variant and key is produced, ratios are consistent, table renders."""
+"""The bench harness (bench/harness.py) on a tiny model: every variant and key is produced, ratios are consistent,
+table renders."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramix import bench
+from bench import harness as bench
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
@@ -164,7 +165,7 @@ def test_profile_reports_mixlora_parts():
 
 
 def test_run_bench_script_writes_json(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "bench" / "run_bench.py"
+    root = Path(__file__).resolve().parents[1]
     model_dir = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)  # load_base_model loads a tokenizer too
@@ -172,7 +173,8 @@ def test_run_bench_script_writes_json(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(script),
+            "-m",
+            "bench.run_bench",
             "--model",
             str(model_dir),
             "--batch-size",
@@ -196,6 +198,7 @@ def test_run_bench_script_writes_json(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=root,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -213,3 +216,23 @@ def test_sequential_mode_gives_the_same_keys():
     assert all(set(f) >= FIGURES for f in res["variants"].values())
     assert res["machine"]["torch_threads"] == 1
     assert torch.get_num_threads() == threads  # restored
+
+
+def test_library_never_imports_the_bench():
+    """Importing every loramix module loads nothing from bench/ (the CLI loads it when `loramix bench` runs)."""
+    code = (
+        "import importlib, pkgutil, sys, loramix\n"
+        "for m in pkgutil.walk_packages(loramix.__path__, 'loramix.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(sorted(n for n in sys.modules if n == 'bench' or n.startswith('bench.')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_cli_bench_loads_the_harness_from_the_checkout():
+    from loramix.commands import bench_harness
+
+    assert bench_harness().run_benchmark is bench.run_benchmark

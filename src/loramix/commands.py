@@ -5,7 +5,9 @@ Each signature is the CLI's flag list and each ``Args:`` docstring its help text
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +216,22 @@ def compare_command(
     return compare(data, **kwargs)
 
 
+def bench_harness() -> Any:
+    """The benchmark harness, ``bench/harness.py`` of a source checkout: it lives beside the package, not in it,
+    so ``loramix bench`` needs the repository (``git clone`` and ``pip install -e .``)."""
+    try:
+        return importlib.import_module("bench.harness")
+    except ModuleNotFoundError as e:
+        if e.name not in ("bench", "bench.harness"):
+            raise
+    root = Path(__file__).resolve().parents[2]  # src/loramix/commands.py -> the checkout
+    if not (root / "bench" / "harness.py").is_file():
+        raise ImportError("loramix bench runs bench/harness.py of a loramix source checkout, and this install "
+                          "has none: clone the repository and pip install -e . there") from None
+    sys.path.insert(0, str(root))
+    return importlib.import_module("bench.harness")
+
+
 def bench_command(
     model: str | None = None,
     batch_size: int = 4,
@@ -242,8 +260,7 @@ def bench_command(
             memory and are slower than the rest).
         compile_decode: also time decoding with the attention LoRA merged and the decoding path compiled.
     """
-    from .bench import format_table, run_benchmark
-
+    harness = bench_harness()
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("steps", steps)):
         check_int(name, value, 1)
     check_int("warmup", warmup, 0)
@@ -252,8 +269,8 @@ def bench_command(
                               "compile_decode": compile_decode}
     if routers:
         kwargs["routers"] = [routers] if isinstance(routers, str) else list(routers)
-    result = run_benchmark(model, **kwargs)
-    print(format_table(result))
+    result = harness.run_benchmark(model, **kwargs)
+    print(harness.format_table(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2, default=str))
     return result

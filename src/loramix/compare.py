@@ -141,12 +141,11 @@ def _lora_options(
 
 def count_trainable(base: Any, config: Any) -> int:
     """Trainable parameters of ``config`` injected into ``base`` (``base`` is left as it was)."""
-    from .bench import count_trainable as count
     from .injection import inject, unload
 
     model = inject(base, config)
     try:
-        return count([p for p in model.parameters() if p.requires_grad])
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
     finally:
         unload(model)
 

@@ -3,7 +3,7 @@
 On CPU, ``torch.nn.functional.dropout`` draws one Bernoulli sample per element. :class:`FastDropout` keeps
 the same distribution (each element kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``) but cuts
 four 16-bit uniforms out of every 64-bit draw. ``p`` is quantised to a multiple of 1/65536. On one core it
-measured 10-30 % cheaper than ``F.dropout`` on a 1024 x 1536 tensor (``scripts/dropout_micro.py``); most of
+measured 10-30 % cheaper than ``F.dropout`` on a 1024 x 1536 tensor (``python -m bench.probes.dropout_micro``); most of
 the remaining cost is the masked multiply, not the random numbers. On other devices, and as the reference,
 it is plain ``F.dropout``.
 """
@@ -36,8 +36,8 @@ def unscaled_dropout(x: torch.Tensor, p: float, training: bool = True) -> tuple[
         return x, 1.0
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, True), 1.0
-    # the bool mask viewed as uint8 (no copy): on a quiet CPU float * uint8 ran about twice as fast as float * bool
-    # (scripts/mask_mul_micro.py), in forward and in the backward's grad * mask
+    # the bool mask viewed as uint8 (no copy): on CPU float * uint8 is cheaper than float * bool, in forward and in
+    # the backward's grad * mask
     return x * keep_mask(x.shape, p, x.device).view(torch.uint8), 1.0 / (1.0 - p)
 
 

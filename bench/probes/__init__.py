@@ -1,0 +1,1 @@
+"""Small diagnostic probes kept beside the benchmark; see README.md in this folder."""

@@ -1,4 +1,4 @@
-"""Novelty detection: the skill library and detector on hand-made embeddings, then on a synthetic task
+"""Novelty detection: the skill prototypes and detector on hand-made embeddings, then on a synthetic task
 stream embedded by tiny random llama / gpt2 models (separability checked first)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from loramix.continual import (
     HiddenStateEmbedder,
     NoveltyDetector,
-    SkillLibrary,
+    SkillPrototypes,
     boundary_detection,
     build_embedder,
     similarity_report,
@@ -41,7 +41,7 @@ def unit(*xs: float) -> torch.Tensor:
 
 # --- hand-made embeddings ---------------------------------------------------------------------------
 def test_library_running_mean_prototypes():
-    lib = SkillLibrary()
+    lib = SkillPrototypes()
     assert lib.similarities(unit(1, 0)).shape == (1, 0)
     s = lib.add(torch.stack([unit(1, 0), unit(0, 1)]))
     assert s == 0 and lib.counts == [2]
@@ -154,3 +154,11 @@ def test_embedding_ignores_padding_and_batching():
     assert torch.allclose(together, alone, atol=1e-5)
     first_layer = HiddenStateEmbedder(model, tok, layer=0)(texts)
     assert not torch.allclose(first_layer, together, atol=1e-3)
+
+
+def test_old_continual_skill_library_name_still_imports():
+    """loramix.continual.SkillLibrary (renamed SkillPrototypes) resolves, with a DeprecationWarning."""
+    import loramix.continual as continual
+
+    with pytest.warns(DeprecationWarning, match="SkillPrototypes"):
+        assert continual.SkillLibrary is SkillPrototypes

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import DataCollatorForSeq2Seq
 
-from loramix.data import DataConfig, build_datasets
+from loramix.data import DataCollator, DataConfig, build_datasets
 from loramix.generation import load_for_inference
 from loramix.injection import get_state
 from loramix.train import expert_shares
@@ -35,7 +34,7 @@ def main() -> None:
     _, val, _ = build_datasets(DataConfig(**resolved["data"]), tok)
     if val is None:
         raise SystemExit(f"{args.run_dir}: the run had no validation split")
-    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)  # as loramix.train pads
+    collate = DataCollator(tok)  # the collator loramix.train uses
     counts = None
     with torch.no_grad():
         for start in range(0, len(val), args.batch_size):

@@ -90,7 +90,7 @@ def umask_dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it into place; the file gets the
     umask's mode (``mkstemp`` would leave it readable by its owner only)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -107,7 +107,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` written atomically and with the umask's mode (safetensors itself
     creates files readable by their owner only)."""
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_adapter(model: nn.Module, directory: str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
@@ -134,7 +134,7 @@ def save_adapter(model: nn.Module, directory: str | Path, tensors: dict[str, tor
                              f"tensors, of which not the adapter's: {other[:5]}")
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     weights = directory / WEIGHTS_NAME
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "producer": FORMAT}))
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "producer": FORMAT}))
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -146,7 +146,7 @@ def save_adapter(model: nn.Module, directory: str | Path, tensors: dict[str, tor
         "config": state.config.to_dict(),
         "base_weights": state.base_weights or base_weights_digest(model),
     }
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return directory
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .evaluation import evaluate, main_metric, results_table
+from .plots import pyplot
 
 TrainFn = Callable[..., dict[str, Any]]
 LoadFn = Callable[..., tuple[Any, Any]]
@@ -194,18 +195,9 @@ def comparison_table(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_metrics(runs: dict[str, dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """One bar chart per task: the headline metric of every run (accuracy in %, or perplexity)."""
-    plt = _pyplot()
+    plt = pyplot()
     tasks: list[str] = []
     for r in runs.values():
         tasks += [t for t in r["eval"]["tasks"] if t not in tasks]
@@ -241,7 +233,7 @@ def plot_losses(metrics_files: dict[str, Path], path: str | os.PathLike[str]) ->
             curves[name] = rows
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in curves.items():
         train = [r for r in rows if "step" in r and ("lm_loss" in r or "loss" in r)]

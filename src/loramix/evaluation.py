@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_int
 from .generation import generation_config, render_chat
+from .models import context_limit, model_device
 
 DATA_ENV = "LORAMIX_DATA_DIR"
 PERPLEXITY_TASKS: dict[str, str] = {"wikitext2": "wikitext2/raw/wiki.test.raw.txt"}
@@ -114,13 +115,6 @@ def load_records(path: str | os.PathLike[str], limit: int | None = None) -> list
     return records[:limit] if limit is not None else records
 
 
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _pad_id(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
@@ -129,13 +123,13 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _context_limit(model: Any, default: int = 2048) -> int:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return default
+SCORING_CONTEXT = 2048
+"""Tokens a scored input keeps when the model's config states no context size."""
+
+
+def scoring_limit(model: Any) -> int:
+    """The longest input scoring feeds the model: its context size, or :data:`SCORING_CONTEXT`."""
+    return context_limit(model) or SCORING_CONTEXT
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,7 +172,7 @@ def perplexity(
     check_int("limit", limit, 1, optional=True)
     if text is None:
         text = read_text_file(path)  # type: ignore[arg-type]
-    window = min(max_length or _context_limit(model), _context_limit(model))
+    window = min(max_length or scoring_limit(model), scoring_limit(model))
     if stride is None:
         stride = max(window // 2, 1)
     if not 0 < stride <= window:
@@ -188,7 +182,7 @@ def perplexity(
     seq = torch.tensor(ids, dtype=torch.long)
     if seq.numel() < 2:
         raise ValueError("the text has fewer than 2 tokens")
-    device = _device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     nll_sum, n_scored, n_windows, prev_end = 0.0, 0, 0, 0
@@ -344,8 +338,8 @@ def loglikelihoods(
     ``answer1`` / ``answer2`` -- share one forward pass (as in lm-evaluation-harness). Distinct inputs are
     batched longest first and right padded.
     """
-    limit = max_length or _context_limit(model)
-    device = _device(model)
+    limit = max_length or scoring_limit(model)
+    device = model_device(model)
     pad = _pad_id(tokenizer)
     groups: dict[tuple[int, ...], list[int]] = {}  # model input -> indices of the requests that use it
     for i, (ctx, cont) in enumerate(requests):
@@ -500,7 +494,7 @@ def generate_greedy(
     progress: bool = False,
 ) -> list[str]:
     """Greedy completions (new text only) of tokenized prompts, batched with left padding."""
-    device = _device(model)
+    device = model_device(model)
     pad = _pad_id(tokenizer)
     cfg = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, TextStreamer
 
+from .models import context_limit, model_device
+
 logger = logging.getLogger(__name__)
 
 Message = dict[str, str]
@@ -127,13 +129,6 @@ def generation_config(
     return GenerationConfig(**kwargs)
 
 
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def generate(
     model: Any,
@@ -165,7 +160,7 @@ def generate(
     ids = _encode_prompt(tokenizer, prompt, chat_template=chat_template, system=system)
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
-    device = _model_device(model)
+    device = model_device(model)
     input_ids = torch.tensor([ids], device=device)
     cfg = generation_config(
         model,
@@ -197,20 +192,11 @@ def generate(
     return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-def _context_limit(model: Any) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _trim_history(
     model: Any, tokenizer: Any, history: list[Message], *, max_new_tokens: int, chat_template: bool
 ) -> list[Message]:
     """Drop the oldest exchanges until prompt + reply fit in the model's context window."""
-    limit = _context_limit(model)
+    limit = context_limit(model)
     if limit is None:
         return history
     msgs = list(history)

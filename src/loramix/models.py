@@ -161,6 +161,25 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def model_device(model: Any) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def context_limit(model: Any, default: int | None = None) -> int | None:
+    """The model's context size as its config states it (``max_position_embeddings``, ``n_positions`` or
+    ``max_sequence_length``), or ``default`` when the config names none."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device | None = None) -> torch.dtype:
     """Map a dtype name to a torch dtype.
 
@@ -564,6 +583,7 @@ __all__ = [
     "QUANTIZE_CHOICES",
     "bitsandbytes_config",
     "check_bitsandbytes",
+    "context_limit",
     "convert_gguf",
     "default_cache_dir",
     "default_model_path",
@@ -572,6 +592,7 @@ __all__ = [
     "gguf_cache_path",
     "is_converted",
     "load_base_model",
+    "model_device",
     "prepare_tokenizer",
     "resolve_device",
     "resolve_dtype",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (PNG files, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +29,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 def plot_loss_curves(metrics_path: str | Path, out_png: str | Path) -> Path:
     """Training loss (total and LM), aux loss and validation loss against the step."""
     rows = read_metrics(metrics_path)
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, ax_aux) = plt.subplots(1, 2, figsize=(11, 4))
     train = [r for r in rows if "loss" in r]
     base = [{"step": r["step"], "eval_loss": r["base_loss"]} for r in rows if "base_loss" in r]
@@ -51,7 +53,7 @@ def plot_expert_utilisation(counts: torch.Tensor, out_png: str | Path) -> Path:
     """Heatmap of each layer's share of tokens per expert (rows: layers, columns: experts)."""
     counts = counts.float()  # (L, E)
     share = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.5 * share.shape[1], 1.5 + 0.25 * share.shape[0]))
     im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0)
     ax.set(xlabel="expert", ylabel="layer", title="share of routed tokens")

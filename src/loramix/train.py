@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from .checkpoint import AdapterLoadError, load_adapter_weights, save_adapter, trainable_state_dict, verify_adapter
 from .checks import check_int, check_number
 from .config import ConfigError, MixLoraConfig, yaml_error_text
-from .data import DataConfig, build_datasets
+from .data import DataCollator, DataConfig, build_datasets
 from .injection import get_state, inject, is_trainable_name, update_balance_biases
 from .models import load_base_model
 
@@ -670,7 +670,7 @@ def _train(
         args=_training_args(train_cfg, has_val),
         train_dataset=train_ds,
         eval_dataset=val_ds if has_val else None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=DataCollator(tokenizer),
         router_lr=train_cfg.router_lr,
         max_loss=train_cfg.max_loss,
     )

@@ -20,7 +20,7 @@ from .metrics import (
     plot_accuracy_matrix,
     summarize,
 )
-from .novelty import Decision, HiddenStateEmbedder, NoveltyDetector, SentenceEmbedder, SkillLibrary, build_embedder
+from .novelty import Decision, HiddenStateEmbedder, NoveltyDetector, SentenceEmbedder, SkillPrototypes, build_embedder
 from .routing import HybridRouter, MaturityTracker, route_weights
 from .run import (
     continual_command,
@@ -46,7 +46,7 @@ __all__ = [
     "MaturityTracker",
     "NoveltyDetector",
     "SentenceEmbedder",
-    "SkillLibrary",
+    "SkillPrototypes",
     "Stream",
     "Task",
     "average_accuracy",
@@ -72,3 +72,12 @@ __all__ = [
     "summarize",
     "synthetic_tasks",
 ]
+
+
+def __getattr__(name: str):
+    if name == "SkillLibrary":  # the old name, kept for one release (loramix.skills.SkillLibrary is another class)
+        import warnings
+
+        warnings.warn("loramix.continual.SkillLibrary is now SkillPrototypes", DeprecationWarning, stacklevel=2)
+        return SkillPrototypes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .experts import GUARDS, ExpertBank
-from .novelty import Decision, Embedder, NoveltyDetector, SkillLibrary
+from .novelty import Decision, Embedder, NoveltyDetector, SkillPrototypes
 from .routing import HybridRouter
 from .stream import EncodedExample
 
@@ -57,7 +57,7 @@ class ContinualLearner:
         tokenizer: its tokenizer (only the pad id is used here).
         bank: the growable experts on ``model``.
         embedder: texts -> normalised embeddings (should use the frozen base: ``bank.disabled``).
-        detector: novelty detector holding the skill library.
+        detector: novelty detector holding the skill prototypes.
         router: routing policy and per-expert maturity trackers.
         guard: ``freeze`` old experts, anchor them with ``l2`` (``l2_coef * ||theta - theta_old||^2``),
             or ``none`` (old experts keep training: an ablation that forgets).
@@ -127,7 +127,7 @@ class ContinualLearner:
 
     # --- public API -----------------------------------------------------------------------------------
     @property
-    def library(self) -> SkillLibrary:
+    def library(self) -> SkillPrototypes:
         return self.detector.library
 
     def observe(self, examples: Sequence[EncodedExample]) -> list[Decision]:
@@ -327,8 +327,8 @@ class ContinualLearner:
         return directory
 
 
-def load_continual(model: Any, directory: str | Path) -> tuple[ExpertBank, SkillLibrary, HybridRouter]:
-    """Attach saved experts to ``model`` (frozen) and restore the skill library and routing mode.
+def load_continual(model: Any, directory: str | Path) -> tuple[ExpertBank, SkillPrototypes, HybridRouter]:
+    """Attach saved experts to ``model`` (frozen) and restore the skill prototypes and routing mode.
 
     Route with ``bank.route(router.weights(library.similarities(embedder(texts))))``.
     """
@@ -336,7 +336,7 @@ def load_continual(model: Any, directory: str | Path) -> tuple[ExpertBank, Skill
 
     directory = Path(directory)
     bank, extra = ExpertBank.load(model, directory)
-    library = SkillLibrary()
+    library = SkillPrototypes()
     counts = extra["skills"]["counts"]
     if counts:
         library.load_state_dict({"sums": load_file(str(directory / "skills.safetensors"))["sums"], "counts": counts})

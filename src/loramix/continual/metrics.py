@@ -144,11 +144,9 @@ def plot_accuracy_matrix(
     R: Matrix, task_names: Sequence[str], path: str | Path, *, title: str = "accuracy matrix"
 ) -> Path:
     """Heatmap of ``R`` (rows: after training on task j, columns: evaluated task i), values written in."""
-    import matplotlib
+    from ..plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     T = check_matrix(R)
     if len(task_names) != T:
         raise ValueError(f"expected {T} task names, got {len(task_names)}")

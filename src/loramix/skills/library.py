@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .._version import __version__
-from ..checkpoint import save_tensors, sha256_file, umask_file_mode
+from ..checkpoint import atomic_write, save_tensors, sha256_file
 from ..injection import architecture_fingerprint
 
 MANIFEST = "manifest.json"
@@ -51,18 +50,6 @@ class SkillLibraryError(ValueError):
 def hash_tree(root: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every file under ``root`` (sorted, POSIX separators)."""
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, umask_file_mode())  # mkstemp's 0600 would hide the file from the owner's group
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def now_iso() -> str:
@@ -177,7 +164,8 @@ class SkillLibrary:
     def write_manifest(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.manifest["loramix_version"] = __version__
-        atomic_write_text(self.root / MANIFEST, json.dumps(self.manifest, indent=2))
+        text = json.dumps(self.manifest, indent=2)
+        atomic_write(self.root / MANIFEST, lambda tmp: Path(tmp).write_text(text))
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

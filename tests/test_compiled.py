@@ -60,7 +60,7 @@ def test_failing_compile_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, ca
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
     compile_decoding(model)
-    with caplog.at_level(logging.WARNING, logger="loramix.layer"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="loramix.moe_layer"), torch.no_grad():
         out = model(input_ids=step).logits
     torch.testing.assert_close(out, eager)
     assert "compiled decoding failed" in caplog.text

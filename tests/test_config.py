@@ -8,7 +8,7 @@ import pytest
 
 from loramix import ConfigError, MixLoraConfig, inject
 from loramix.config import EXPERT_TYPES, ROUTERS
-from loramix.layer import MixLoraFFN
+from loramix.moe_layer import MixLoraFFN
 from tiny_models import decoder_mlps, module_types, tiny_model
 
 

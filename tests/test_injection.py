@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import loramix
 from loramix import FFNNotSupportedError, MixLoraConfig, inject, unload
-from loramix.layer import MixLoraFFN
 from loramix.losses import load_balance_loss, router_entropy, z_loss
+from loramix.moe_layer import MixLoraFFN
 from tiny_models import (
     ARCHS,
     EXPERT_TYPES,

@@ -8,7 +8,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from loramix import MixLoraConfig, inject, merge_and_unload, merge_attention, save_adapter
 from loramix.injection import get_state
-from loramix.layer import MixLoraFFN
+from loramix.moe_layer import MixLoraFFN
 from tiny_models import (
     decoder_mlps,
     module_types,

@@ -18,7 +18,7 @@ import torch
 import loramix
 from loramix import MixLoraConfig
 from loramix.precision import compute_dtype
-from test_layer import make_layer, run_layer
+from test_moe_layer import make_layer, run_layer
 from tiny_models import EXPERT_TYPES, ROUTER_NAMES, random_batch, tiny_model
 
 DEVICE = os.environ.get("LORAMIX_TEST_DEVICE", "cpu")  # bench/gpu_check.sh runs this file with "cuda"

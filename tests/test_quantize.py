@@ -107,7 +107,7 @@ def test_frozen_projections_are_quantized_and_adapters_float32(model_dir, quanti
     layers = model.model.layers
     for layer in layers:
         mlp = layer.mlp
-        assert isinstance(mlp, loramix.layer.MixLoraFFN)
+        assert isinstance(mlp, loramix.moe_layer.MixLoraFFN)
         for role in ("gate", "up", "down"):
             proj = mlp.proj(role)
             assert is_bnb(proj, quantize), f"{role}: {type(proj)}"

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from loramix import MixLoraConfig, inject
-from loramix.ffn import check_targets, detect_ffn
+from loramix.ffn_spec import check_targets, detect_ffn
 from loramix.injection import get_state
-from loramix.layer import MixLoraFFN
+from loramix.moe_layer import MixLoraFFN
 from loramix.routers import build_router
 from tiny_models import decoder_mlps, perturb_adapters, random_batch, tiny_model
 

@@ -5,7 +5,7 @@ from .allocator import tune_malloc
 from .checkpoint import AdapterLoadError, load_adapter, save_adapter
 from .compiled import compile_decoding
 from .config import ConfigError, MixLoraConfig
-from .ffn import FFNNotSupportedError
+from .ffn_spec import FFNNotSupportedError
 from .injection import compute_aux_loss, get_config, inject, routing_stats, unload
 from .merge import merge_and_unload, merge_attention
 

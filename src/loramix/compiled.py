@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .layer import MixLoraFFN
+from .moe_layer import MixLoraFFN
 
 
 def moe_layers(model: nn.Module) -> list[MixLoraFFN]:

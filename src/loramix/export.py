@@ -45,9 +45,9 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .ffn import linear_weight
+from .ffn_spec import linear_weight
 from .injection import get_state
-from .layer import MixLoraFFN
+from .moe_layer import MixLoraFFN
 from .quantized import refuse_quantized
 
 logger = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from torch import nn
 
 from .config import MixLoraConfig
 from .dropout import use_fast_dropout
-from .ffn import check_targets, detect_ffn
-from .layer import MixLoraFFN
+from .ffn_spec import check_targets, detect_ffn
 from .losses import load_balance_loss, router_entropy, tokens_per_expert, z_loss
+from .moe_layer import MixLoraFFN
 from .precision import cast_trainable, floating_dtype
 from .quantized import keep_trainable_layout, logical_shape
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..ffn import FFNSpec, check_targets, detect_ffn, linear_shape
+from ..ffn_spec import FFNSpec, check_targets, detect_ffn, linear_shape
 from ..injection import find_ffns
 from ..precision import compute_dtype
 

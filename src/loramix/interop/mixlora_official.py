@@ -37,9 +37,9 @@ from torch import nn
 
 from ..checkpoint import pickle_refused
 from ..config import FFN_ROLES, ConfigError, MixLoraConfig
-from ..ffn import FFNNotSupportedError, FFNSpec, detect_ffn
+from ..ffn_spec import FFNNotSupportedError, FFNSpec, detect_ffn
 from ..injection import inject, is_trainable_name
-from ..layer import MixLoraFFN
+from ..moe_layer import MixLoraFFN
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.bin", "adapter_model.safetensors")

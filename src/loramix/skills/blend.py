@@ -50,7 +50,7 @@ from torch import nn
 
 from ..checkpoint import load_adapter
 from ..injection import get_state, unload
-from ..layer import MixLoraFFN
+from ..moe_layer import MixLoraFFN
 from .library import SkillLibrary, SkillLibraryError, base_fingerprint
 
 ROW_SUM_TOL = 1e-4

@@ -11,8 +11,8 @@ import torch
 
 import loramix.dropout
 from loramix import MixLoraConfig
-from loramix.ffn import check_targets, detect_ffn
-from loramix.layer import MixLoraFFN
+from loramix.ffn_spec import check_targets, detect_ffn
+from loramix.moe_layer import MixLoraFFN
 from loramix.routers import Routing
 from tiny_models import (
     ARCHS,
@@ -292,3 +292,19 @@ def test_recomputed_expert_activations_equal_stored_ones(arch: str, router: str)
     torch.testing.assert_close(out_r, out_s, rtol=0, atol=1e-12)
     for name in grads_s:
         torch.testing.assert_close(grads_r[name], grads_s[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(("old", "new", "names"), [
+    ("loramix.layer", "loramix.moe_layer", ["MixLoraFFN", "ExpertLoRA", "AdapterExperts"]),
+    ("loramix.ffn", "loramix.ffn_spec", ["FFNSpec", "detect_ffn", "check_targets", "FFNNotSupportedError"]),
+])
+def test_old_module_paths_reexport_with_a_warning(old: str, new: str, names: list[str]) -> None:
+    """The modules' old paths still import (for one release) the same objects, with a DeprecationWarning."""
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new):
+        module = importlib.import_module(old)
+    for name in names:
+        assert getattr(module, name) is getattr(importlib.import_module(new), name)

@@ -1,0 +1,358 @@
+"""MixLoraFFN: a frozen FFN plus routed LoRA experts, with a fast path and a plain reference path.
+
+Fast path (``mixlora`` experts), for T tokens and N = valid (token, expert) pairs:
+  1. the frozen gate/up projections run once over all T tokens;
+  2. pairs are sorted by expert, so each expert's LoRA runs on one contiguous slice (a loop over
+     experts, never over tokens; ``loramix.grouped`` writes the slices in place, with its own backward);
+  3. the frozen down projection is linear, so it runs once per token on the routing-weighted sum of
+     the chosen experts' activations; each expert's own down-LoRA is added on top.
+Pairwise path (inference on a few tokens, i.e. decoding): every (token, slot) pair gathers its expert's
+LoRA weights and all pairs run as one batched matmul, with no sort and no loop over experts; the Python
+and dispatch overhead of the grouped path dominates a one-token step.
+The reference path computes every expert's full FFN for every token and mixes the outputs; tests
+check that all paths agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import MixLoraConfig
+from .dropout import FastDropout
+from .ffn_spec import FFNSpec, linear_shape
+from .grouped import grouped_lora
+from .precision import compute_dtype
+from .routers import Routing, build_router
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertLoRA(nn.Module):
+    """LoRA weights of E experts on one projection: ``delta_e(x) = scaling * x A_e^T B_e^T``."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, r: int, scaling: float) -> None:
+        super().__init__()
+        self.scaling = scaling
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features))  # (E, r, in)
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, r))  # (E, out, r)
+        for a in self.lora_A:  # PEFT's init: B = 0 makes every expert start as the frozen FFN
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Delta of expert ``e`` for all rows of ``x`` (rows, in) -> (rows, out), in the compute dtype."""
+        x = x.to(compute_dtype(x))
+        a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
+        return ((x @ a.t()) * self.scaling) @ b.t()  # scale the (rows, r) product, not the wide output
+
+
+class AdapterExperts(nn.Module):
+    """E small FFN experts ``B_e act(A_e x)`` (rank r bottleneck), B = 0 at init."""
+
+    def __init__(self, num_experts: int, hidden: int, r: int, act: nn.Module) -> None:
+        super().__init__()
+        self.act = act
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, hidden))  # (E, r, H)
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, hidden, r))  # (E, H, r)
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        x = x.to(compute_dtype(x))
+        a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
+        return self.act(x @ a.t()) @ b.t()
+
+    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        x = x.to(compute_dtype(x))  # (N, H) one dtype for every chunk, so the split's backward can join them
+        return torch.cat([self.expert(chunk, e) for e, chunk in enumerate(x.split(counts))], dim=0)
+
+
+def _pairs_by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Valid (token, expert) pairs sorted by expert: token ids (N,), weights (N,), count per expert."""
+    num_tokens, k = routing.indices.shape
+    flat_mask = routing.mask.reshape(-1)  # (T*k,)
+    expert = routing.indices.reshape(-1)[flat_mask]  # (N,)
+    token = torch.arange(num_tokens, device=expert.device).repeat_interleave(k)[flat_mask]  # (N,)
+    weight = routing.weights.reshape(-1)[flat_mask]  # (N,)
+    order = torch.argsort(expert, stable=True)
+    num_experts = routing.probs.shape[-1]
+    counts = torch.bincount(expert, minlength=num_experts).tolist()
+    return token[order], weight[order], counts
+
+
+class MixLoraFFN(nn.Module):
+    """Replaces a decoder layer's FFN. ``base`` stays frozen; trainables live under ``mixlora_*``."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        spec: FFNSpec,
+        targets: list[str],
+        num_experts: int,
+        config: MixLoraConfig,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.spec = spec
+        self.targets = list(targets)
+        self.num_experts = num_experts
+        self.expert_type = config.expert_type
+        self.use_reference = False  # switch to the loop-over-experts path (debugging, tests)
+        self.pairwise_max_pairs = 16  # inference with at most this many (token, slot) pairs: pairwise path
+        # training: recompute the pairs' activations in backward instead of storing them (see mixlora_fast)
+        self.recompute_experts = True
+        self._compiled: Any = None  # torch.compile'd route_pairwise (compile_decode), or None
+        hidden, intermediate = linear_shape(self.proj("up"))
+        self.mixlora_router = build_router(hidden, num_experts, config)
+        self.mixlora_dropout = FastDropout(config.dropout)
+        if config.expert_type == "mixlora":
+            self.mixlora_experts = nn.ModuleDict()
+            for role in self.targets:
+                fan_in, fan_out = linear_shape(self.proj(role))
+                self.mixlora_experts[role] = ExpertLoRA(num_experts, fan_in, fan_out, config.r, config.scaling)
+        else:
+            self.mixlora_adapters = AdapterExperts(num_experts, hidden, config.r, self.act)
+            # shape (1,), not a scalar: FSDP2 (fully_shard) cannot shard 0-dim parameters
+            self.mixlora_scale = nn.Parameter(torch.tensor([float(config.adapter_scale_init)]))
+        self.token_mask: torch.Tensor | None = None  # set per forward by the model hook
+        self.last_routing: Routing | None = None  # kept for the aux loss and statistics
+
+    # --- pieces of the frozen FFN ----------------------------------------------------------------
+    def proj(self, role: str) -> nn.Module:
+        return getattr(self.base, getattr(self.spec, role))
+
+    @property
+    def act(self) -> nn.Module:
+        return getattr(self.base, self.spec.act)
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The base FFN's own output dropout (GPT-2), if any."""
+        return getattr(self.base, self.spec.dropout)(y) if self.spec.dropout else y
+
+    def _activation(self, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        return self.act(gate) * up if gate is not None else self.act(up)
+
+    def _down_bias(self) -> torch.Tensor | None:
+        return getattr(self.proj("down"), "bias", None)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # (T, H)
+        token_mask = self._flat_token_mask(shape)
+        if self.uses_pairwise(x.shape[0]):
+            out, routing = self._decode(x, token_mask)
+        else:
+            routing = self.mixlora_router(x, token_mask)
+            if self.expert_type == "adapter":
+                out = self.adapter_reference(x, routing) if self.use_reference else self.adapter_fast(x, routing)
+            elif self.use_reference:
+                out = self.mixlora_reference(x, routing)
+            else:
+                out = self.mixlora_fast(x, routing)
+        self.last_routing = routing
+        return out.reshape(shape)
+
+    def uses_pairwise(self, num_tokens: int) -> bool:
+        """Inference on at most ``pairwise_max_pairs`` (token, slot) pairs takes the pairwise path."""
+        return (
+            not self.training
+            and self.expert_type == "mixlora"
+            and not self.use_reference
+            and num_tokens * self.mixlora_router.slots <= self.pairwise_max_pairs
+        )
+
+    def route_pairwise(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, Routing]:
+        """Router and pairwise experts in one function: the unit that :meth:`compile_decode` compiles."""
+        routing = self.mixlora_router(x, token_mask)
+        return self.mixlora_pairwise(x, routing), routing
+
+    def compile_decode(self, enable: bool = True, **compile_kwargs: Any) -> None:
+        """Run the decoding path (router + pairwise experts) through ``torch.compile``.
+
+        A one-token step is some 80 small ops per layer in eager mode, and their dispatch cost, not the
+        arithmetic, is what makes decoding slower than the base model; compiled, they fuse into a few
+        kernels. The first call per input shape compiles (seconds); training and long inputs stay eager.
+        If compiling fails (no C++ compiler, say), the layer logs it once and goes on in eager mode.
+        """
+        # the unbound function: a deep copy of the layer must not call back into this one
+        self._compiled = torch.compile(MixLoraFFN.route_pairwise, **compile_kwargs) if enable else None
+
+    def _decode(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, Routing]:
+        if self._compiled is not None:
+            try:
+                return self._compiled(self, x, token_mask)
+            except Exception as e:  # noqa: BLE001 - any backend failure: the eager path computes the same
+                logger.warning("compiled decoding failed (%s: %s); using eager mode", type(e).__name__, e)
+                self._compiled = None
+        return self.route_pairwise(x, token_mask)
+
+    def _flat_token_mask(self, shape: torch.Size) -> torch.Tensor | None:
+        """The attention mask aligned with the current tokens: (B, L) -> (B*T,)."""
+        mask = self.token_mask
+        if mask is None or len(shape) != 3 or mask.dim() != 2 or mask.shape[0] != shape[0]:
+            return None
+        return mask[:, -shape[1] :].reshape(-1).bool()  # (T,) last T positions (KV-cache decoding)
+
+    def mixlora_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        dtype = compute_dtype(x)  # the autocast dtype under torch.autocast, else x's
+        token, weight, counts = _pairs_by_expert(routing)  # (N,), (N,), E ints
+        weight = weight.to(dtype)[:, None]  # (N, 1)
+        x_kept, rescale = self.mixlora_dropout.unscaled(x)  # (T, H) one mask per token: half the RNG work
+        up = self.proj("up")(x).to(dtype)  # (T, I) frozen projections once per token
+        gate = self.proj("gate")(x).to(dtype) if self.spec.gated else None  # (T, I)
+        pair_up, pair_gate = self._pair_projections(x_kept, up, gate, token, counts, rescale)  # (N, I) each
+        args = (pair_up, pair_gate, token, weight, counts, num_tokens)
+        if self.recompute_experts and self.training and torch.is_grad_enabled():
+            # backward keeps the pairs' gate/up pre-activations and recomputes the activations from them
+            mixed, down_delta = checkpoint(self._mix_pairs, *args, use_reentrant=False)
+        else:
+            mixed, down_delta = self._mix_pairs(*args)
+        coverage = torch.zeros(num_tokens, dtype=weight.dtype, device=x.device).index_add(0, token, weight[:, 0])
+        dropped = ~routing.mask.any(dim=-1)  # (T,) tokens no expert took: frozen FFN
+        if dropped.any():
+            idx = dropped.nonzero().squeeze(-1)
+            base_gate = gate.index_select(0, idx) if gate is not None else None  # (D, I) already computed
+            mixed = mixed.index_add(0, idx, self._activation(up.index_select(0, idx), base_gate))
+            coverage = coverage.index_add(0, idx, torch.ones_like(idx, dtype=coverage.dtype))
+        out = self.proj("down")(mixed).to(dtype)  # (T, H) frozen down projection once per token
+        bias = self._down_bias()
+        if bias is not None:  # down(sum w h) adds the bias once; the mixture adds it sum(w) times
+            out = out + (coverage - 1.0)[:, None] * bias.to(dtype)
+        if down_delta is not None:
+            out = out + down_delta
+        return self._finish(out)
+
+    def _pair_projections(
+        self, x_kept: torch.Tensor, up: torch.Tensor, gate: torch.Tensor | None, token: torch.Tensor,
+        counts: list[int], rescale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each pair's gate/up pre-activations: the frozen rows (T, I) of its token plus its expert's LoRA on the
+        dropout-masked input x_kept (T, H); token (N,) and counts describe the pairs sorted by expert."""
+        frozen = {"up": up} if gate is None else {"up": up, "gate": gate}
+        adapted = [role for role in ("gate", "up") if role in frozen and role in self.targets]
+        pairs = {role: frozen[role].index_select(0, token) for role in frozen if role not in adapted}  # (N, I)
+        if adapted:  # gathered frozen rows + each pair's expert LoRA, gate and up sharing one A pass
+            xd = x_kept.index_select(0, token)  # (N, H); 1/(1-p) goes on the rank-r products
+            lora = [self.mixlora_experts[role] for role in adapted]
+            outs = grouped_lora(xd, [e.lora_A for e in lora], [e.lora_B for e in lora], counts,
+                                lora[0].scaling * rescale, token, [frozen[role] for role in adapted])
+            pairs.update(zip(adapted, outs, strict=True))  # (N, I) each
+        return pairs["up"], pairs.get("gate")
+
+    def _mix_pairs(
+        self, pair_up: torch.Tensor, pair_gate: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,
+        counts: list[int], num_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pairs' activations mixed per token: the routing-weighted sum of the activations (T, I) and of the
+        experts' down-LoRA deltas (T, H), or None without down LoRA; weight (N, 1)."""
+        h = self._activation(pair_up, pair_gate)  # (N, I) each pair's expert activation
+        mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
+        mixed.index_add_(0, token, h * weight)  # (T, I) routing-weighted sum per token (fresh buffer: in place)
+        if "down" not in self.targets:
+            return mixed, None
+        h_kept, rescale = self.mixlora_dropout.unscaled(h)  # (N, I); 1/(1-p) goes on the (N, r) product
+        down = self.mixlora_experts["down"]
+        (delta,) = grouped_lora(h_kept, [down.lora_A], [down.lora_B], counts, down.scaling * rescale)  # (N, H)
+        down_delta = torch.zeros(num_tokens, delta.shape[-1], dtype=delta.dtype, device=delta.device)
+        down_delta.index_add_(0, token, delta * weight)  # (T, H)
+        return mixed, down_delta
+
+    def _pair_delta(self, role: str, inp: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """LoRA delta of ``role`` for each pair: input (N, in), expert ids (N,) -> (N, out)."""
+        lora = self.mixlora_experts[role]
+        inp = inp.to(compute_dtype(inp))
+        a = lora.lora_A.index_select(0, experts).to(inp.dtype)  # (N, r, in)
+        b = lora.lora_B.index_select(0, experts).to(inp.dtype)  # (N, out, r)
+        z = torch.bmm(inp[:, None, :], a.transpose(1, 2)) * lora.scaling  # (N, 1, r)
+        return torch.bmm(z, b.transpose(1, 2)).squeeze(1)  # (N, out)
+
+    def mixlora_pairwise(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Inference for few tokens: gathered expert weights, batched over the T*k (token, slot) pairs."""
+        num_tokens, k = routing.indices.shape
+        dtype = compute_dtype(x)
+        experts = routing.indices.reshape(-1)  # (N,) N = T*k, slot-major within each token
+        weight = (routing.weights * routing.mask).to(dtype)  # (T, k) 0 for unused slots
+        up = self.proj("up")(x).to(dtype)  # (T, I)
+        gate = self.proj("gate")(x).to(dtype) if self.spec.gated else None  # (T, I)
+        pair_up = up.repeat_interleave(k, dim=0)  # (N, I)
+        pair_gate = gate.repeat_interleave(k, dim=0) if gate is not None else None  # (N, I)
+        pair_x = x.to(dtype).repeat_interleave(k, dim=0)  # (N, H)
+        if "up" in self.targets:
+            pair_up = pair_up + self._pair_delta("up", pair_x, experts)
+        if pair_gate is not None and "gate" in self.targets:
+            pair_gate = pair_gate + self._pair_delta("gate", pair_x, experts)
+        h = self._activation(pair_up, pair_gate)  # (N, I)
+        mixed = torch.bmm(weight[:, None, :], h.view(num_tokens, k, -1)).squeeze(1)  # (T, I)
+        coverage = weight.sum(dim=-1)  # (T,)
+        dropped = (~routing.mask.any(dim=-1)).to(dtype)  # (T,) tokens no expert took: frozen FFN
+        mixed = mixed + dropped[:, None] * self._activation(up, gate)
+        out = self.proj("down")(mixed).to(dtype)  # (T, H)
+        bias = self._down_bias()
+        if bias is not None:
+            out = out + (coverage + dropped - 1.0)[:, None] * bias.to(dtype)
+        if "down" in self.targets:
+            delta = self._pair_delta("down", h, experts)  # (N, H)
+            out = out + torch.bmm(weight[:, None, :], delta.view(num_tokens, k, -1)).squeeze(1)  # (T, H)
+        return self._finish(out)
+
+    def mixlora_reference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Plain loop: every expert's full FFN on every token, mixed by a dense weight matrix."""
+        dtype = compute_dtype(x)
+        dense = self._dense_weights(routing, dtype)  # (T, E)
+        out = torch.zeros_like(x, dtype=dtype)
+        for e in range(self.num_experts):
+            xd = self.mixlora_dropout(x)
+            proj = {}
+            for role in self.spec.roles():
+                if role == "down":
+                    continue
+                proj[role] = self.proj(role)(x)
+                if role in self.targets:
+                    proj[role] = proj[role] + self.mixlora_experts[role].expert(xd, e)
+            h = self._activation(proj["up"], proj.get("gate"))  # (T, I)
+            y = self.proj("down")(h)
+            if "down" in self.targets:
+                y = y + self.mixlora_experts["down"].expert(self.mixlora_dropout(h), e)
+            out = out + dense[:, e : e + 1] * y
+        dropped = ~routing.mask.any(dim=-1)  # (T,)
+        base = self._plain_ffn(x)
+        out = out + dropped[:, None].to(dtype) * base
+        return self._finish(out.to(dtype))
+
+    def adapter_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        token, weight, counts = _pairs_by_expert(routing)
+        z = self.mixlora_adapters.grouped(self.mixlora_dropout(x.index_select(0, token)), counts).to(dtype)  # (N, H)
+        mix = torch.zeros_like(x, dtype=dtype).index_add(0, token, z * weight.to(dtype)[:, None])  # (T, H)
+        return self.base(x).to(dtype) + self.mixlora_scale.to(dtype) * mix
+
+    def adapter_reference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        dense = self._dense_weights(routing, dtype)  # (T, E)
+        mix = sum(
+            dense[:, e : e + 1] * self.mixlora_adapters.expert(self.mixlora_dropout(x), e).to(dtype)
+            for e in range(self.num_experts)
+        )
+        return self.base(x).to(dtype) + self.mixlora_scale.to(dtype) * mix
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _plain_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.proj("gate")(x) if self.spec.gated else None
+        return self.proj("down")(self._activation(self.proj("up")(x), gate))
+
+    def _dense_weights(self, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+        """Routing as a (T, E) matrix with each token's expert weights (0 elsewhere)."""
+        num_tokens = routing.indices.shape[0]
+        dense = torch.zeros(num_tokens, self.num_experts, dtype=torch.float32, device=routing.indices.device)
+        dense = dense.scatter_add(1, routing.indices, routing.weights * routing.mask)  # (T, E)
+        return dense.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, type={self.expert_type}, targets={self.targets}"

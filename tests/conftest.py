@@ -1,4 +1,1 @@
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))  # tiny_models and other test helpers
+"""Shared pytest configuration. Test helpers live in the helpers/ package (from helpers.tiny_models import ...)."""

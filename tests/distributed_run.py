@@ -94,8 +94,8 @@ def run_loop(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     import loramix
+    from helpers.tiny_models import tiny_model
     from loramix.checkpoint import trainable_state_dict
-    from tiny_models import tiny_model
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

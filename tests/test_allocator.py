@@ -32,7 +32,7 @@ def test_environment_switch_leaves_malloc_alone() -> None:
 
 def test_injecting_leaves_the_callers_allocator_alone() -> None:
     code = (
-        "import sys; sys.path.insert(0, 'tests'); from tiny_models import tiny_model; "
+        "import sys; sys.path.insert(0, 'tests'); from helpers.tiny_models import tiny_model; "
         "from loramix import MixLoraConfig, inject; from loramix.allocator import malloc_tuned; "
         "print(malloc_tuned()); inject(tiny_model('llama'), MixLoraConfig(num_experts=2, r=2)); print(malloc_tuned())"
     )

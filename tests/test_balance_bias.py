@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers.tiny_models import random_batch, tiny_model
 from loramix import MixLoraConfig, inject, load_adapter, save_adapter
 from loramix.injection import get_state
 from loramix.losses import tokens_per_expert
-from tiny_models import random_batch, tiny_model
 
 E = 4
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bench import harness as bench
-from tiny_models import tiny_model
-from tiny_tokenizer import tiny_tokenizer
+from helpers.tiny_models import tiny_model
+from helpers.tiny_tokenizer import tiny_tokenizer
 
 FIGURES = {
     "trainable_params",

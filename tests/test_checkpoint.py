@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loramix.checkpoint
+from helpers.tiny_models import module_types, perturb_adapters, random_batch, tiny_model
 from loramix import AdapterLoadError, MixLoraConfig, get_config, inject, load_adapter, save_adapter
-from tiny_models import module_types, perturb_adapters, random_batch, tiny_model
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers.tiny_lm import save_tiny_lm
 from loramix.cli import build_parser, field_docs, main, parse_value
 from loramix.config import MixLoraConfig
 from loramix.train import resolve
-from tiny_lm import save_tiny_lm
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

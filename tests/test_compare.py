@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from helpers.tiny_models import tiny_model
+from helpers.tiny_tokenizer import tiny_tokenizer
 from loramix.compare import compare, comparison_table
-from tiny_models import tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 ARC = (
     "Please choose the correct answer to the question: which is a cat ?\n\nAnswer1: a dog . Answer2: a cat ."

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
+from helpers.tiny_models import tiny_model
 from loramix import MixLoraConfig, compile_decoding, inject
 from loramix.compiled import moe_layers
-from tiny_models import tiny_model
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from helpers.tiny_models import decoder_mlps, module_types, tiny_model
 from loramix import ConfigError, MixLoraConfig, inject
 from loramix.config import EXPERT_TYPES, ROUTERS
 from loramix.moe_layer import MixLoraFFN
-from tiny_models import decoder_mlps, module_types, tiny_model
 
 
 def test_defaults_are_valid() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.tiny_lm import byte_lm
+from helpers.tiny_models import module_types, perturb_adapters, randomize_biases, tiny_model
 from loramix.continual import (
     ContinualLearner,
     ExpertBank,
@@ -16,8 +18,6 @@ from loramix.continual import (
     load_continual,
     synthetic_tasks,
 )
-from test_continual_novelty import byte_lm
-from tiny_models import module_types, perturb_adapters, randomize_biases, tiny_model
 
 ARCHS = ["llama", "gpt2"]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
+from helpers.tiny_lm import byte_lm, byte_tokenizer
 from loramix.continual import (
     HiddenStateEmbedder,
     NoveltyDetector,
@@ -17,22 +17,8 @@ from loramix.continual import (
     similarity_report,
     synthetic_tasks,
 )
-from tiny_lm import byte_tokenizer
-from tiny_models import tiny_config
 
 THRESHOLD, WINDOW = 0.8, 4
-
-
-def byte_lm(arch: str, seed: int = 0):
-    """Tiny random model with the byte tokenizer and room for ~250-token prompts."""
-    tok = byte_tokenizer()
-    cfg = tiny_config(arch, vocab_size=len(tok), **({"n_positions": 256} if arch == "gpt2" else
-                                                     {"max_position_embeddings": 256}))
-    if arch == "gpt2":
-        cfg.bos_token_id = cfg.eos_token_id = tok.eos_token_id
-    cfg.pad_token_id = tok.pad_token_id
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg).eval(), tok
 
 
 def unit(*xs: float) -> torch.Tensor:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers.tiny_lm import byte_lm
 from loramix.continual import build_stream, load_tasks, summarize
 from loramix.continual.run import continual_command, format_report
-from test_continual_novelty import byte_lm
 
 SETTINGS = dict(
     tasks="synthetic", train_per_task=40, test_per_task=8, threshold=0.8, window=4, batch_size=8,
@@ -115,7 +115,7 @@ _missing_task_files = [f for f in REAL_TASK_FILES
 
 @pytest.mark.skipif(bool(_missing_task_files), reason=f"needs in $LORAMIX_DATA_DIR: {', '.join(_missing_task_files)}")
 def test_real_task_loaders():
-    from tiny_lm import byte_tokenizer
+    from helpers.tiny_lm import byte_tokenizer
 
     tasks = load_tasks("sst2,boolq,ARC-Easy,openbookqa", train_per_task=6, test_per_task=4, seed=0)
     assert [t.name for t in tasks] == ["sst2", "boolq", "ARC-Easy", "openbookqa"]

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 import loramix
-from tiny_lm import save_tiny_lm
-from tiny_models import tiny_model
+from helpers.tiny_lm import save_tiny_lm
+from helpers.tiny_models import tiny_model
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent

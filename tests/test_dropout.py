@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from helpers.tiny_models import tiny_model
 from loramix import MixLoraConfig, inject
 from loramix.dropout import FastDropout, fast_dropout, keep_mask
-from tiny_models import tiny_model
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.tiny_models import tiny_model
+from helpers.tiny_tokenizer import tiny_tokenizer
 from loramix import evaluation as ev
-from tiny_models import tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 _SENTENCES = (
     "the cat sat on the mat and it was good . the dog sat on the mat and it was bad . "

@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
 
+from helpers.tiny_models import perturb_adapters, random_batch, tiny_config, tiny_model
+from helpers.tiny_tokenizer import tiny_tokenizer
 from loramix import MixLoraConfig, inject, save_adapter
 from loramix.cli import main
 from loramix.export import ExportError, export_adapted, plan_export
-from tiny_models import perturb_adapters, random_batch, tiny_config, tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 TOL = 1e-4
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.tiny_models import perturb_adapters, tiny_model
+from helpers.tiny_tokenizer import tiny_tokenizer
 from loramix import MixLoraConfig, inject
 from loramix.export import export_adapted
-from tiny_models import perturb_adapters, tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent

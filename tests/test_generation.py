@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import loramix
+from helpers.tiny_models import tiny_model
+from helpers.tiny_tokenizer import tiny_tokenizer
 from loramix import generation
 from loramix.generation import adapter_kind, chat_loop, generate, load_for_inference
-from tiny_models import tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 
 def _greedy_by_hand(model, ids: list[int], n: int, eos: int) -> list[int]:

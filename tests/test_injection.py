@@ -10,10 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import loramix
-from loramix import FFNNotSupportedError, MixLoraConfig, inject, unload
-from loramix.losses import load_balance_loss, router_entropy, z_loss
-from loramix.moe_layer import MixLoraFFN
-from tiny_models import (
+from helpers.tiny_models import (
     ARCHS,
     EXPERT_TYPES,
     ROUTER_NAMES,
@@ -24,6 +21,9 @@ from tiny_models import (
     random_batch,
     tiny_model,
 )
+from loramix import FFNNotSupportedError, MixLoraConfig, inject, unload
+from loramix.losses import load_balance_loss, router_entropy, z_loss
+from loramix.moe_layer import MixLoraFFN
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -287,8 +287,8 @@ def test_peft_adapter_pickle_is_refused_by_the_cli_in_one_line(tmp_path, capsys)
     """`loramix generate --adapter <PEFT dir with such a pickle>` exits 2 with one line naming the file."""
     from peft import LoraConfig, get_peft_model
 
+    from helpers.tiny_lm import save_tiny_lm
     from loramix.cli import main
-    from tiny_lm import save_tiny_lm
 
     model_dir = save_tiny_lm(tmp_path / "m")
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),

@@ -6,10 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from loramix import MixLoraConfig, inject, merge_and_unload, merge_attention, save_adapter
-from loramix.injection import get_state
-from loramix.moe_layer import MixLoraFFN
-from tiny_models import (
+from helpers.tiny_models import (
     decoder_mlps,
     module_types,
     perturb_adapters,
@@ -17,6 +14,9 @@ from tiny_models import (
     randomize_biases,
     tiny_model,
 )
+from loramix import MixLoraConfig, inject, merge_and_unload, merge_attention, save_adapter
+from loramix.injection import get_state
+from loramix.moe_layer import MixLoraFFN
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 PEFT_TARGETS = {

@@ -3,71 +3,26 @@
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import pytest
 import torch
 
 import loramix.dropout
+from helpers.moe_layers import base_mlp, make_layer, run_layer
+from helpers.tiny_models import (
+    ARCHS,
+    EXPERT_TYPES,
+    ROUTER_NAMES,
+)
 from loramix import MixLoraConfig
 from loramix.ffn_spec import check_targets, detect_ffn
 from loramix.moe_layer import MixLoraFFN
 from loramix.routers import Routing
-from tiny_models import (
-    ARCHS,
-    EXPERT_TYPES,
-    ROUTER_NAMES,
-    decoder_mlps,
-    perturb_adapters,
-    randomize_biases,
-    tiny_model,
-)
 
 HIDDEN = 32
 # Values in float64; the router runs in float32 by design, so its gradients agree to float32 precision.
 TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-@functools.cache
-def _base_mlp(arch: str) -> torch.nn.Module:
-    model = randomize_biases(tiny_model(arch).double())  # GPT-2's zero-init biases would hide bias bugs
-    return decoder_mlps(model)[0]
-
-
-def make_layer(
-    arch: str, router: str = "topk", expert_type: str = "mixlora", num_experts: int = 4,
-    targets: list[str] | None = None, **cfg: object,
-) -> MixLoraFFN:
-    """A MixLoraFFN (float64, train mode, dropout 0) on a copy of layer 0's FFN, with random adapters."""
-    mlp = copy.deepcopy(_base_mlp(arch))
-    if hasattr(mlp, "dropout"):  # GPT-2's own output dropout would differ between two calls
-        mlp.dropout.p = 0.0
-    mlp.requires_grad_(False)
-    config = MixLoraConfig(
-        num_experts=num_experts, top_k=2, router=router, expert_type=expert_type, dropout=0.0,
-        expert_targets=targets, router_jitter=0.05, **cfg,
-    )
-    spec = detect_ffn(mlp)
-    layer = MixLoraFFN(mlp, spec, check_targets(spec, targets, mlp), num_experts, config).double()
-    perturb_adapters(layer, scale=0.3)
-    return layer.train()
-
-
-def run_layer(layer: MixLoraFFN, x: torch.Tensor, reference: bool, token_mask: torch.Tensor | None = None):
-    """Forward + backward of a fixed random projection of the output; returns (out, routing, grads)."""
-    layer.use_reference = reference
-    layer.token_mask = token_mask
-    x = x.clone().requires_grad_(True)
-    torch.manual_seed(7)  # noisy router and jitter draw the same noise on both paths
-    out = layer(x)
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype).to(out.device)
-    params = dict((n, p) for n, p in layer.named_parameters() if p.requires_grad)
-    grads = torch.autograd.grad((out * probe).sum(), [x, *params.values()], allow_unused=True)
-    named = {"input": grads[0]}
-    for (n, p), g in zip(params.items(), grads[1:], strict=True):
-        named[n] = torch.zeros_like(p) if g is None else g
-    return out.detach(), layer.last_routing, named
 
 
 def assert_paths_agree(layer: MixLoraFFN, x: torch.Tensor, token_mask: torch.Tensor | None = None):
@@ -174,7 +129,7 @@ def test_fast_path_equals_reference_for_unnormalised_weights(arch: str) -> None:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_zero_init_layer_equals_frozen_ffn(arch: str, expert_type: str) -> None:
     """Freshly built (B = 0) experts leave the FFN output unchanged on both paths."""
-    mlp = copy.deepcopy(_base_mlp(arch))
+    mlp = copy.deepcopy(base_mlp(arch))
     mlp.eval()
     spec = detect_ffn(mlp)
     cfg = MixLoraConfig(num_experts=4, expert_type=expert_type)

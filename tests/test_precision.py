@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import loramix
+from helpers.moe_layers import make_layer, run_layer
+from helpers.tiny_models import EXPERT_TYPES, ROUTER_NAMES, random_batch, tiny_model
 from loramix import MixLoraConfig
 from loramix.precision import compute_dtype
-from test_moe_layer import make_layer, run_layer
-from tiny_models import EXPERT_TYPES, ROUTER_NAMES, random_batch, tiny_model
 
 DEVICE = os.environ.get("LORAMIX_TEST_DEVICE", "cpu")  # bench/gpu_check.sh runs this file with "cuda"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

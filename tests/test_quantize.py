@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 import loramix
+from helpers.tiny_lm import save_tiny_lm
 from loramix.models import check_bitsandbytes, load_base_model
-from tiny_lm import save_tiny_lm
 
 
 def _bitsandbytes_problem() -> str | None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.tiny_models import tiny_model
 from loramix import MixLoraConfig, inject
-from tiny_models import tiny_model
 
 WIKI = Path(os.environ.get("LORAMIX_DATA_DIR", "/nonexistent")) / "wikitext2" / "raw" / "wiki.test.raw.txt"
 pytestmark = pytest.mark.skipif(not WIKI.is_file(), reason="set LORAMIX_DATA_DIR to a dir with wikitext2/raw")

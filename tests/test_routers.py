@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 
+from helpers.tiny_models import decoder_mlps, perturb_adapters, random_batch, tiny_model
 from loramix import MixLoraConfig, inject
 from loramix.ffn_spec import check_targets, detect_ffn
 from loramix.injection import get_state
 from loramix.moe_layer import MixLoraFFN
 from loramix.routers import build_router
-from tiny_models import decoder_mlps, perturb_adapters, random_batch, tiny_model
 
 
 def make_router(rule: str, num_experts: int = 4, **cfg: object) -> torch.nn.Module:

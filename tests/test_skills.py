@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from helpers.tiny_lm import save_tiny_lm
 from loramix import load_adapter
 from loramix.generation import generate
 from loramix.models import load_base_model
@@ -31,7 +32,6 @@ from loramix.skills import (
     skills_route,
 )
 from loramix.skills.gate import train_gate
-from tiny_lm import save_tiny_lm
 
 ADJ = ["great", "awful", "boring", "moving", "funny", "dull", "brilliant", "weak", "charming", "messy"]
 NOUN = ["acting", "plot", "music", "ending", "camera work", "script", "cast", "pacing"]

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from helpers.tiny_lm import save_tiny_lm
 from loramix import load_adapter
 from loramix.evaluation import encode_pair, loglikelihoods
 from loramix.generation import render_chat
@@ -14,7 +15,6 @@ from loramix.models import load_base_model
 from loramix.skills import SkillBlend, SkillLibrary, skills_add
 from loramix.skills.demo import EmbeddingCache, boolq_question, choice_logliks, evaluate, prepare, rouge_l
 from loramix.skills.gate import embed_prompts
-from tiny_lm import save_tiny_lm
 
 TRAIN = dict(device="cpu", max_steps=3, batch_size=8, learning_rate=2e-2, val_size=0, r=4, attn_r=4, seed=1,
              logging_steps=1, adapter="lora")

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from helpers.tiny_lm import save_tiny_lm
 from loramix.config import ConfigError
 from loramix.train import TrainingDivergedError, resolve, train
-from tiny_lm import save_tiny_lm
 
 ROWS = [{"Context": f"question {i}: how do I cope with stress at work?",
          "Response": f"answer {i}: breathe, rest and talk to someone you trust."} for i in range(48)]

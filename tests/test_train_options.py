@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
+from helpers.tiny_lm import save_tiny_lm
+from helpers.tiny_models import tiny_model
 from loramix import MixLoraConfig, inject
 from loramix.checkpoint import AdapterLoadError, trainable_state_dict
 from loramix.config import ConfigError
 from loramix.train import LoramixTrainer, TrainConfig, TrainingDivergedError, train
-from tiny_lm import save_tiny_lm
-from tiny_models import tiny_model
 
 ROWS = [{"Context": f"question {i}: how do I cope with stress at work?",
          "Response": f"answer {i}: breathe, rest and talk to someone you trust."} for i in range(48)]

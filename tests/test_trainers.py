@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import loramix
+from helpers.tiny_lm import byte_tokenizer
+from helpers.tiny_models import tiny_config
 from loramix import MixLoraConfig
-from tiny_lm import byte_tokenizer
-from tiny_models import tiny_config
 
 DEVICE = os.environ.get("LORAMIX_TEST_DEVICE", "cpu")  # bench/gpu_check.sh runs this file with "cuda"
 CONFIG = dict(num_experts=4, top_k=2, r=4, alpha=8, attn_r=4, attn_alpha=8, dropout=0.0, attn_dropout=0.0,
@@ -203,8 +203,8 @@ def test_loramix_train_runs_in_the_chosen_precision(precision, tmp_path) -> None
 
     from safetensors.torch import load_file
 
+    from helpers.tiny_lm import save_tiny_lm
     from loramix.train import resolve_precision, train
-    from tiny_lm import save_tiny_lm
 
     model_dir = save_tiny_lm(tmp_path / "model")
     rows = [{"prompt": f"question {i}: how do I cope?", "response": f"breathe and rest {i % 5}."} for i in range(32)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from tiny_models import tiny_config
+from .tiny_models import tiny_config
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -26,6 +26,18 @@ def byte_tokenizer():
     fast.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|system|>"]})
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def byte_lm(arch: str, seed: int = 0):
+    """Tiny random model with the byte tokenizer and room for ~250-token prompts."""
+    tok = byte_tokenizer()
+    cfg = tiny_config(arch, vocab_size=len(tok), **({"n_positions": 256} if arch == "gpt2" else
+                                                     {"max_position_embeddings": 256}))
+    if arch == "gpt2":
+        cfg.bos_token_id = cfg.eos_token_id = tok.eos_token_id
+    cfg.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval(), tok
 
 
 def save_tiny_lm(directory, arch: str = "llama", seed: int = 0, **overrides) -> str:

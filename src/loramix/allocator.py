@@ -4,9 +4,8 @@ glibc's malloc serves big blocks with ``mmap`` and hands freed memory back to th
 heap trimming). A MixLoRA layer creates and frees several (token x expert-slot, intermediate) tensors per
 forward and backward -- 6 MiB each at batch 4 x 128 with top-2 on SmolLM2 -- so every one of them is
 mapped fresh and page-faulted in again, page by page. Raising the mmap and trim thresholds makes freed
-blocks stay in the heap for the next tensor: on one core this cut a MixLoRA FFN layer's
-forward+backward from about 160 to about 125 ms while PEFT LoRA's stayed near 100 ms (page faults per
-run 315k -> 126k; ``bench/run_bench.py --no-tune-malloc`` measures the whole model both ways).
+blocks stay in the heap for the next tensor (docs/benchmarks.md; ``python -m bench.run_bench --no-tune-malloc``
+measures the whole model without it).
 
 It is the in-process form of PyTorch's CPU tuning advice (use an allocator that caches, e.g. jemalloc
 through ``LD_PRELOAD``). The setting is process-wide and affects every later allocation; peak memory is

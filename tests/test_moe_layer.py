@@ -236,8 +236,9 @@ def test_recomputed_expert_activations_equal_stored_ones(arch: str, router: str)
     for recompute in (False, True):
         layer.recompute_experts = recompute
         results[recompute] = run_layer(layer, x, reference=False)
-        shapes: list[tuple[int, ...]] = []  # what the forward keeps for backward
-        with torch.autograd.graph.saved_tensors_hooks(lambda t, s=shapes: s.append(tuple(t.shape)) or t, lambda t: t):
+        shapes: list[tuple[int, ...]] = []  # the floating-point tensors the forward keeps for backward
+        keep = lambda t, s=shapes: (s.append(tuple(t.shape)) if t.is_floating_point() else None) or t  # noqa: E731
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             layer(x.clone().requires_grad_(True))
         pairs = int(layer.last_routing.mask.sum())
         width = layer.proj("up").weight.shape[0] if arch == "llama" else layer.proj("up").weight.shape[1]

@@ -39,6 +39,18 @@ def unscaled_dropout(x: torch.Tensor, p: float, training: bool = True) -> tuple[
     return x * keep_mask(x.shape, p, x.device).view(torch.uint8), 1.0 / (1.0 - p)
 
 
+def dropout_keep_mask(x: torch.Tensor, p: float, training: bool = True) -> tuple[torch.Tensor | None, float]:
+    """The keep-mask :func:`unscaled_dropout` would multiply ``x`` by, as uint8 (None when nothing is dropped),
+    and the factor 1/(1-p), for code that applies the mask itself (and keeps it, a quarter of a float32 copy)."""
+    if not training or p == 0.0:
+        return None, 1.0
+    if x.device.type != "cpu" or p >= 1.0:
+        mask = torch.empty(x.shape, device=x.device).bernoulli_(1.0 - p).to(torch.uint8)
+    else:
+        mask = keep_mask(x.shape, p, x.device).view(torch.uint8)
+    return mask, 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout`` semantics; on CPU the mask comes from :func:`keep_mask`."""
     kept, factor = unscaled_dropout(x, p, training)

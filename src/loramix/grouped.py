@@ -150,3 +150,97 @@ def grouped_lora_reference(
         base = bases[j] if bases is not None else None
         outs.append(delta if base is None else base.to(delta.dtype).index_select(0, token) + delta)
     return tuple(outs)
+
+
+class MixPairs(torch.autograd.Function):
+    """The pairs' activations mixed per token, keeping only their pre-activations for backward.
+
+    ``mixed, down = MixPairs.apply(up, gate, weight, token, counts, num_tokens, act, mask, scale, a, b)``::
+
+        h      = act(gate) * up   (or act(up) without a gate)            (N, I), pairs sorted by expert
+        mixed  = sum over each token's pairs of weight * h                (T, I)
+        down   = sum over each token's pairs of weight * scale * ((mask * h) A_e^T) B_e^T      (T, H)
+
+    up, gate (N, I) pre-activations; weight (N, 1); token (N,); a (E, r, I) and b (E, H, r) the down LoRA (None:
+    no down LoRA, ``down`` is None); mask (N, I) uint8 dropout keep-mask or None; scale includes the dropout's
+    1/(1-p). Backward recomputes h from the saved pre-activations (an elementwise pass) instead of storing the
+    activation, its masked copy and the products, which autograd would keep: several (N, I) tensors per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, up, gate, weight, token, counts, num_tokens, act, mask, scale, a, b):  # noqa: ANN001, ANN205
+        with torch.autocast(up.device.type, enabled=False), torch.no_grad():
+            act_gate = act(gate) if gate is not None else None
+            h = act_gate * up if gate is not None else act(up)  # (N, I)
+            mixed = up.new_zeros(num_tokens, up.shape[1]).index_add_(0, token, h * weight)  # (T, I)
+            down = z = None
+            if a is not None:
+                hk = h * mask if mask is not None else h  # (N, I)
+                z = up.new_empty(up.shape[0], a.shape[1])  # (N, r)
+                delta = up.new_empty(up.shape[0], b.shape[1])  # (N, H)
+                for e, rows in _expert_rows(counts):
+                    torch.mm(hk[rows], a[e].t(), out=z[rows])  # (n_e, r)
+                    torch.mm(z[rows], b[e].t(), out=delta[rows])  # (n_e, H)
+                down = up.new_zeros(num_tokens, b.shape[1]).index_add_(0, token, delta.mul_(weight * scale))
+        ctx.save_for_backward(up, gate, weight, token, mask, z, a, b)
+        ctx.counts, ctx.act, ctx.scale = counts, act, scale
+        return mixed, down
+
+    @staticmethod
+    def backward(ctx, grad_mixed, grad_down):  # noqa: ANN001, ANN205
+        saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no second unpack
+        with torch.autocast(saved[0].device.type, enabled=False):
+            return MixPairs._backward(ctx, saved, grad_mixed, grad_down)
+
+    @staticmethod
+    def _backward(ctx, saved, grad_mixed, grad_down):  # noqa: ANN001, ANN205
+        up, gate, weight, token, mask, z, a, b = saved
+        counts, act, scale = ctx.counts, ctx.act, ctx.scale
+        pre = (gate if gate is not None else up).detach().requires_grad_(True)
+        with torch.enable_grad():
+            act_pre = act(pre)  # (N, I) recomputed activation of the gate (or of up)
+        h = act_pre.detach() * up if gate is not None else act_pre.detach()  # (N, I)
+        grad_h = up.new_zeros(up.shape)
+        grad_w = weight.new_zeros(weight.shape)  # (N, 1)
+        if grad_mixed is not None:
+            gm = grad_mixed.to(up.dtype).index_select(0, token)  # (N, I)
+            grad_w += (gm * h).sum(-1, keepdim=True)
+            grad_h += gm * weight
+        grad_a = grad_b = None
+        if a is not None and grad_down is not None:
+            gd = grad_down.to(up.dtype).index_select(0, token)  # (N, H)
+            gdb = up.new_empty(z.shape)  # (N, r) gd B_e
+            grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
+            hk = h * mask if mask is not None else h  # (N, I)
+            grad_hk = up.new_empty(up.shape)
+            gz_all = up.new_empty(z.shape)
+            for e, rows in _expert_rows(counts):
+                torch.mm(gd[rows], b[e], out=gdb[rows])  # (n_e, r)
+                gz = gdb[rows] * (weight[rows] * scale)  # (n_e, r) gradient of z
+                gz_all[rows] = gz
+                torch.mm((gd[rows] * (weight[rows] * scale)).t(), z[rows], out=grad_b[e])  # (H, r)
+                torch.mm(gz.t(), hk[rows], out=grad_a[e])  # (r, I)
+                torch.mm(gz, a[e], out=grad_hk[rows])  # (n_e, I)
+            grad_w += scale * (z * gdb).sum(-1, keepdim=True)
+            grad_h += grad_hk * mask if mask is not None else grad_hk
+        if gate is not None:
+            grad_up = grad_h * act_pre.detach()
+            (grad_gate,) = torch.autograd.grad(act_pre, pre, grad_h * up)
+        else:
+            grad_gate = None
+            (grad_up,) = torch.autograd.grad(act_pre, pre, grad_h)
+        return grad_up, grad_gate, grad_w, None, None, None, None, None, None, grad_a, grad_b
+
+
+@torch.compiler.disable(reason="per-expert row slices of a data-dependent size; the layer breaks the graph here anyway")
+def mix_pairs(
+    up: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, token: torch.Tensor, counts: list[int],
+    num_tokens: int, act: torch.nn.Module, mask: torch.Tensor | None = None, scale: float = 1.0,
+    a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:class:`MixPairs` with every tensor cast to ``up``'s dtype (the compute dtype)."""
+    dtype = up.dtype
+    gate = gate.to(dtype) if gate is not None else None
+    a = a.to(dtype) if a is not None else None
+    b = b.to(dtype) if b is not None else None
+    return MixPairs.apply(up, gate, weight.to(dtype), token, counts, num_tokens, act, mask, scale, a, b)

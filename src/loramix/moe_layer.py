@@ -21,12 +21,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import MixLoraConfig
-from .dropout import FastDropout
+from .dropout import FastDropout, dropout_keep_mask
 from .ffn_spec import FFNSpec, linear_shape
-from .grouped import grouped_lora
+from .grouped import grouped_lora, mix_pairs
 from .precision import compute_dtype
 from .routers import Routing, build_router
 
@@ -211,7 +210,7 @@ class MixLoraFFN(nn.Module):
         args = (pair_up, pair_gate, token, weight, counts, num_tokens)
         if self.recompute_experts and self.training and torch.is_grad_enabled():
             # backward keeps the pairs' gate/up pre-activations and recomputes the activations from them
-            mixed, down_delta = checkpoint(self._mix_pairs, *args, use_reentrant=False)
+            mixed, down_delta = self._mix_pairs_recomputed(*args)
         else:
             mixed, down_delta = self._mix_pairs(*args)
         coverage = torch.zeros(num_tokens, dtype=weight.dtype, device=x.device).index_add(0, token, weight[:, 0])
@@ -245,6 +244,19 @@ class MixLoraFFN(nn.Module):
                                 lora[0].scaling * rescale, token, [frozen[role] for role in adapted])
             pairs.update(zip(adapted, outs, strict=True))  # (N, I) each
         return pairs["up"], pairs.get("gate")
+
+    def _mix_pairs_recomputed(
+        self, pair_up: torch.Tensor, pair_gate: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,
+        counts: list[int], num_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_mix_pairs` through :class:`loramix.grouped.MixPairs`, whose backward recomputes the activations
+        from the pre-activations (the same values; the dropout mask is drawn here and kept as uint8)."""
+        if "down" not in self.targets:
+            return mix_pairs(pair_up, pair_gate, weight, token, counts, num_tokens, self.act)
+        down = self.mixlora_experts["down"]
+        mask, rescale = dropout_keep_mask(pair_up, self.mixlora_dropout.p, self.mixlora_dropout.training)
+        return mix_pairs(pair_up, pair_gate, weight, token, counts, num_tokens, self.act, mask,
+                         down.scaling * rescale, down.lora_A, down.lora_B)
 
     def _mix_pairs(
         self, pair_up: torch.Tensor, pair_gate: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,

@@ -4,20 +4,19 @@ dataclasses, and the help text from their docstrings. The library never imports 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import importlib
 import inspect
 import json
 import os
 import sys
-import textwrap
 from collections.abc import Callable
 from typing import Any
 
 import yaml
 
 from .allocator import tune_malloc
+from .config import field_docs
 
 TRAIN_OPTIONS = ["loramix.train:TrainConfig", "loramix.data:DataConfig", "loramix.config:MixLoraConfig"]
 
@@ -95,22 +94,6 @@ TYPED_FLAGS = {"int": parse_int, "int|None": parse_int, "float": parse_float, "f
 def _resolve(ref: str) -> Any:
     module, name = ref.split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The string literal written under each dataclass field (its documentation)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:], strict=False):
-        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
-        if is_field and is_doc:
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 def _param_docs(fn: Callable) -> dict[str, str]:

@@ -26,6 +26,26 @@ def _fail(field_name: str, msg: str) -> None:
     raise ConfigError(f"MixLoraConfig.{field_name}: {msg}")
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal written under each dataclass field (its documentation), by field name."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:], strict=False):
+        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+        if is_field and is_doc:
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
 def yaml_error_text(error: Exception) -> str:
     """One line for a YAML parse error: ``line L column C: problem`` (PyYAML's own text spans lines)."""
     mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)

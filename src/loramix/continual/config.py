@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..config import ConfigError, field_docs
 from .experts import GUARDS
 from .routing import ROUTING_POLICIES
 
@@ -176,19 +176,5 @@ def resolve_config(config: str | Path | ContinualConfig | None = None, **overrid
 
 
 def field_help(cls: type = ContinualConfig) -> dict[str, str]:
-    """The string literal written under each dataclass field (its documentation)."""
-    import ast
-    import inspect
-    import textwrap
-
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    """The documentation written under each field of ``cls`` (``loramix.config.field_docs``)."""
+    return field_docs(cls)

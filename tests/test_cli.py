@@ -12,7 +12,8 @@ from loramix.cli import build_parser, field_docs, main, parse_value
 from loramix.config import MixLoraConfig
 from loramix.train import resolve
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_every_subcommand_has_help():
@@ -34,10 +35,12 @@ def test_flag_values_parse_like_yaml_and_numbers():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_resolve(path, monkeypatch, tmp_path):
-    """Every shipped YAML recipe names only known options with valid values."""
+    """Every shipped YAML recipe names only known options with valid values, and data that is either under
+    $LORAMIX_DATA_DIR or shipped in this repository (the main job's sample)."""
     monkeypatch.setenv("LORAMIX_DATA_DIR", str(tmp_path))
     train_cfg, data_cfg, mix_cfg = resolve(path)
-    assert data_cfg.data.startswith(str(tmp_path))  # $LORAMIX_DATA_DIR expanded
+    for source in data_cfg.data.split(","):
+        assert source.startswith(str(tmp_path)) or (ROOT / source).is_file(), source  # $LORAMIX_DATA_DIR expanded
     assert mix_cfg.num_experts >= 1 and train_cfg.learning_rate > 0
 
 
@@ -52,6 +55,9 @@ def test_cli_train_runs_and_reports_bad_input(tmp_path, capsys):
     assert rc == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2
+    out = capsys.readouterr().out  # a few lines for people; the figures stay in summary.json
+    assert out.startswith("Trained 2 steps in ") and str(tmp_path / "run" / "adapter") in out
+    assert len(out.splitlines()) <= 6 and "{" not in out, out
     rc = main(["train", "--model", model_dir, "--data", str(tmp_path / "missing.jsonl"),
                "--output-dir", str(tmp_path / "run2")])
     assert rc == 2
@@ -164,6 +170,8 @@ def test_every_count_option_refuses_negative_values_before_loading_anything(tmp_
     (["eval", "--tasks", "[boolq]", "--limit", "0"], "limit"),
     (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
     (["generate", "--prompt", "x", "--top-p", "1.5"], "top_p"),
+    (["generate", "--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty"),
+    (["chat", "--repetition-penalty", "-1"], "repetition_penalty"),
     (["bench", "--steps", "0"], "steps"),
     (["compare", "--data", "x.jsonl", "--eval-limit", "0"], "eval_limit"),
     (["train", "--data", "x.jsonl", "--batch-size", "0"], "TrainConfig.batch_size"),

@@ -7,6 +7,7 @@ run only when $LORAMIX_DATA_DIR holds the files each one reads.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -703,6 +704,48 @@ def test_real_data_response_only_labels(
         assert tok.decode(ex["input_ids"][:s]).endswith(
             row[prompt_key] + "<|im_end|>\n<|im_start|>assistant\n"
         )
+
+
+# --- without LORAMIX_DATA_DIR; the main job's sample, shipped in the repository -----------------------------
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "counsel_chat" / "counsel_chat_sample.jsonl"
+
+
+def test_without_loramix_data_dir_the_data_tests_skip_and_say_why() -> None:
+    """The default run needs no data outside the repository: with LORAMIX_DATA_DIR unset, tests that read the
+    full data sets are skipped and the run prints each reason (pyproject's -rs)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LORAMIX_DATA_DIR"}
+    tests = ["tests/test_real_batch.py", "tests/test_data.py::test_real_data_response_only_labels",
+             "tests/test_continual_run.py::test_real_task_loaders"]
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    skipped = [line for line in res.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert len(skipped) >= 3 and all("LORAMIX_DATA_DIR" in line for line in skipped), res.stdout
+    assert " passed" not in res.stdout and "skipped" in res.stdout.splitlines()[-1]
+
+
+def test_the_shipped_counsel_chat_sample_builds_with_the_quickstart_config(tmp_path, tok) -> None:
+    """configs/counsel_chat_quick.yaml reads the sample in data/ (no LORAMIX_DATA_DIR): every row is one
+    question and its answer, labelled on the answer only, and the licence note sits next to the file."""
+    from loramix.train import resolve
+
+    _, cfg, _ = resolve(ROOT / "configs" / "counsel_chat_quick.yaml")
+    assert (ROOT / cfg.data).resolve() == SAMPLE
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    assert 200 <= len(rows) <= 1000 and len({r["questionID"] for r in rows}) == len(rows)
+    assert all(r["questionText"].strip() and len(r["answerText"]) >= 100 for r in rows)
+    licence = (SAMPLE.parent / "README.md").read_text()
+    assert "MIT License" in licence and "Copyright (c) 2020 nbertagnolli" in licence
+    cfg = dataclasses.replace(cfg, data=str(SAMPLE), cache_dir=str(tmp_path / "cache"), max_length=100_000)
+    train, val, stats = build_datasets(cfg, tok)
+    assert stats["format"] == "prompt_response" and stats["rows"] == len(rows)
+    assert len(train) + len(val) == len(rows) and len(val) == cfg.val_size
+    spans = label_spans(train[0]["labels"])
+    assert len(spans) == 1 and tok.decode(train[0]["input_ids"][spans[0][0]:]).endswith("<|im_end|>\n")
 
 
 # --- data errors name the file and the line ---------------------------------------------------------------

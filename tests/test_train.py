@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from helpers.tiny_lm import save_tiny_lm
 from loramix.config import ConfigError
-from loramix.train import TrainingDivergedError, resolve, train
+from loramix.train import TrainingDivergedError, resolve, summary_text, train
 
 ROWS = [{"Context": f"question {i}: how do I cope with stress at work?",
          "Response": f"answer {i}: breathe, rest and talk to someone you trust."} for i in range(48)]
@@ -62,6 +62,25 @@ def test_train_end_to_end_writes_adapter_metrics_plots(tiny_run_inputs, tmp_path
         shares = torch.tensor(s[key])
         assert shares.shape[0] == 2 and torch.allclose(shares.sum(-1), torch.ones(2)), key
     assert s["val_expert_share_min"] == pytest.approx(float(torch.tensor(s["val_expert_share"]).min()))
+    text = summary_text(s)  # what `loramix train` prints
+    assert text.startswith("Trained 12 steps in ") and "s per step" in text
+    assert f"{s['base_val_loss']:.3f} before training, {s['final_val_loss']:.3f} with the adapter" in text
+    assert f"Adapter: {run / 'adapter'}" in text and "summary.json" in text and "loss_curves.png" in text
+    assert "expert_share" not in text and len(text.splitlines()) <= 6
+
+
+def test_summary_text_names_the_saved_checkpoint_an_interruption_and_minutes(tmp_path):
+    s = {"output_dir": str(tmp_path), "adapter_dir": str(tmp_path / "adapter"), "steps": 40, "precision": "fp32",
+         "interrupted": True, "resumed_from": None, "diverged": None, "train_seconds": 125.0,
+         "trainable_params": 1_500_000, "total_params": 136_000_000, "base_val_loss": 2.5, "final_val_loss": 2.25,
+         "best_val_loss": 2.25, "best_checkpoint": str(tmp_path / "checkpoint-30"), "data": {"summary": "8 rows"}}
+    (tmp_path / "adapter").mkdir()
+    text = summary_text(s)
+    assert text.splitlines()[0] == ("Trained 40 steps in 2 min 5 s, 3.1 s per step (fp32; 1.5 M of 136 M "
+                                    "parameters trainable).")
+    assert "2.500 before training, 2.250 with the adapter (the adapter of checkpoint-30" in text
+    assert "Interrupted: continue with --resume true" in text and "Data: 8 rows." in text
+    assert f"Files in {tmp_path}/: adapter/ (" in text
 
 
 def test_expert_shares_ignore_padding_columns_of_smaller_layers():

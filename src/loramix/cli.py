@@ -182,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PRINTS_RESULT = {"train", "skills_add", "skills_route", "skills_generate", "skills_list", "skills_compare_static"}
+REPORTS = {"train": "loramix.train:summary_text"}
+"""Commands whose result is printed as a few lines of text by a library function (the full result is in a
+file of the run, e.g. summary.json)."""
+PRINTS_RESULT = {"skills_add", "skills_route", "skills_generate", "skills_list", "skills_compare_static"}
 EXIT_INTERRUPTED = 130
 """Exit status of a run stopped by Ctrl-C (128 + SIGINT), after its checkpoint is saved."""
 
@@ -204,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loramix: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if isinstance(result, dict) and fn.__name__ in PRINTS_RESULT:  # the others print their own report
+    if isinstance(result, dict) and fn.__name__ in REPORTS:
+        print(_resolve(REPORTS[fn.__name__])(result))
+    elif isinstance(result, dict) and fn.__name__ in PRINTS_RESULT:  # the others print their own report
         print(json.dumps(result, indent=2, default=str))
     if isinstance(result, dict) and result.get("interrupted") is True:
         print("loramix: interrupted; the checkpoint is saved (continue with --resume true)", file=sys.stderr)

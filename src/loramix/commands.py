@@ -15,9 +15,13 @@ from typing import Any
 from .checks import check_int, check_number
 
 
-def check_sampling(max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any) -> None:
-    """Generation options: a length >= 1, temperature >= 0, top_p in (0, 1], top_k >= 0 (0 = off)."""
+def check_sampling(
+    max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any = 1.0
+) -> None:
+    """Generation options: a length >= 1, temperature >= 0, top_p in (0, 1], top_k >= 0 (0 = off),
+    repetition_penalty > 0."""
     check_int("max_new_tokens", max_new_tokens, 1)
+    check_number("repetition_penalty", repetition_penalty, 0.0, low_open=True)
     check_number("temperature", temperature, 0.0)
     check_number("top_p", top_p, 0.0, 1.0, low_open=True)
     check_int("top_k", top_k, 0)
@@ -31,6 +35,7 @@ def generate_command(
     temperature: float = 0.7,
     top_p: float = 0.9,
     top_k: int = 50,
+    repetition_penalty: float = 1.0,
     chat_template: bool = True,
     system: str | None = None,
     device: str | None = None,
@@ -48,6 +53,8 @@ def generate_command(
         temperature: 0 = greedy decoding.
         top_p: nucleus sampling mass.
         top_k: sample among the k most likely tokens.
+        repetition_penalty: above 1 makes tokens already in the prompt or the reply less likely (1.1 to 1.3
+            stops small models from looping, greedy decoding included); 1 = off.
         chat_template: apply the tokenizer's chat template.
         system: optional system message.
         device: cpu, cuda, cuda:1 ... (default: CUDA when available).
@@ -59,12 +66,13 @@ def generate_command(
     """
     from .generation import generate, load_for_inference
 
-    check_sampling(max_new_tokens, temperature, top_p, top_k)
+    check_sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
     model_obj, tokenizer = load_for_inference(
         model, adapter, device=device, merge=merge, compile_decode=compile_decode, strict_base=strict_base
     )
     generate(model_obj, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-             top_k=top_k, chat_template=chat_template, stream=True, system=system)
+             top_k=top_k, repetition_penalty=repetition_penalty, chat_template=chat_template, stream=True,
+             system=system)
 
 
 def chat_command(
@@ -74,6 +82,7 @@ def chat_command(
     temperature: float = 0.7,
     top_p: float = 0.9,
     top_k: int = 50,
+    repetition_penalty: float = 1.0,
     system: str | None = None,
     device: str | None = None,
     merge: bool = False,
@@ -89,6 +98,8 @@ def chat_command(
         temperature: 0 = greedy decoding.
         top_p: nucleus sampling mass.
         top_k: sample among the k most likely tokens.
+        repetition_penalty: above 1 makes tokens already in the prompt or the reply less likely (1.1 to 1.3
+            stops small models from looping, greedy decoding included); 1 = off.
         system: optional system message.
         device: cpu, cuda ... (default: CUDA when available).
         merge: fold the attention LoRA into the base weights first (faster decoding, same outputs up to
@@ -99,12 +110,12 @@ def chat_command(
     """
     from .generation import chat_loop, load_for_inference
 
-    check_sampling(max_new_tokens, temperature, top_p, top_k)
+    check_sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
     model_obj, tokenizer = load_for_inference(
         model, adapter, device=device, merge=merge, compile_decode=compile_decode, strict_base=strict_base
     )
     chat_loop(model_obj, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-              top_p=top_p, top_k=top_k)
+              top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
 
 
 def eval_command(

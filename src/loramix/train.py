@@ -750,6 +750,48 @@ def _train(
     return summary
 
 
+def summary_text(summary: dict[str, Any]) -> str:
+    """A few lines for people about a run: steps, time, validation loss before and after, where the files
+    are. ``summary`` is what :func:`train` returns; every figure stays in ``<output_dir>/summary.json``."""
+    out = Path(summary["output_dir"])
+    steps, seconds = summary["steps"], summary["train_seconds"]
+    per_step = f", {seconds / steps:.1f} s per step" if steps else ""
+    lines = [f"Trained {steps} steps in {_duration(seconds)}{per_step} ({summary['precision']}; "
+             f"{summary['trainable_params'] / 1e6:.1f} M of {summary['total_params'] / 1e6:.0f} M parameters "
+             "trainable)."]
+    if summary.get("resumed_from"):
+        lines.append(f"Resumed from {summary['resumed_from']}.")
+    data = summary.get("data")
+    if isinstance(data, dict) and data.get("summary"):
+        lines.append(f"Data: {data['summary']}.")
+    before, after = summary.get("base_val_loss"), summary.get("final_val_loss")
+    if after is not None:
+        text = f"{after:.3f} with the adapter"
+        if before is not None:
+            text = f"{before:.3f} before training, " + text
+        best_name = Path(summary["best_checkpoint"]).name if summary.get("best_checkpoint") else None
+        if best_name and best_name != f"checkpoint-{steps}":
+            text += f" (the adapter of {best_name}, the lowest validation loss, is the one saved)"
+        lines.append(f"Validation loss: {text}.")
+    elif before is not None:
+        lines.append(f"Validation loss before training: {before:.3f}.")
+    if summary.get("interrupted"):
+        lines.append(f"Interrupted: continue with --resume true --output-dir {out}.")
+    if summary.get("diverged"):
+        lines.append(f"Stopped: {summary['diverged']}; the last good adapter is in {out / 'last_good'}.")
+    else:
+        lines.append(f"Adapter: {summary['adapter_dir']} (loramix generate --adapter {summary['adapter_dir']} "
+                     "--prompt ...)")
+    files = sorted(p.name + "/" * p.is_dir() for p in out.glob("[!.]*")) if out.is_dir() else []
+    lines.append(f"Files in {out}/: {', '.join(files) or 'none'} (summary.json holds every figure of the run)")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{seconds:.1f} s"
+
+
 def expert_shares(
     counts: torch.Tensor, widths: list[int] | None = None
 ) -> tuple[list[list[float]], float | None]:

@@ -266,3 +266,13 @@ def test_strict_base_flag_refuses_an_adapter_of_another_base(tmp_path, capsys):
     assert "weights differ" in last and str(tmp_path / "a") in last and str(tmp_path / "b") in last, last
     with pytest.warns(UserWarning, match="weights differ"):
         assert main(argv) == 0
+
+
+def test_cli_keeps_the_bitsandbytes_kernels_notice_out_of_its_output() -> None:
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    out = subprocess.run([sys.executable, "-m", "loramix.cli", "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage" in out.stdout
+    assert "kernels-community" not in out.stderr + out.stdout

@@ -92,3 +92,19 @@ def test_uncompile_and_errors() -> None:
     assert all(layer._compiled is None for layer in moe_layers(model))
     with pytest.raises(ValueError, match="no MixLoRA layers"):
         compile_decoding(tiny_model("llama"))
+
+
+@needs_compiler
+def test_compiled_decoding_under_bf16_autocast_matches_eager() -> None:
+    """The compiled decoding path under CPU bf16 autocast gives the eager path's logits, to bf16 precision, and
+    does not fall back to eager."""
+    model = _adapted("topk")
+    step = torch.randint(0, model.config.vocab_size, (2, 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_logits = model(input_ids=step).logits.float()
+    compile_decoding(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled_logits = model(input_ids=step).logits.float()
+    limit = 16 * torch.finfo(torch.bfloat16).eps * eager_logits.abs().max()
+    assert (compiled_logits - eager_logits).abs().max() <= limit
+    assert all(layer._compiled is not None for layer in moe_layers(model))

@@ -392,3 +392,27 @@ def test_quarantine_drops_the_queued_examples_just_before_a_detected_boundary(st
     learner.bank.detach()
     with pytest.raises(ValueError, match="quarantine"):
         make_learner(model, tok, train_lag=2, quarantine=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixture_under_autocast_matches_reference_and_trains(arch, dtype):
+    """Under CPU autocast the growable mixture runs in the autocast dtype, equals the per-expert reference to that
+    dtype's precision, and gives finite gradients to the experts (kept float32)."""
+    model, bank = setup_bank(arch)
+    layer = bank.layers[0]
+    x = torch.randn(4, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    w = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.0, 0.0], [0.2, 0.3]])
+    layer.weights = w
+    with torch.autocast("cpu", dtype=dtype):
+        got = layer(x)
+        e0, e1, base = expert_ffn(layer, x, 0), expert_ffn(layer, x, 1), expert_ffn(layer, x, None)
+    want = (w[:, 0, None, None] * e0.float() + w[:, 1, None, None] * e1.float()
+            + (1 - w.sum(-1))[:, None, None] * base.float())
+    assert got.dtype == dtype
+    assert (got.float() - want).abs().max() <= 16 * torch.finfo(dtype).eps * want.abs().max()
+    got.float().square().sum().backward()
+    grads = [p.grad for p in bank.trainable_parameters()]
+    assert all(p.dtype == torch.float32 for p in bank.trainable_parameters())
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)

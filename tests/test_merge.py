@@ -17,6 +17,7 @@ from helpers.tiny_models import (
 from loramix import MixLoraConfig, inject, merge_and_unload, merge_attention, save_adapter
 from loramix.injection import get_state
 from loramix.moe_layer import MixLoraFFN
+from loramix.precision import cast_trainable
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 PEFT_TARGETS = {
@@ -162,3 +163,20 @@ def test_merging_a_mixture_raises_and_changes_nothing(cfg: dict) -> None:
     assert module_types(model) == types
     assert hasattr(model, "loramix_state")
     assert torch.equal(logits_of(model), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_of_float32_adapters_into_a_low_precision_base(dtype) -> None:
+    """A bf16/fp16 base with float32 adapters merges into a plain model of the base's dtype whose logits equal the
+    adapted model's, under the matching autocast, to the dtype's precision (the merged weight is rounded once)."""
+    mix = one_expert("llama")
+    mix.to(dtype)
+    cast_trainable(mix, [n for n, p in mix.named_parameters() if p.requires_grad], "float32", dtype)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        expected = mix(input_ids=ids).logits.float()
+    merged = merge_and_unload(mix)
+    assert {p.dtype for p in merged.parameters()} == {dtype}
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        got = merged(input_ids=ids).logits.float()
+    assert (got - expected).abs().max() <= 32 * torch.finfo(dtype).eps * expected.abs().max()

@@ -411,3 +411,19 @@ def test_library_files_get_the_umask_mode(lib):
              and p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~mask]
     assert not wrong, wrong
     assert (lib["root"] / "manifest.json").is_file() and (lib["root"] / "skills" / "review" / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_blend_under_autocast_matches_the_skill_adapter(lib, blends, dtype):
+    """Under CPU autocast the blended model runs (per block and per projection) and its top-1 logits equal the
+    skill adapter's own under the same autocast, to the autocast dtype's precision."""
+    ids = encode(blends["full"].tokenizer, lib["held"]["review"][0])
+    for s in SKILLS:
+        with torch.autocast("cpu", dtype=dtype):
+            ref = single_adapter_logits(lib["model_dir"], SkillLibrary.open(lib["root"]).adapter_path(s), ids)
+        for blend in blends.values():
+            if s in blend.skills:
+                with torch.autocast("cpu", dtype=dtype):
+                    got = blend.logits(ids, blend.one_hot(s))
+                err = (got.float() - ref.float()).abs().max()
+                assert err <= 16 * torch.finfo(dtype).eps * ref.float().abs().max(), (s, float(err))

@@ -8,7 +8,6 @@ import dataclasses
 import importlib
 import inspect
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -192,9 +191,6 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    # bitsandbytes (imported by peft when installed) warns on every start on CPUs where its optional
-    # `kernels` package is missing; the CLI owns its process, so it keeps that notice out of users' output
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = vars(build_parser().parse_args(argv))
     fn = args.pop("_fn")
     args.pop("command")

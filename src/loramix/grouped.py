@@ -213,12 +213,11 @@ class MixPairs(torch.autograd.Function):
             grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
             hk = h * mask if mask is not None else h  # (N, I)
             grad_hk = up.new_empty(up.shape)
-            gz_all = up.new_empty(z.shape)
             for e, rows in _expert_rows(counts):
                 torch.mm(gd[rows], b[e], out=gdb[rows])  # (n_e, r)
-                gz = gdb[rows] * (weight[rows] * scale)  # (n_e, r) gradient of z
-                gz_all[rows] = gz
-                torch.mm((gd[rows] * (weight[rows] * scale)).t(), z[rows], out=grad_b[e])  # (H, r)
+                ws = weight[rows] * scale  # (n_e, 1) each pair's routing weight times the LoRA scale
+                gz = gdb[rows] * ws  # (n_e, r) gradient of z
+                torch.mm((gd[rows] * ws).t(), z[rows], out=grad_b[e])  # (H, r)
                 torch.mm(gz.t(), hk[rows], out=grad_a[e])  # (r, I)
                 torch.mm(gz, a[e], out=grad_hk[rows])  # (n_e, I)
             grad_w += scale * (z * gdb).sum(-1, keepdim=True)

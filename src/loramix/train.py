@@ -30,7 +30,7 @@ from .checks import check_int, check_number
 from .config import ConfigError, MixLoraConfig, yaml_error_text
 from .data import DataCollator, DataConfig, build_datasets
 from .injection import get_state, inject, is_trainable_name, update_balance_biases
-from .models import load_base_model
+from .models import load_base_model, resolve_dtype
 
 ADAPTERS = ("mixlora", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -419,9 +419,8 @@ def resolve_precision(precision: str) -> str:
     ``fp32`` on CPU (CPU bf16 autocast works but is slower than float32 on most CPUs)."""
     if precision != "auto":
         return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names[resolve_dtype("auto")]  # the dtype loading with dtype="auto" picks on the default device
 
 
 def _precision_flags(precision: str) -> dict[str, bool]:

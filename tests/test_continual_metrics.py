@@ -208,7 +208,7 @@ def test_cli_continual_command_offers_every_config_field(capsys):
     import dataclasses
 
     from loramix import cli
-    from loramix.continual.run import continual_command
+    from loramix.cli.commands import continual_command
 
     parser = cli.build_parser()
     args = vars(parser.parse_args([

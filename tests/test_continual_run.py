@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from helpers.tiny_lm import byte_lm
+from loramix.cli.commands import continual_command
 from loramix.continual import build_stream, load_tasks, summarize
-from loramix.continual.run import continual_command, format_report
+from loramix.continual.run import format_report
 
 SETTINGS = dict(
     tasks="synthetic", train_per_task=40, test_per_task=8, threshold=0.8, window=4, batch_size=8,

@@ -23,7 +23,6 @@ from .metrics import (
 from .novelty import Decision, HiddenStateEmbedder, NoveltyDetector, SentenceEmbedder, SkillPrototypes, build_embedder
 from .routing import HybridRouter, MaturityTracker, route_weights
 from .run import (
-    continual_command,
     format_report,
     routed_multiple_choice,
     run_continual,
@@ -55,7 +54,6 @@ __all__ = [
     "boundary_detection",
     "build_embedder",
     "build_stream",
-    "continual_command",
     "format_report",
     "forgetting_per_task",
     "forward_transfer",

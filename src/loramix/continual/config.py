@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, field_docs
+from ..config import ConfigError
 from .experts import GUARDS
 from .routing import ROUTING_POLICIES
 
@@ -173,8 +173,3 @@ def resolve_config(config: str | Path | ContinualConfig | None = None, **overrid
     if unknown:
         raise ConfigError(f"unknown continual option(s) {unknown}; known: {sorted(known)}")
     return ContinualConfig(**options)
-
-
-def field_help(cls: type = ContinualConfig) -> dict[str, str]:
-    """The documentation written under each field of ``cls`` (``loramix.config.field_docs``)."""
-    return field_docs(cls)

@@ -13,8 +13,6 @@ Task labels are used only here, for scoring and for the detection metrics.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
 import logging
 import random
 import time
@@ -27,7 +25,7 @@ import torch
 
 from ..evaluation import encode_pair, scoring_limit
 from ..models import model_device
-from .config import ContinualConfig, field_help, resolve_config
+from .config import ContinualConfig, resolve_config
 from .experts import ExpertBank
 from .learner import ContinualLearner, batch_tensors, target_loss, write_jsonl
 from .metrics import boundary_detection, plot_accuracy_matrix, save_json, summarize
@@ -464,36 +462,3 @@ def format_report(summary: dict[str, Any], matrix: dict[str, Any] | None = None)
     lines.append(f"| base model | {f(sum(summary['base']) / len(summary['base']))} | - | - | - |")
     lines.append(f"\noutputs in {summary['output_dir']} ({summary['seconds']} s)")
     return "\n".join(lines)
-
-
-def continual_command(config: str | None = None, **options: Any) -> dict[str, Any]:
-    """Continual learning on a task stream: novelty detection, growing LoRA experts, maturity routing.
-
-    Trains on tasks arriving one after another without task labels, with sequential-LoRA and multi-task
-    baselines, and writes the accuracy matrix, ACC/BWT/FWT/forgetting and the novelty decision log.
-    Every ContinualConfig field is a flag.
-
-    Args:
-        config: YAML/JSON file of options (flags override it).
-    """
-    if not logging.getLogger().handlers:  # the command line: progress to stderr
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    summary = run_continual(config, **options)
-    print(format_report(summary))
-    return summary
-
-
-def _command_signature() -> inspect.Signature:
-    """``config`` plus one keyword parameter per ContinualConfig field, so the CLI (which reads flags from
-    the signature) offers every option, typed and documented."""
-    params = [inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                annotation="str | None")]
-    for f in dataclasses.fields(ContinualConfig):
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                        annotation=str(f.type)))
-    return inspect.Signature(params, return_annotation="dict[str, Any]")
-
-
-continual_command.__signature__ = _command_signature()  # type: ignore[attr-defined]
-continual_command.__doc__ = (continual_command.__doc__ or "") + "".join(
-    f"        {name}: {text}\n" for name, text in field_help().items())

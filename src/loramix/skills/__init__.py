@@ -6,8 +6,8 @@ per prompt (top-1 or soft); ``skills_compare_static`` puts the same prompts thro
 merge of plain-LoRA skills. See docs/skills.md.
 """
 
+from .api import skills_add, skills_compare_static, skills_generate, skills_list, skills_route
 from .blend import SkillBlend
-from .commands import skills_add, skills_compare_static, skills_generate, skills_list, skills_route
 from .gate import Gate, GateConfig, apply_policy
 from .library import SkillLibrary, SkillLibraryError
 from .static_merge import StaticMergeError, build_static_merge, loramix_to_peft

@@ -283,8 +283,8 @@ def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int =
     identical to ``own_adapter``'s, so only the misrouted items are run again (the scores of the others are
     the own-adapter ones; tests/test_skills.py checks that one-hot weights reproduce the adapter alone).
     """
+    from .api import _gate_weights, _load_gate
     from .blend import SkillBlend
-    from .commands import _gate_weights, _load_gate
     from .gate import apply_policy
     from .library import SkillLibrary
 

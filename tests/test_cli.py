@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers.tiny_lm import save_tiny_lm
-from loramix.cli import build_parser, field_docs, main, parse_value
+from loramix.cli import build_parser, field_docs, main, parse
 from loramix.config import MixLoraConfig
 from loramix.train import resolve
 
@@ -26,11 +26,20 @@ def test_every_subcommand_has_help():
     assert "top_k" in field_docs(MixLoraConfig) and "Experts per token" in field_docs(MixLoraConfig)["top_k"]
 
 
-def test_flag_values_parse_like_yaml_and_numbers():
-    """Numbers (including 5e-3, which YAML 1.1 reads as text), lists and maps parse to Python values."""
-    assert parse_value("5e-3") == 0.005 and parse_value("8") == 8
-    assert parse_value("[4, 8]") == [4, 8] and parse_value("{0: 2}") == {0: 2}
-    assert parse_value("true") is True and parse_value("topk") == "topk"
+def test_flag_values_parse_by_type_and_leave_unset_flags_out():
+    """Numbers (including 5e-3, which YAML 1.1 reads as text), lists and maps parse to Python values by the
+    option's type; booleans take --flag/--no-flag; flags not given are left out, so --config values stand."""
+    from loramix.train import train
+
+    fn, kwargs = parse(["train", "--learning-rate", "5e-3", "--num-experts", "[4, 8]", "--router", "topk",
+                        "--no-plots", "--packing", "--resume", "true", "--config", "c.yaml"])
+    assert fn is train
+    assert kwargs == {"learning_rate": 0.005, "num_experts": [4, 8], "router": "topk", "plots": False,
+                      "packing": True, "resume": True, "config": "c.yaml"}
+    assert parse(["train", "--num-experts", "{0: 2}", "--resume", "runs/x/checkpoint-4"])[1] == {
+        "num_experts": {0: 2}, "resume": "runs/x/checkpoint-4"}
+    fn, kwargs = parse(["skills", "route", "hello", "hi there", "--library-dir", "lib"])
+    assert fn.__name__ == "skills_route" and kwargs == {"prompts": ["hello", "hi there"], "library_dir": "lib"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -78,11 +87,14 @@ def _subcommands(parser=None, prefix=()):
 
 
 def _flags(sub, kinds):
-    from loramix import cli
+    """(flag, dest, type) of the options whose type is int, float or a list/map ("yaml")."""
 
-    types = {"int": cli.parse_int, "float": cli.parse_float, "yaml": cli.parse_value}
-    wanted = {types[k] for k in kinds}
-    return [(a.option_strings[0], a.dest, a.type) for a in sub._actions if a.option_strings and a.type in wanted]
+    def kind_of(text):
+        text = text.removesuffix(" | None")
+        return "yaml" if "list" in text or "dict" in text else text
+
+    return [(a.option_strings[0], a.dest, sub._flag_kinds[a.dest]) for a in sub._actions
+            if a.option_strings and a.dest in sub._flag_kinds and kind_of(sub._flag_kinds[a.dest]) in kinds]
 
 
 BAD_VALUES = {"int": ["abc", "1.5"], "float": ["fast"], "yaml": ["[4", "{a: [1"]}
@@ -101,7 +113,6 @@ def one_parser(monkeypatch):
 def test_every_command_refuses_badly_typed_values_in_one_line(capsys, one_parser):
     """Every flag of every command that takes a number, list or map gets malformed values: each is an
     argparse error (exit 2) on one line naming the flag, never a traceback."""
-    from loramix import cli
 
     seen = set()
     for prefix, sub in _subcommands():
@@ -117,7 +128,6 @@ def test_every_command_refuses_badly_typed_values_in_one_line(capsys, one_parser
                     seen.add((prefix[0], kind))
     assert {("train", "int"), ("train", "float"), ("train", "yaml"), ("eval", "int"), ("generate", "float"),
             ("skills", "int"), ("continual", "int"), ("bench", "yaml")} <= seen
-    assert cli.parse_int("7") == 7 and cli.parse_float("5e-3") == 0.005
 
 
 # Options whose every int is meaningful; every other integer option of every command refuses -5.

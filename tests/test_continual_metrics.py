@@ -211,13 +211,10 @@ def test_cli_continual_command_offers_every_config_field(capsys):
     from loramix.cli.commands import continual_command
 
     parser = cli.build_parser()
-    args = vars(parser.parse_args([
+    fn, kwargs = cli.parse([
         "continual", "--tasks", "synthetic:4", "--threshold", "0.8", "--window", "3", "--no-baselines",
         "--expert-targets", "[up, down]", "--learning-rate", "1e-3", "--config", "c.yaml",
-    ]))
-    fn = args.pop("_fn")
-    args.pop("command")
-    kwargs = {k: v for k, v in args.items() if v is not None}
+    ])
     assert fn is continual_command
     assert kwargs == {"config": "c.yaml", "tasks": "synthetic:4", "threshold": 0.8, "window": 3,
                       "baselines": False, "expert_targets": ["up", "down"], "learning_rate": 1e-3}

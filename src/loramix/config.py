@@ -26,26 +26,6 @@ def _fail(field_name: str, msg: str) -> None:
     raise ConfigError(f"MixLoraConfig.{field_name}: {msg}")
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The string literal written under each dataclass field (its documentation), by field name."""
-    import ast
-    import inspect
-    import textwrap
-
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:], strict=False):
-        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
-        if is_field and is_doc:
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
 def yaml_error_text(error: Exception) -> str:
     """One line for a YAML parse error: ``line L column C: problem`` (PyYAML's own text spans lines)."""
     mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
@@ -109,7 +89,9 @@ class MixLoraConfig:
     attn_r: int = 8
     """Rank of the attention LoRA; 0 turns attention LoRA off."""
     attn_alpha: float = 16.0
+    """Scale of the attention LoRA: its update is multiplied by attn_alpha / attn_r."""
     attn_dropout: float = 0.05
+    """Dropout on the attention LoRA's input during training."""
     attn_targets: list[str] | None = None
     """Attention projection names; None = the architecture's q/k/v/o (c_attn/c_proj for GPT-2)."""
 

@@ -109,11 +109,15 @@ class DataConfig:
     format: str = "auto"
     """One of auto, prompt_response, instruction, messages, text; auto picks from the fields present."""
     prompt_field: str | None = None
+    """prompt_response format: the user turn's field; None = auto-detected from ``CANDIDATES``."""
     response_field: str | None = None
+    """prompt_response format: the reply's field; None = auto-detected from ``CANDIDATES``."""
     instruction_field: str | None = None
+    """instruction format: the instruction's field; None = auto-detected from ``CANDIDATES``."""
     input_field: str | None = None
     """Optional second part of the user turn (Alpaca ``input``); a null or empty value is left out."""
     output_field: str | None = None
+    """instruction format: the reply's field; None = auto-detected from ``CANDIDATES``."""
     messages_field: str | None = None
     """A list of ``{role, content}`` (or ShareGPT ``{from, value}``) dicts per row."""
     text_field: str | None = None

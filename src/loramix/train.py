@@ -54,27 +54,38 @@ class TrainConfig:
     model: str | None = None
     """Base model: hub id, local HF directory, .gguf file, or None for the packaged SmolLM2-135M-Instruct."""
     output_dir: str = "runs/loramix"
+    """Run directory: the adapter, checkpoints, metrics, plots and ``summary.json`` go here."""
     adapter: str = "mixlora"
     """``mixlora`` or ``lora`` (plain LoRA baseline = one expert with a dense router, i.e. exactly LoRA)."""
     max_steps: int = 100
     """Optimiser steps; <= 0 trains for ``num_epochs`` instead."""
     num_epochs: float = 1.0
+    """Passes over the training data when ``max_steps`` <= 0 (fractions allowed)."""
     batch_size: int = 4
+    """Examples per device per forward pass."""
     grad_accum: int = 1
     """Gradient accumulation: effective batch = batch_size * grad_accum * processes."""
     learning_rate: float = 2e-4
+    """Peak learning rate of the adapter weights (AdamW)."""
     router_lr: float | None = None
     """Learning rate of the router weights (None = learning_rate; 0 = the router weights stay frozen, while the
     balance bias still moves at ``balance_bias_rate``); lower values calm routing."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the adapter weights."""
     warmup_ratio: float = 0.05
+    """Fraction of the steps spent warming the learning rate up from 0."""
     lr_scheduler: str = "cosine"
+    """Learning-rate schedule after warm-up: a transformers scheduler name (cosine, linear, constant, ...)."""
     max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 = no clipping)."""
     seed: int = 42
+    """Seed of weight initialisation, data shuffling and the validation split."""
     eval_steps: int = 50
     """Validate (and checkpoint) every this many steps; the best adapter by validation loss is kept."""
     save_total_limit: int = 2
+    """Checkpoints kept in output_dir (oldest removed first; the newest and the best are always kept)."""
     logging_steps: int = 1
+    """Log the training loss every this many steps."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding, faster on long-tailed data)."""
     precision: str = "auto"
@@ -82,6 +93,7 @@ class TrainConfig:
     quantize: str | None = None
     """4bit (NF4) / 8bit base model through bitsandbytes (CPU or CUDA; ``pip install 'loramix[quant]'``)."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more compute."""
     model_cache_dir: str | None = None
     """Where converted GGUF models are cached."""
     resume: bool | str = False
@@ -93,6 +105,7 @@ class TrainConfig:
     max_loss: float = 20.0
     """Stop when the training loss is non-finite or above this (divergence)."""
     plots: bool = True
+    """Write loss and expert-load plots (PNG, matplotlib) into output_dir."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -615,6 +628,9 @@ def train(
 
     A non-empty ``output_dir`` is refused unless ``resume`` (continue it) or ``overwrite`` (replace it)
     is set. A run stopped by Ctrl-C saves a checkpoint and returns with ``"interrupted": True``.
+
+    Args:
+        config: YAML file of options (flags and keyword options override it).
     """
     train_cfg, data_cfg, mix_cfg = resolve(config, **options)
     resume_from = resume_checkpoint(train_cfg)  # checked before anything is written

@@ -3,20 +3,23 @@ dataclasses, and the help text from their docstrings. The library never imports 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import inspect
 import json
 import os
+import re
 import sys
+import types
+import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-import yaml
+import docstring_parser
+import jsonargparse
+from jsonargparse import ActionYesNo, DefaultHelpFormatter
 
 from ..allocator import tune_malloc
-from ..config import field_docs
 
 TRAIN_OPTIONS = ["loramix.train:TrainConfig", "loramix.data:DataConfig", "loramix.config:MixLoraConfig"]
 
@@ -50,45 +53,54 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
 }
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``loramix train: error: argument --max-steps: ...`` (exit 2)."""
+class HelpFormatter(DefaultHelpFormatter):
+    """Help lines as written by ``_add_flag`` (doc, type, default), with the description kept as written."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    def _get_help_string(self, action: Any) -> str:
+        return action.help or ""
 
-
-def parse_value(text: str) -> Any:
-    """A flag value: int, float (``5e-3`` too, which YAML 1.1 reads as a string), or any YAML value."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        from ..config import yaml_error_text
-
-        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a value ({yaml_error_text(e)})") from None
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
-def parse_int(text: str) -> int:
-    """A flag value that must be an integer."""
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+class ArgumentParser(jsonargparse.ArgumentParser):
+    """jsonargparse with one-line errors: ``loramix train: error: argument --max-steps: ...`` (exit 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
+        prog = self.prog.replace(" [options]", "")
+        self.exit(2, f"{prog}: error: {one_line_error(message, self)} (see {prog} --help)\n")
 
 
-def parse_float(text: str) -> float:
-    """A flag value that must be a number."""
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+def one_line_error(message: str, parser: Any = None) -> str:
+    """jsonargparse's multi-line type error as one line naming the flag and the value given."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    if not key:
+        return " ".join(message.split())
+    dest = key.group(1).split(".")[-1]
+    flag = "--" + dest.replace("_", "-")
+    for action in getattr(parser, "_actions", ()):
+        if action.dest == dest and action.option_strings:
+            flag = action.option_strings[0]
+    given = re.search(r"(?:Given|Got) value: (.*)", message)
+    value = given.group(1).strip() if given else "?"
+    kind = getattr(parser, "_flag_kinds", {}).get(dest, "this type")
+    return f"argument {flag}: cannot read {value!r} as {kind}"
 
 
-TYPED_FLAGS = {"int": parse_int, "int|None": parse_int, "float": parse_float, "float|None": parse_float}
+def field_docs(cls: type) -> dict[str, str]:
+    """The documentation written under each dataclass field (an attribute docstring), by field name."""
+    parsed = docstring_parser.parse_from_object(cls)
+    return {p.arg_name: " ".join((p.description or "").split()) for p in parsed.params}
+
+
+def param_docs(fn: Callable) -> dict[str, str]:
+    """Each parameter's text from a function's Google-style ``Args:`` section."""
+    parsed = docstring_parser.parse(inspect.getdoc(fn) or "")
+    return {p.arg_name: " ".join((p.description or "").split()) for p in parsed.params}
 
 
 def _resolve(ref: str) -> Any:
@@ -96,43 +108,84 @@ def _resolve(ref: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _param_docs(fn: Callable) -> dict[str, str]:
-    """``name: text`` lines from a Google-style ``Args:`` section."""
-    docs: dict[str, str] = {}
-    current = None
-    for line in (inspect.getdoc(fn) or "").splitlines():
-        stripped = line.strip()
-        head, sep, rest = stripped.partition(":")
-        if sep and head.isidentifier() and line.startswith("    ") and not line.startswith("        "):
-            current = head
-            docs[head] = rest.strip()
-        elif current and line.startswith("        "):
-            docs[current] += " " + stripped
-    return docs
+def _type_text(hint: Any) -> str:
+    """``int | list[int] | None`` rather than typing's ``Union[...]`` repr."""
+    if hint is type(None):
+        return "None"
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if args:
+        return f"{typing.get_origin(hint).__name__}[{', '.join(_type_text(a) for a in args)}]"
+    return getattr(hint, "__name__", str(hint))
 
 
-def _add_flag(
-    parser: Any, name: str, annotation: str, default: Any, doc: str, required: bool = False, positional: bool = False
-) -> None:
+def _add_flag(parser: Any, name: str, hint: Any, default: Any, doc: str, required: bool = False,
+              positional: bool = False) -> None:
+    """One flag: its type checked by jsonargparse (lists and maps as YAML: ``"[4, 8]"``, ``"{0: 2}"``),
+    ``--flag/--no-flag`` for booleans, and unset (None) unless given, so a ``--config`` file's value stands."""
+    kind = _type_text(hint)
     if positional:
-        kind = annotation.replace(" ", "")
-        nargs = "+" if kind.startswith("list") or "|list" in kind else None
-        parser.add_argument(name, nargs=nargs, help=doc.replace("%", "%%"), metavar=name.upper())
+        many = "list" in kind
+        parser.add_argument(name, nargs="+" if many else None, type=str, help=doc, metavar=name.upper())
         return
     flag = "--" + name.replace("_", "-")
-    text = f"{doc} (required)" if required else f"{doc} (default: {default!r})"
-    text = text.replace("%", "%%")
-    if annotation.strip() == "bool":
-        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
-    elif annotation.replace(" ", "") in ("str", "str|None", "Path|None", "str|Path|None", "str|Path"):
-        parser.add_argument(flag, dest=name, default=None, help=text, metavar="STR", required=required)
-    elif annotation.replace(" ", "") in TYPED_FLAGS:
-        kind = annotation.replace(" ", "")
-        parser.add_argument(flag, dest=name, type=TYPED_FLAGS[kind], default=None, help=text,
-                            metavar=kind.split("|")[0].upper(), required=required)
-    else:  # lists, maps, unions: parsed as YAML ("[4, 8]", "{0: 2}", "true"), numbers as numbers
-        parser.add_argument(flag, dest=name, type=parse_value, default=None, help=text, metavar="VALUE",
-                            required=required)
+    text = f"{doc} (type: {kind}, {'required' if required else f'default: {default!r}'})"
+    parser._flag_kinds[name] = kind
+    if hint is bool:
+        parser.add_argument(flag, dest=name, action=ActionYesNo(no_prefix="no-"), default=None,
+                            help=text.replace("%", "%%"))
+        return
+    parser.add_argument(flag, dest=name, type=hint | None if not required else hint, default=None,
+                        required=required, help=text.replace("%", "%%"),
+                        metavar=kind.upper() if kind in ("int", "float", "str") else "VALUE")
+
+
+def _subparser(fn: Callable, cmd: Command) -> ArgumentParser:
+    parser = ArgumentParser(description=inspect.getdoc(fn), exit_on_error=True)
+    parser._flag_kinds = {}
+    docs = param_docs(fn)
+    hints = typing.get_type_hints(fn)
+    seen: set[str] = set()
+    for pname, param in inspect.signature(fn).parameters.items():
+        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL) or pname == "callbacks":
+            continue
+        seen.add(pname)
+        required = param.default is inspect.Parameter.empty
+        help_text = docs.get(pname, "")
+        if pname == "config" and cmd.option_classes:
+            help_text = help_text or "YAML file of options (flags override it)"
+        _add_flag(parser, pname, hints.get(pname, str), None if required else param.default, help_text, required,
+                  pname in cmd.positional)
+    for ref in cmd.option_classes:  # option dataclasses: every field is a flag (collected in **options)
+        cls = _resolve(ref)
+        field_help = field_docs(cls)
+        field_hints = typing.get_type_hints(cls)
+        group = parser.add_argument_group(cls.__name__)
+        group._flag_kinds = parser._flag_kinds
+        for f in dataclasses.fields(cls):
+            if f.name in seen or not f.init:
+                continue
+            seen.add(f.name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            _add_flag(group, f.name, field_hints[f.name], default, field_help.get(f.name, ""))
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    """The ``loramix`` parser: one sub-command per entry of ``COMMANDS`` (``skills`` holds its own)."""
+    parser = ArgumentParser(prog="loramix", description="Mixture-of-LoRA-Experts fine-tuning")
+    sub = parser.add_subcommands(dest="command", required=True)
+    for name, cmd in COMMANDS.items():
+        if isinstance(cmd, Command):
+            _add_command(sub, name, cmd)
+            continue
+        group = ArgumentParser(description=f"{name} sub-commands: {', '.join(cmd)}")
+        sub.add_subcommand(name, group, help=f"{name} sub-commands: {', '.join(cmd)}")
+        group_sub = group.add_subcommands(dest="subcommand", required=True)
+        for sub_name, sub_cmd in cmd.items():
+            _add_command(group_sub, sub_name, sub_cmd)
+    return parser
 
 
 def _add_command(sub: Any, name: str, cmd: Command) -> None:
@@ -141,45 +194,21 @@ def _add_command(sub: Any, name: str, cmd: Command) -> None:
     except (ImportError, AttributeError):
         return  # a command whose module is not available in this install
     summary = (inspect.getdoc(fn) or "").split("\n")[0]
-    p = sub.add_parser(name, help=summary, description=inspect.getdoc(fn),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs = _param_docs(fn)
-    seen: set[str] = set()
-    for pname, param in inspect.signature(fn).parameters.items():
-        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL) or pname == "callbacks":
-            continue
-        seen.add(pname)
-        required = param.default is inspect.Parameter.empty
-        default = None if required else param.default
-        help_text = docs.get(pname, "")
-        if pname == "config" and cmd.option_classes:
-            help_text = help_text or "YAML file of options (flags override it)"
-        _add_flag(p, pname, str(param.annotation), default, help_text, required, pname in cmd.positional)
-    for ref in cmd.option_classes:  # option dataclasses: every field is a flag (collected in **options)
-        cls = _resolve(ref)
-        field_help = field_docs(cls)
-        group = p.add_argument_group(cls.__name__)
-        for f in dataclasses.fields(cls):
-            if f.name in seen:
-                continue
-            seen.add(f.name)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            _add_flag(group, f.name, str(f.type), default, field_help.get(f.name, ""))
-    p.set_defaults(_fn=fn)
+    sub.add_subcommand(name, _subparser(fn, cmd), help=summary)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="loramix", description="Mixture-of-LoRA-Experts fine-tuning")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, cmd in COMMANDS.items():
-        if isinstance(cmd, Command):
-            _add_command(sub, name, cmd)
-            continue
-        group = sub.add_parser(name, help=f"{name} sub-commands: {', '.join(cmd)}")
-        group_sub = group.add_subparsers(dest="subcommand", required=True)
-        for sub_name, sub_cmd in cmd.items():
-            _add_command(group_sub, sub_name, sub_cmd)
-    return parser
+def parse(argv: list[str] | None = None) -> tuple[Callable, dict[str, Any]]:
+    """The function a command line names and the keyword arguments its flags give (unset flags left out)."""
+    cfg = build_parser().parse_args(argv)
+    node, table = cfg, COMMANDS
+    name = node["command"]
+    node = node[name]
+    cmd = table[name]
+    while isinstance(cmd, dict):
+        name = node["subcommand"]
+        cmd, node = cmd[name], node[name]
+    kwargs = {k: v for k, v in node.as_dict().items() if v is not None and k != "subcommand"}
+    return _resolve(cmd.fn), kwargs
 
 
 REPORTS = {"train": "loramix.train:summary_text"}
@@ -191,11 +220,7 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    fn = args.pop("_fn")
-    args.pop("command")
-    args.pop("subcommand", None)
-    kwargs = {k: v for k, v in args.items() if v is not None}
+    fn, kwargs = parse(argv)
     tune_malloc()  # before any model exists; LORAMIX_TUNE_MALLOC=0 opts out
     try:
         result = fn(**kwargs)

@@ -16,7 +16,6 @@ check that all paths agree.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 
 from .config import MixLoraConfig
 from .dropout import FastDropout, dropout_keep_mask
+from .experts import AdapterExperts, ExpertLoRA, FrozenFFN, pairs_by_expert
 from .ffn_spec import FFNSpec, linear_shape
 from .grouped import grouped_lora, mix_pairs
 from .precision import compute_dtype
@@ -32,59 +32,7 @@ from .routers import Routing, build_router
 logger = logging.getLogger(__name__)
 
 
-class ExpertLoRA(nn.Module):
-    """LoRA weights of E experts on one projection: ``delta_e(x) = scaling * x A_e^T B_e^T``."""
-
-    def __init__(self, num_experts: int, in_features: int, out_features: int, r: int, scaling: float) -> None:
-        super().__init__()
-        self.scaling = scaling
-        self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features))  # (E, r, in)
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, r))  # (E, out, r)
-        for a in self.lora_A:  # PEFT's init: B = 0 makes every expert start as the frozen FFN
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-
-    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Delta of expert ``e`` for all rows of ``x`` (rows, in) -> (rows, out), in the compute dtype."""
-        x = x.to(compute_dtype(x))
-        a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
-        return ((x @ a.t()) * self.scaling) @ b.t()  # scale the (rows, r) product, not the wide output
-
-
-class AdapterExperts(nn.Module):
-    """E small FFN experts ``B_e act(A_e x)`` (rank r bottleneck), B = 0 at init."""
-
-    def __init__(self, num_experts: int, hidden: int, r: int, act: nn.Module) -> None:
-        super().__init__()
-        self.act = act
-        self.lora_A = nn.Parameter(torch.empty(num_experts, r, hidden))  # (E, r, H)
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, hidden, r))  # (E, H, r)
-        for a in self.lora_A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-
-    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        x = x.to(compute_dtype(x))
-        a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
-        return self.act(x @ a.t()) @ b.t()
-
-    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        x = x.to(compute_dtype(x))  # (N, H) one dtype for every chunk, so the split's backward can join them
-        return torch.cat([self.expert(chunk, e) for e, chunk in enumerate(x.split(counts))], dim=0)
-
-
-def _pairs_by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Valid (token, expert) pairs sorted by expert: token ids (N,), weights (N,), count per expert."""
-    num_tokens, k = routing.indices.shape
-    flat_mask = routing.mask.reshape(-1)  # (T*k,)
-    expert = routing.indices.reshape(-1)[flat_mask]  # (N,)
-    token = torch.arange(num_tokens, device=expert.device).repeat_interleave(k)[flat_mask]  # (N,)
-    weight = routing.weights.reshape(-1)[flat_mask]  # (N,)
-    order = torch.argsort(expert, stable=True)
-    num_experts = routing.probs.shape[-1]
-    counts = torch.bincount(expert, minlength=num_experts).tolist()
-    return token[order], weight[order], counts
-
-
-class MixLoraFFN(nn.Module):
+class MixLoraFFN(FrozenFFN):
     """Replaces a decoder layer's FFN. ``base`` stays frozen; trainables live under ``mixlora_*``."""
 
     def __init__(
@@ -95,9 +43,7 @@ class MixLoraFFN(nn.Module):
         num_experts: int,
         config: MixLoraConfig,
     ) -> None:
-        super().__init__()
-        self.base = base
-        self.spec = spec
+        super().__init__(base, spec)
         self.targets = list(targets)
         self.num_experts = num_experts
         self.expert_type = config.expert_type
@@ -120,24 +66,6 @@ class MixLoraFFN(nn.Module):
             self.mixlora_scale = nn.Parameter(torch.tensor([float(config.adapter_scale_init)]))
         self.token_mask: torch.Tensor | None = None  # set per forward by the model hook
         self.last_routing: Routing | None = None  # kept for the aux loss and statistics
-
-    # --- pieces of the frozen FFN ----------------------------------------------------------------
-    def proj(self, role: str) -> nn.Module:
-        return getattr(self.base, getattr(self.spec, role))
-
-    @property
-    def act(self) -> nn.Module:
-        return getattr(self.base, self.spec.act)
-
-    def _finish(self, y: torch.Tensor) -> torch.Tensor:
-        """The base FFN's own output dropout (GPT-2), if any."""
-        return getattr(self.base, self.spec.dropout)(y) if self.spec.dropout else y
-
-    def _activation(self, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        return self.act(gate) * up if gate is not None else self.act(up)
-
-    def _down_bias(self) -> torch.Tensor | None:
-        return getattr(self.proj("down"), "bias", None)
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -201,11 +129,10 @@ class MixLoraFFN(nn.Module):
     def mixlora_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         num_tokens = x.shape[0]
         dtype = compute_dtype(x)  # the autocast dtype under torch.autocast, else x's
-        token, weight, counts = _pairs_by_expert(routing)  # (N,), (N,), E ints
+        token, weight, counts = pairs_by_expert(routing)  # (N,), (N,), E ints
         weight = weight.to(dtype)[:, None]  # (N, 1)
         x_kept, rescale = self.mixlora_dropout.unscaled(x)  # (T, H) one mask per token: half the RNG work
-        up = self.proj("up")(x).to(dtype)  # (T, I) frozen projections once per token
-        gate = self.proj("gate")(x).to(dtype) if self.spec.gated else None  # (T, I)
+        up, gate = self.frozen_projections(x, dtype)  # (T, I) each, frozen projections once per token
         pair_up, pair_gate = self._pair_projections(x_kept, up, gate, token, counts, rescale)  # (N, I) each
         args = (pair_up, pair_gate, token, weight, counts, num_tokens)
         if self.recompute_experts and self.training and torch.is_grad_enabled():
@@ -218,15 +145,12 @@ class MixLoraFFN(nn.Module):
         if dropped.any():
             idx = dropped.nonzero().squeeze(-1)
             base_gate = gate.index_select(0, idx) if gate is not None else None  # (D, I) already computed
-            mixed = mixed.index_add(0, idx, self._activation(up.index_select(0, idx), base_gate))
+            mixed = mixed.index_add(0, idx, self.activation(up.index_select(0, idx), base_gate))
             coverage = coverage.index_add(0, idx, torch.ones_like(idx, dtype=coverage.dtype))
-        out = self.proj("down")(mixed).to(dtype)  # (T, H) frozen down projection once per token
-        bias = self._down_bias()
-        if bias is not None:  # down(sum w h) adds the bias once; the mixture adds it sum(w) times
-            out = out + (coverage - 1.0)[:, None] * bias.to(dtype)
+        out = self.project_down(mixed, coverage, dtype)  # (T, H) frozen down projection once per token
         if down_delta is not None:
             out = out + down_delta
-        return self._finish(out)
+        return self.finish(out)
 
     def _pair_projections(
         self, x_kept: torch.Tensor, up: torch.Tensor, gate: torch.Tensor | None, token: torch.Tensor,
@@ -264,7 +188,7 @@ class MixLoraFFN(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The pairs' activations mixed per token: the routing-weighted sum of the activations (T, I) and of the
         experts' down-LoRA deltas (T, H), or None without down LoRA; weight (N, 1)."""
-        h = self._activation(pair_up, pair_gate)  # (N, I) each pair's expert activation
+        h = self.activation(pair_up, pair_gate)  # (N, I) each pair's expert activation
         mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
         mixed.index_add_(0, token, h * weight)  # (T, I) routing-weighted sum per token (fresh buffer: in place)
         if "down" not in self.targets:
@@ -291,8 +215,7 @@ class MixLoraFFN(nn.Module):
         dtype = compute_dtype(x)
         experts = routing.indices.reshape(-1)  # (N,) N = T*k, slot-major within each token
         weight = (routing.weights * routing.mask).to(dtype)  # (T, k) 0 for unused slots
-        up = self.proj("up")(x).to(dtype)  # (T, I)
-        gate = self.proj("gate")(x).to(dtype) if self.spec.gated else None  # (T, I)
+        up, gate = self.frozen_projections(x, dtype)  # (T, I) each
         pair_up = up.repeat_interleave(k, dim=0)  # (N, I)
         pair_gate = gate.repeat_interleave(k, dim=0) if gate is not None else None  # (N, I)
         pair_x = x.to(dtype).repeat_interleave(k, dim=0)  # (N, H)
@@ -300,19 +223,16 @@ class MixLoraFFN(nn.Module):
             pair_up = pair_up + self._pair_delta("up", pair_x, experts)
         if pair_gate is not None and "gate" in self.targets:
             pair_gate = pair_gate + self._pair_delta("gate", pair_x, experts)
-        h = self._activation(pair_up, pair_gate)  # (N, I)
+        h = self.activation(pair_up, pair_gate)  # (N, I)
         mixed = torch.bmm(weight[:, None, :], h.view(num_tokens, k, -1)).squeeze(1)  # (T, I)
         coverage = weight.sum(dim=-1)  # (T,)
         dropped = (~routing.mask.any(dim=-1)).to(dtype)  # (T,) tokens no expert took: frozen FFN
-        mixed = mixed + dropped[:, None] * self._activation(up, gate)
-        out = self.proj("down")(mixed).to(dtype)  # (T, H)
-        bias = self._down_bias()
-        if bias is not None:
-            out = out + (coverage + dropped - 1.0)[:, None] * bias.to(dtype)
+        mixed = mixed + dropped[:, None] * self.activation(up, gate)
+        out = self.project_down(mixed, coverage + dropped, dtype)  # (T, H)
         if "down" in self.targets:
             delta = self._pair_delta("down", h, experts)  # (N, H)
             out = out + torch.bmm(weight[:, None, :], delta.view(num_tokens, k, -1)).squeeze(1)  # (T, H)
-        return self._finish(out)
+        return self.finish(out)
 
     def mixlora_reference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Plain loop: every expert's full FFN on every token, mixed by a dense weight matrix."""
@@ -328,19 +248,19 @@ class MixLoraFFN(nn.Module):
                 proj[role] = self.proj(role)(x)
                 if role in self.targets:
                     proj[role] = proj[role] + self.mixlora_experts[role].expert(xd, e)
-            h = self._activation(proj["up"], proj.get("gate"))  # (T, I)
+            h = self.activation(proj["up"], proj.get("gate"))  # (T, I)
             y = self.proj("down")(h)
             if "down" in self.targets:
                 y = y + self.mixlora_experts["down"].expert(self.mixlora_dropout(h), e)
             out = out + dense[:, e : e + 1] * y
         dropped = ~routing.mask.any(dim=-1)  # (T,)
-        base = self._plain_ffn(x)
+        base = self.frozen_forward(x)
         out = out + dropped[:, None].to(dtype) * base
-        return self._finish(out.to(dtype))
+        return self.finish(out.to(dtype))
 
     def adapter_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         dtype = compute_dtype(x)
-        token, weight, counts = _pairs_by_expert(routing)
+        token, weight, counts = pairs_by_expert(routing)
         z = self.mixlora_adapters.grouped(self.mixlora_dropout(x.index_select(0, token)), counts).to(dtype)  # (N, H)
         mix = torch.zeros_like(x, dtype=dtype).index_add(0, token, z * weight.to(dtype)[:, None])  # (T, H)
         return self.base(x).to(dtype) + self.mixlora_scale.to(dtype) * mix
@@ -355,10 +275,6 @@ class MixLoraFFN(nn.Module):
         return self.base(x).to(dtype) + self.mixlora_scale.to(dtype) * mix
 
     # --- helpers ---------------------------------------------------------------------------------
-    def _plain_ffn(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.proj("gate")(x) if self.spec.gated else None
-        return self.proj("down")(self._activation(self.proj("up")(x), gate))
-
     def _dense_weights(self, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
         """Routing as a (T, E) matrix with each token's expert weights (0 elsewhere)."""
         num_tokens = routing.indices.shape[0]

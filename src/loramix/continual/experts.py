@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..experts import FrozenFFN
 from ..ffn_spec import FFNSpec, check_targets, detect_ffn, linear_shape
 from ..injection import find_ffns
 from ..precision import compute_dtype
@@ -50,13 +51,11 @@ class FFNExpert(nn.Module):
         return ((x @ a.t()) * self.scaling) @ b.t()
 
 
-class GrowableFFN(nn.Module):
+class GrowableFFN(FrozenFFN):
     """A decoder layer's FFN plus a growable list of LoRA experts, mixed by externally set weights."""
 
     def __init__(self, base: nn.Module, spec: FFNSpec, targets: list[str], r: int, alpha: float, dropout: float):
-        super().__init__()
-        self.base = base
-        self.spec = spec
+        super().__init__(base, spec)
         self.targets = list(targets)
         self.r = r
         self.scaling = alpha / r
@@ -64,13 +63,6 @@ class GrowableFFN(nn.Module):
         self.experts = nn.ModuleList()
         self.expert_dropout = nn.Dropout(dropout)
         self.weights: torch.Tensor | None = None  # (E,) for every row, or (B, E) per sequence; None = base
-
-    def proj(self, role: str) -> nn.Module:
-        return getattr(self.base, getattr(self.spec, role))
-
-    @property
-    def act(self) -> nn.Module:
-        return getattr(self.base, self.spec.act)
 
     def add_expert(self) -> FFNExpert:
         ref = next(self.base.parameters())
@@ -101,8 +93,7 @@ class GrowableFFN(nn.Module):
         dtype = compute_dtype(x)  # the autocast dtype under torch.autocast, else x's
         tok_w = self._token_weights(shape, w.to(x.device))  # (T, E) float32
         base_share = (1.0 - tok_w.sum(-1)).clamp(min=0.0)  # (T,)
-        up = self.proj("up")(x).to(dtype)  # (T, I) frozen projections once per token
-        gate = self.proj("gate")(x).to(dtype) if self.spec.gated else None
+        up, gate = self.frozen_projections(x, dtype)  # (T, I) each, frozen projections once per token
         xd = self.expert_dropout(x).to(dtype)
         mixed = torch.zeros_like(up)  # (T, I) weighted sum of activations
         down_delta = torch.zeros_like(x, dtype=dtype) if "down" in self.targets else None  # (T, H)
@@ -120,23 +111,17 @@ class GrowableFFN(nn.Module):
                 g = gate.index_select(0, idx)
                 if "gate" in self.targets:
                     g = g + expert.delta("gate", xe)
-            h = self.act(g) * u if g is not None else self.act(u)  # (n, I)
+            h = self.activation(u, g)  # (n, I)
             mixed = mixed.index_add(0, idx, h * we)
             if down_delta is not None:
                 down_delta = down_delta.index_add(0, idx, expert.delta("down", self.expert_dropout(h)) * we)
         if bool((base_share > 0).any()):
-            h_base = self.act(gate) * up if gate is not None else self.act(up)
+            h_base = self.activation(up, gate)
             mixed = mixed + base_share.to(dtype)[:, None] * h_base
-        out = self.proj("down")(mixed).to(dtype)
-        bias = getattr(self.proj("down"), "bias", None)
-        if bias is not None:  # down() adds its bias once; the mixture adds it (sum of weights) times
-            coverage = tok_w.sum(-1) + base_share
-            out = out + (coverage - 1.0).to(dtype)[:, None] * bias.to(dtype)
+        out = self.project_down(mixed, tok_w.sum(-1) + base_share, dtype)  # (T, H)
         if down_delta is not None:
             out = out + down_delta
-        if self.spec.dropout:
-            out = getattr(self.base, self.spec.dropout)(out)
-        return out.reshape(shape)
+        return self.finish(out).reshape(shape)
 
     def extra_repr(self) -> str:
         return f"experts={len(self.experts)}, targets={self.targets}, r={self.r}"

@@ -221,13 +221,13 @@ class BlendFFN(nn.Module):
                 up = _add(up, rows, lora["up"].expert(xd, 0), wk)
             if gate is not None and "gate" in member.targets:
                 gate = _add(gate, rows, lora["gate"].expert(xd, 0), wk)
-        h = first._activation(up, gate)
+        h = first.activation(up, gate)
         out = first.proj("down")(h)
         for member, rows, wk in active:
             if "down" in member.targets:
                 hd = member.mixlora_dropout(_take(h, rows))
                 out = _add(out, rows, member.mixlora_experts["down"].expert(hd, 0), wk)
-        return first._finish(out)
+        return first.finish(out)
 
 
 def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:

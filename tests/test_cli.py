@@ -150,6 +150,7 @@ def _required_args(prefix, tmp_path):
         "route": ["hi", "--library-dir", str(tmp_path / "lib")],
         "generate-skills": ["hi", "--library-dir", str(tmp_path / "lib")],
         "compare-static": ["hi", "--library-dir", str(tmp_path / "lib")],
+        "serve": ["--export-dir", str(tmp_path / "no-export")],
     }["generate-skills" if prefix == ("skills", "generate") else prefix[-1]]
 
 

@@ -48,6 +48,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "generate": Command("loramix.skills.api:skills_generate", (), ("prompts",)),
         "list": Command("loramix.skills.api:skills_list"),
         "compare-static": Command("loramix.skills.api:skills_compare_static", (), ("prompts",)),
+        "export": Command("loramix.skills.export:skills_export_command"),
+        "serve": Command("loramix.skills.serve:skills_serve"),
     },
     "continual": Command("loramix.cli.commands:continual_command", ("loramix.continual.config:ContinualConfig",)),
 }

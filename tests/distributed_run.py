@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from loramix.injection import get_state, update_balance_biases
+from loramix.injection import get_state
 from loramix.losses import tokens_per_expert
+from loramix.routers import update_balance_biases
 
 
 def starve(model: torch.nn.Module, expert: int) -> None:

@@ -164,6 +164,7 @@ def test_loss_is_lm_loss_plus_aux_loss(arch: str, reduction: str) -> None:
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     lm = hf_style_lm_loss(out.logits, labels)
     torch.testing.assert_close(out.loss, lm + out.aux_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.lm_loss, lm, rtol=1e-6, atol=1e-6)  # the LM loss alone, for validation
     routings = [m.last_routing for m in decoder_mlps(model)]
     combine = torch.sum if reduction == "sum" else torch.mean
     expected = sum(

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from loramix import MixLoraConfig
-from loramix.losses import load_balance_loss, router_entropy, tokens_per_expert, z_loss
-from loramix.routers import build_router
+from loramix.losses import aux_loss, load_balance_loss, router_entropy, tokens_per_expert, z_loss
+from loramix.routers import Routing, build_router
 
 # 4 tokens, 2 experts, top-1 routing
 PROBS = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
@@ -127,3 +127,34 @@ def test_losses_have_router_gradients() -> None:
     for loss in (load_balance_loss(r.probs, r.indices, r.mask, r.token_mask), z_loss(r.logits, r.token_mask)):
         (g,) = torch.autograd.grad(loss, router.weight, retain_graph=True)
         assert g.abs().sum() > 0
+
+
+def _routing(probs: torch.Tensor, indices: torch.Tensor) -> Routing:
+    mask = torch.ones_like(indices, dtype=torch.bool)
+    return Routing(weights=torch.ones(indices.shape), indices=indices, mask=mask, logits=probs.log(), probs=probs,
+                   token_mask=torch.ones(probs.shape[0], dtype=torch.bool))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_aux_loss_assembles_weighted_layer_losses_and_pads_the_counts(reduction: str) -> None:
+    """Two layers (2 and 3 experts): aux is the coefficient-weighted sum (or mean) over layers of each loss;
+    the tokens-per-expert table is (L, E_max), zero-padded; zero coefficients drop their term."""
+    first = _routing(PROBS, INDICES)
+    probs3 = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [0.2, 0.6, 0.2], [0.4, 0.4, 0.2]])
+    second = _routing(probs3, torch.tensor([[0], [2], [1], [0]]))
+    cfg = MixLoraConfig(balance_coef=0.1, z_loss_coef=0.01, entropy_coef=0.05, aux_layer_reduction=reduction)
+    aux, stats = aux_loss([(first, 2), (second, 3)], cfg)
+    combine = torch.sum if reduction == "sum" else torch.mean
+    terms = {
+        0.1: [load_balance_loss(r.probs, r.indices, r.mask, r.token_mask) for r in (first, second)],
+        0.01: [z_loss(r.logits, r.token_mask) for r in (first, second)],
+        0.05: [router_entropy(r.probs, r.token_mask) for r in (first, second)],
+    }
+    expected = sum(coef * combine(torch.stack(values)) for coef, values in terms.items())
+    torch.testing.assert_close(aux, expected)
+    assert stats["tokens_per_expert"].tolist() == [[3, 1, 0], [2, 1, 1]]
+    no_z = MixLoraConfig(balance_coef=0.1, z_loss_coef=0.0, entropy_coef=0.05, aux_layer_reduction=reduction)
+    torch.testing.assert_close(aux_loss([(first, 2), (second, 3)], no_z)[0], expected - 0.01 * combine(
+        torch.stack(terms[0.01])))
+    with pytest.raises(ValueError, match="at least one MoE layer"):
+        aux_loss([], cfg)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ._version import __version__
 from .config import ConfigError, MixLoraConfig
-from .injection import STATE_ATTR, architecture_fingerprint, get_state, inject, is_trainable_name, unload
+from .injection import STATE_ATTR, architecture_fingerprint, get_state, inject, unload
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,7 +53,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+TRAINABLE_MARKERS = ("lora_", "mixlora_")
+"""The rule for what an adapter checkpoint holds: every tensor whose name contains one of these, i.e. PEFT's
+attention LoRA (``lora_A``/``lora_B``) and each MoE layer's ``mixlora_*`` modules (router weight and balance
+buffers, expert LoRA, adapter scale). The same names are the trainable parameters; the frozen base is never
+saved."""
 OPTIONAL_BUFFERS = (".balance_bias", ".balance_pending")
+"""Router buffers a checkpoint may lack (written as zeros on load): adapters saved without the balance bias."""
+
+
+def is_trainable_name(name: str) -> bool:
+    """True for an adapter tensor (see ``TRAINABLE_MARKERS``): trained, saved and loaded by loramix."""
+    return any(marker in name for marker in TRAINABLE_MARKERS)
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -19,12 +19,12 @@ from torch import nn
 from .config import MixLoraConfig
 from .dropout import use_fast_dropout
 from .ffn_spec import check_targets, detect_ffn
-from .losses import load_balance_loss, router_entropy, tokens_per_expert, z_loss
+from .losses import aux_loss, router_entropy, tokens_per_expert
 from .moe_layer import MixLoraFFN
 from .precision import cast_trainable, floating_dtype
 from .quantized import keep_trainable_layout, logical_shape
+from .routers import record_assignments, update_balance_biases
 
-TRAINABLE_MARKERS = ("lora_", "mixlora_")
 ATTN_CANDIDATES = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "query_key_value", "qkv_proj")
 STATE_ATTR = "loramix_state"
 
@@ -55,10 +55,6 @@ def get_state(model: nn.Module) -> LoramixState:
 
 def get_config(model: nn.Module) -> MixLoraConfig:
     return get_state(model).config
-
-
-def is_trainable_name(name: str) -> bool:
-    return any(marker in name for marker in TRAINABLE_MARKERS)
 
 
 # --- finding modules ------------------------------------------------------------------------------
@@ -114,6 +110,8 @@ def architecture_fingerprint(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "n_embd", "n_layer")
     info = {k: getattr(cfg, k) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
+    from .checkpoint import is_trainable_name  # checkpoint's rule of adapter tensors (it imports this module)
+
     # logical shapes: an adapter trained on a 4-bit base (packed weights) fits the unquantized base too
     names = sorted(f"{n}:{logical_shape(p)}" for n, p in model.named_parameters() if not is_trainable_name(n))
     info["params_sha256"] = hashlib.sha256("\n".join(names).encode()).hexdigest()
@@ -169,6 +167,8 @@ def inject(model: nn.Module, config: MixLoraConfig) -> nn.Module:
         state.moe_layers[name] = layer
     model.train(model.training)  # new modules follow the model's mode (an eval model stays deterministic)
     # PEFT creates attention LoRA in the base weight's dtype: keep every trainable in float32 unless asked
+    from .checkpoint import is_trainable_name  # checkpoint's rule of adapter tensors (it imports this module)
+
     trainable = [n for n, p in model.named_parameters() if is_trainable_name(n)]
     cast_trainable(model, trainable, config.adapter_dtype, model_dtype)
     if getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False):
@@ -245,29 +245,6 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
         update_balance_biases(layers)
 
 
-@torch.no_grad()
-def update_balance_biases(layers: list[nn.Module]) -> None:
-    """Apply the pending assignment counts of every MoE layer to its balance bias (summed over ranks)."""
-    routers = [layer.mixlora_router for layer in layers if layer.mixlora_router.bias_rate > 0]
-    if not routers:
-        return
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        flat = torch.cat([r.balance_pending for r in routers])  # (sum E,) one collective for all layers
-        torch.distributed.all_reduce(flat)
-        for r, part in zip(routers, flat.split([r.num_experts for r in routers]), strict=True):
-            r.balance_pending.copy_(part)
-    for r in routers:
-        r.update_balance_bias()
-
-
-def _record_assignments(layers: list[nn.Module], table: torch.Tensor) -> None:
-    """Queue each layer's row of ``table`` (compute_aux_loss's (L, E_max) tokens per expert) for its bias."""
-    routed = [layer for layer in layers if layer.last_routing is not None]  # the rows of table, in order
-    for layer, row in zip(routed, table, strict=True):
-        if layer.mixlora_router.bias_rate > 0:
-            layer.mixlora_router.record_assignments(row[: layer.num_experts])
-
-
 def _post_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     state = get_state(model)
     wants_loss = kwargs.get("labels") is not None or model.training
@@ -276,12 +253,13 @@ def _post_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> A
         return output
     aux, stats = compute_aux_loss(model)
     if model.training:  # the same counts feed the balance bias (applied before the next forward)
-        _record_assignments(list(state.moe_layers.values()), stats["tokens_per_expert"])
+        record_assignments(list(state.moe_layers.values()), stats["tokens_per_expert"])
     if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
         if kwargs.get("labels") is not None:
             output = (output[0] + aux.to(output[0].dtype), *output[1:])
         return output
     if getattr(output, "loss", None) is not None:
+        output["lm_loss"] = output.loss  # the language-model loss alone (validation reports it)
         output["loss"] = output.loss + aux.to(output.loss.dtype)
     output["aux_loss"] = aux
     output["routing_stats"] = stats
@@ -289,41 +267,12 @@ def _post_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> A
 
 
 def compute_aux_loss(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted router losses averaged over MoE layers, plus detached per-layer statistics.
-
-    Returns ``aux = balance_coef * R_l LB_l + z_loss_coef * R_l Z_l + entropy_coef * R_l H_l`` where ``R`` is
-    the sum (default) or mean over MoE layers (``aux_layer_reduction``)
-    and ``{"tokens_per_expert": (L, E_max) long, "router_entropy": (L,)}`` (zero-padded for layers
-    with fewer experts).
-    """
+    """The router aux loss of the model's last forward and its per-layer statistics
+    (:func:`loramix.losses.aux_loss` over every MoE layer that routed tokens)."""
     state = get_state(model)
-    cfg = state.config
-    balance, zs, ents, counts = [], [], [], []
-    for layer in state.moe_layers.values():
-        r = layer.last_routing
-        if r is None:
-            continue
-        balance.append(load_balance_loss(r.probs, r.indices, r.mask, r.token_mask))
-        zs.append(z_loss(r.logits, r.token_mask))
-        ents.append(router_entropy(r.probs, r.token_mask))
-        counts.append(tokens_per_expert(r.indices, r.mask, layer.num_experts))
-    device = balance[0].device
-    reduce = (lambda xs: torch.stack(xs).sum()) if cfg.aux_layer_reduction == "sum" else (
-        lambda xs: torch.stack(xs).mean()
-    )
-    aux = torch.zeros((), device=device)
-    if cfg.balance_coef:
-        aux = aux + cfg.balance_coef * reduce(balance)
-    if cfg.z_loss_coef:
-        aux = aux + cfg.z_loss_coef * reduce(zs)
-    if cfg.entropy_coef:
-        aux = aux + cfg.entropy_coef * reduce(ents)
-    width = max(c.numel() for c in counts)
-    table = torch.zeros(len(counts), width, dtype=torch.long, device=device)
-    for i, c in enumerate(counts):
-        table[i, : c.numel()] = c
-    stats = {"tokens_per_expert": table, "router_entropy": torch.stack(ents).detach()}
-    return aux, stats
+    routed = [(layer.last_routing, layer.num_experts) for layer in state.moe_layers.values()
+              if layer.last_routing is not None]
+    return aux_loss(routed, state.config)
 
 
 def routing_stats(model: nn.Module) -> list[dict[str, Any]]:

@@ -1,8 +1,14 @@
-"""Auxiliary router losses as pure functions of a layer's routing (padding masked out)."""
+"""Auxiliary router losses as pure functions of the routing (padding masked out), and their assembly into
+the one aux loss a model's forward adds to the language-model loss."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from .config import MixLoraConfig
+from .routers import Routing
 
 
 def _masked_mean(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -41,3 +47,41 @@ def router_entropy(probs: torch.Tensor, token_mask: torch.Tensor) -> torch.Tenso
     """Mean entropy (nats) of the routing distribution over real tokens."""
     ent = -(probs * torch.log(probs.clamp(min=1e-9))).sum(dim=-1)  # (T,)
     return _masked_mean(ent, token_mask)
+
+
+def aux_loss(
+    routings: Sequence[tuple[Routing, int]], config: MixLoraConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The aux loss of one forward from each MoE layer's ``(routing, num_experts)``, and its statistics.
+
+    ``aux = balance_coef * R_l LB_l + z_loss_coef * R_l Z_l + entropy_coef * R_l H_l``, where ``R`` is the sum
+    (default) or the mean over layers (``aux_layer_reduction``). The statistics are
+    ``{"tokens_per_expert": (L, E_max) long, "router_entropy": (L,)}``, zero-padded for layers with fewer
+    experts.
+    """
+    balance, zs, ents, counts = [], [], [], []
+    for r, num_experts in routings:
+        balance.append(load_balance_loss(r.probs, r.indices, r.mask, r.token_mask))
+        zs.append(z_loss(r.logits, r.token_mask))
+        ents.append(router_entropy(r.probs, r.token_mask))
+        counts.append(tokens_per_expert(r.indices, r.mask, num_experts))
+    if not counts:
+        raise ValueError("aux_loss needs the routing of at least one MoE layer (run a forward first)")
+    device = balance[0].device
+
+    def reduce(values: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(values)  # (L,)
+        return stacked.sum() if config.aux_layer_reduction == "sum" else stacked.mean()
+
+    aux = torch.zeros((), device=device)
+    if config.balance_coef:
+        aux = aux + config.balance_coef * reduce(balance)
+    if config.z_loss_coef:
+        aux = aux + config.z_loss_coef * reduce(zs)
+    if config.entropy_coef:
+        aux = aux + config.entropy_coef * reduce(ents)
+    width = max(c.numel() for c in counts)
+    table = torch.zeros(len(counts), width, dtype=torch.long, device=device)  # (L, E_max)
+    for i, c in enumerate(counts):
+        table[i, : c.numel()] = c
+    return aux, {"tokens_per_expert": table, "router_entropy": torch.stack(ents).detach()}

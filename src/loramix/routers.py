@@ -7,6 +7,7 @@ dispatch code never needs to know which rule picked the experts. Routers are reg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,7 @@ class Router(nn.Module):
     def update_balance_bias(self) -> None:
         """``b_e += rate * sign(mean_load - load_e)`` from the pending counts, which are then cleared.
 
-        Counts are summed over ranks by the caller first (see ``injection``), so every rank keeps the
+        Counts are summed over ranks first (:func:`update_balance_biases`), so every rank keeps the
         same bias.
         """
         load = self.balance_pending
@@ -194,3 +195,29 @@ ROUTERS: dict[str, type[Router]] = {
 
 def build_router(hidden_size: int, num_experts: int, config: MixLoraConfig) -> Router:
     return ROUTERS[config.router](hidden_size, num_experts, config)
+
+
+# --- the balance bias over all MoE layers ---------------------------------------------------------
+def record_assignments(layers: Sequence[nn.Module], table: torch.Tensor) -> None:
+    """Queue each routed layer's row of ``table`` ((L, E_max) tokens per expert, from
+    :func:`loramix.losses.aux_loss`) for its router's next balance-bias update."""
+    routed = [layer for layer in layers if layer.last_routing is not None]  # the rows of table, in order
+    for layer, row in zip(routed, table, strict=True):
+        if layer.mixlora_router.bias_rate > 0:
+            layer.mixlora_router.record_assignments(row[: layer.num_experts])
+
+
+@torch.no_grad()
+def update_balance_biases(layers: Sequence[nn.Module]) -> None:
+    """Apply the pending assignment counts of every MoE layer to its balance bias, summed over ranks first
+    (one all-reduce for all layers) so that every rank keeps the same bias."""
+    routers = [layer.mixlora_router for layer in layers if layer.mixlora_router.bias_rate > 0]
+    if not routers:
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flat = torch.cat([r.balance_pending for r in routers])  # (sum E,)
+        torch.distributed.all_reduce(flat)
+        for r, part in zip(routers, flat.split([r.num_experts for r in routers]), strict=True):
+            r.balance_pending.copy_(part)
+    for r in routers:
+        r.update_balance_bias()

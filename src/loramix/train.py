@@ -25,12 +25,20 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from .checkpoint import AdapterLoadError, load_adapter_weights, save_adapter, trainable_state_dict, verify_adapter
+from .checkpoint import (
+    AdapterLoadError,
+    is_trainable_name,
+    load_adapter_weights,
+    save_adapter,
+    trainable_state_dict,
+    verify_adapter,
+)
 from .checks import check_int, check_number
 from .config import ConfigError, MixLoraConfig, yaml_error_text
 from .data import DataCollator, DataConfig, build_datasets
-from .injection import get_state, inject, is_trainable_name, update_balance_biases
+from .injection import get_state, inject
 from .models import load_base_model, resolve_dtype
+from .routers import update_balance_biases
 
 ADAPTERS = ("mixlora", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -261,9 +269,10 @@ class LoramixTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         outputs = model(**inputs)
-        loss = outputs["loss"]
+        loss = outputs["loss"]  # language-model loss + router aux loss (added by the model's forward hook)
         aux = outputs.get("aux_loss")
         aux = aux.detach() if aux is not None else torch.zeros((), device=loss.device)
+        lm_loss = outputs.get("lm_loss", loss)
         if model.training:
             value = float(loss.detach())
             if not math.isfinite(value) or value > self.max_loss:
@@ -272,12 +281,12 @@ class LoramixTrainer(Trainer):
                     f"{'not finite' if not math.isfinite(value) else f'above max_loss={self.max_loss}'}"
                 )
             self.running["aux_loss"] += float(aux)
-            self.running["lm_loss"] += value - float(aux)
+            self.running["lm_loss"] += float(lm_loss.detach())
             self.running["tokens"] += float(inputs["attention_mask"].sum())
             self.running["n"] += 1
             self.expert_counts = _add_counts(self.expert_counts, outputs)
         else:
-            loss = loss - aux  # validation reports the language-model loss alone
+            loss = lm_loss  # validation reports the language-model loss alone
             self.eval_expert_counts = _add_counts(self.eval_expert_counts, outputs)
         return (loss, outputs) if return_outputs else loss
 

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import pickle_refused
+from ..checkpoint import is_trainable_name, pickle_refused
 from ..config import FFN_ROLES, ConfigError, MixLoraConfig
 from ..ffn_spec import FFNNotSupportedError, FFNSpec, detect_ffn
-from ..injection import inject, is_trainable_name
+from ..injection import inject
 from ..moe_layer import MixLoraFFN
 
 CONFIG_NAME = "adapter_config.json"

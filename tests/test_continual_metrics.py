@@ -226,4 +226,4 @@ def test_cli_continual_command_offers_every_config_field(capsys):
     text = capsys.readouterr().out
     for f in dataclasses.fields(ContinualConfig):
         assert "--" + f.name.replace("_", "-") in text
-    assert "Consecutive novel examples that create a new skill" in text  # field docs become the help
+    assert "Examples whose mean is tested" in text  # field docs become the help

@@ -11,7 +11,7 @@ from ..config import ConfigError
 from .experts import GUARDS
 from .routing import ROUTING_POLICIES
 
-METRICS = ("acc", "acc_norm")
+METRICS = ("auto", "acc", "acc_norm", "loss")
 
 
 @dataclass
@@ -22,16 +22,22 @@ class ContinualConfig:
     model: str | None = None
     """Base model: hub id, local HF directory, .gguf file, or None for the packaged SmolLM2-135M-Instruct."""
     tasks: str = "sst2,boolq,ARC-Easy,openbookqa"
-    """Comma-separated tasks in stream order: sst2 and LLM-Adapters commonsense sets (boolq, ARC-Easy,
-    ARC-Challenge, openbookqa; piqa, winogrande, social_i_qa have only a test.json, split into disjoint train
-    and test subsets); or synthetic / synthetic:<n> (no data needed)."""
+    """Comma-separated tasks in stream order (at least two). Each is a data file (.json, .jsonl, .csv, .tsv,
+    .parquet or a directory, read as loramix train reads it: prompt/response, instruction/output, messages or
+    multiple-choice rows), a hub data set id (name or name@split), or a built-in task: sst2 and the
+    LLM-Adapters commonsense sets (boolq, ARC-Easy, ARC-Challenge, openbookqa; piqa, winogrande, social_i_qa
+    have only a test.json, split into disjoint train and test subsets) under data_dir; or synthetic /
+    synthetic:<n> alone (no data needed)."""
+    test_data: str | None = None
+    """Comma-separated test files / hub ids, one per task in --tasks order; an empty entry (or no
+    --test-data) holds out test_per_task random rows of that task's data as its test set."""
     data_dir: str | None = None
     """Data root (default: $LORAMIX_DATA_DIR)."""
     output_dir: str = "runs/continual"
     train_per_task: int = 200
     """Training examples per task in the stream (random subset)."""
     test_per_task: int = 100
-    """Test examples per task for the accuracy matrix (random subset)."""
+    """Test examples per task for the accuracy matrix (random subset, or rows held out of a task file)."""
     seed: int = 42
     chat_template: bool = True
     """Render prompts with the tokenizer's chat template (as loramix eval does)."""
@@ -45,10 +51,17 @@ class ContinualConfig:
     """hidden = mean-pooled hidden states of the frozen base; sentence:<model> = sentence-transformers."""
     embed_layer: int = -1
     """Hidden-state layer the hidden embedder pools (-1 = last, 0 = token embeddings)."""
-    threshold: float = 0.85
-    """Cosine similarity to the best skill prototype below which an example is novel."""
+    threshold: float | str = "auto"
+    """auto: a new skill starts when the mean of the last window examples lies farther from every skill's
+    prototype than shift times the distance expected for that skill's own examples (calibrated by each
+    skill's data). A number: cosine similarity to the best prototype below which one example is novel
+    (window consecutive novel examples then create a skill)."""
     window: int = 8
-    """Consecutive novel examples that create a new skill (and expert)."""
+    """Examples whose mean is tested for a new skill (auto); consecutive novel examples that create one
+    (fixed threshold). The first window examples found the first skill."""
+    shift: float = 4.0
+    """threshold=auto: how many times farther than expected from every prototype a window mean must lie to
+    start a new skill (a window of a skill's own examples lies at about 1)."""
     detect_tolerance: int | None = None
     """A new expert within this many examples after a true task boundary detects it (default 2 * window)."""
 
@@ -63,10 +76,11 @@ class ContinualConfig:
     """How old experts are kept from drifting: freeze, l2 (penalty towards their old values), none."""
     l2_coef: float = 1.0
     """Weight of the L2 anchor penalty (guard=l2)."""
-    train_lag: int = 0
+    train_lag: int | None = None
     """Stream positions an assigned example waits before it trains. When a new skill is detected, queued
     examples nearer its prototype than any other (the new task's first examples, which arrived before the
-    boundary was found and went to an older skill) go to the new expert instead. 0: train at once."""
+    boundary was found and went to an older skill) go to the new expert instead. None: 2 * window (longer
+    than the detection delay); 0: train at once."""
     quarantine: int = 0
     """When a new skill is detected, queued examples of older skills that arrived within this many stream
     positions before the new skill's first member are dropped untrained (after the train_lag hand-over):
@@ -76,20 +90,22 @@ class ContinualConfig:
     # --- routing and maturity --------------------------------------------------------------------------
     routing: str = "hybrid"
     """hybrid = dense while the newest expert is immature, then sparse; or always dense / sparse."""
-    temperature: float = 0.05
-    """Softmax temperature over prototype similarities."""
+    temperature: float | str = "auto"
+    """Softmax temperature over prototype similarities. auto: the pooled standard deviation of the skills'
+    own held-out similarities (updated as skills grow), so routing weights follow how far apart skills are
+    for this embedder and data."""
     top_k: int = 1
     """Experts per example in sparse mode."""
-    min_examples: int = 64
+    min_examples: int = 16
     """An expert is mature only after training on this many examples ..."""
     patience: int = 2
     """... and after this many validation losses without an improvement of more than min_delta."""
     min_delta: float = 0.01
-    val_size: int = 16
+    val_size: int = 8
     """Held-out examples of the newest skill used for its validation loss (0: never mature, always dense)."""
-    val_every: int = 5
+    val_every: int = 2
     """Hold out every n-th example assigned to the newest skill (until val_size are held out)."""
-    eval_every: int = 5
+    eval_every: int = 2
     """Measure the newest expert's validation loss every this many training steps."""
 
     # --- optimisation ----------------------------------------------------------------------------------
@@ -103,8 +119,15 @@ class ContinualConfig:
     # --- evaluation and outputs ------------------------------------------------------------------------
     baselines: bool = True
     """Also run sequential fine-tuning of one LoRA and multi-task LoRA on all data."""
-    metric: str = "acc"
-    """Score for the accuracy matrix: acc (summed log-likelihood) or acc_norm (per character)."""
+    metric: str = "auto"
+    """Score of each task for the accuracy matrix. auto: multiple-choice accuracy (acc) for multiple-choice
+    data, pass@1 for rows with tests (test_list), otherwise the mean loss per response token (lower is
+    better); acc / acc_norm (per character): that accuracy for multiple-choice tasks; loss: every task."""
+    max_new_tokens: int = 128
+    """Longest completion generated for pass@1."""
+    code_timeout: float = 5.0
+    """Seconds each pass@1 program may run (in its own process; see docs/continual.md before scoring code
+    from a model you do not trust)."""
     eval_batch_size: int = 8
     plots: bool = True
     save_model: bool = True
@@ -121,6 +144,8 @@ class ContinualConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 fail(name, f"must be an int >= 1, got {v!r}")
+        if self.train_lag is None:
+            self.train_lag = 2 * self.window if isinstance(self.window, int) else 0
         for name in ("min_examples", "val_size", "train_lag", "quarantine"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -128,8 +153,15 @@ class ContinualConfig:
         if self.quarantine > self.train_lag:
             fail("quarantine", f"must be <= train_lag ({self.train_lag}): older examples have trained already, "
                  f"got {self.quarantine}")
-        if not -1.0 <= float(self.threshold) <= 1.0:
-            fail("threshold", f"is a cosine similarity in [-1, 1], got {self.threshold}")
+        self.threshold = _auto_or_float(self.threshold, "threshold", fail)
+        if self.threshold != "auto" and not -1.0 <= self.threshold <= 1.0:
+            fail("threshold", f"is auto or a cosine similarity in [-1, 1], got {self.threshold}")
+        self.temperature = _auto_or_float(self.temperature, "temperature", fail)
+        if float(self.shift) <= 1.0:
+            fail("shift", f"must be > 1 (a skill's own windows lie at about 1), got {self.shift}")
+        if self.max_new_tokens < 1 or float(self.code_timeout) <= 0:
+            fail("max_new_tokens" if self.max_new_tokens < 1 else "code_timeout", "must be > 0")
+        self._check_stream(fail)
         if self.detect_tolerance is not None and self.detect_tolerance < 0:
             fail("detect_tolerance", "must be >= 0")
         if self.guard not in GUARDS:
@@ -138,7 +170,9 @@ class ContinualConfig:
             fail("routing", f"must be one of {ROUTING_POLICIES}, got {self.routing!r}")
         if self.metric not in METRICS:
             fail("metric", f"must be one of {METRICS}, got {self.metric!r}")
-        for name in ("temperature", "learning_rate", "alpha"):
+        if self.temperature != "auto" and self.temperature <= 0:
+            fail("temperature", "must be auto or > 0")
+        for name in ("learning_rate", "alpha"):
             if float(getattr(self, name)) <= 0:
                 fail(name, "must be > 0")
         for name in ("min_delta", "l2_coef", "weight_decay", "max_grad_norm"):
@@ -149,12 +183,44 @@ class ContinualConfig:
         if not (self.embedder == "hidden" or self.embedder.startswith("sentence:")):
             fail("embedder", f"must be hidden or sentence:<model>, got {self.embedder!r}")
 
+    def _check_stream(self, fail: Any) -> None:
+        from .stream import split_entries
+
+        if not isinstance(self.tasks, str) or not self.tasks.strip():
+            fail("tasks", f"must be a comma-separated list of tasks, got {self.tasks!r}")
+        entries = split_entries(self.tasks)
+        if any(not e for e in entries):
+            fail("tasks", f"has an empty entry: {self.tasks!r}")
+        if len(entries) == 1:
+            n = entries[0].split(":", 1)[1] if entries[0].startswith("synthetic:") else None
+            if not entries[0].startswith("synthetic") or (n is not None and n.strip() == "1"):
+                fail("tasks", f"a continual stream needs at least two tasks, --tasks has one ({entries[0]!r}); "
+                     "list the tasks in stream order, comma-separated (e.g. --tasks first.jsonl,second.jsonl)")
+        if self.test_data is not None:
+            tests = split_entries(self.test_data)
+            if len(tests) != len(entries):
+                fail("test_data", f"has {len(tests)} entries for {len(entries)} tasks; give one per task in "
+                     "--tasks order (an empty entry holds out test_per_task rows of that task)")
+
     @property
     def tolerance(self) -> int:
         return self.detect_tolerance if self.detect_tolerance is not None else 2 * self.window
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _auto_or_float(value: Any, name: str, fail: Any) -> float | str:
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(value)
+        except ValueError:
+            fail(name, f"must be auto or a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(name, f"must be auto or a number, got {value!r}")
+    return float(value)
 
 
 def resolve_config(config: str | Path | ContinualConfig | None = None, **overrides: Any) -> ContinualConfig:

@@ -61,6 +61,8 @@ class ContinualLearner:
         router: routing policy and per-expert maturity trackers.
         guard: ``freeze`` old experts, anchor them with ``l2`` (``l2_coef * ||theta - theta_old||^2``),
             or ``none`` (old experts keep training: an ablation that forgets).
+        auto_temperature: route with the temperature set to the skills' pooled similarity spread
+            (:meth:`SkillPrototypes.spread`), updated whenever weights are computed.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class ContinualLearner:
         eval_every: int = 10,
         train_lag: int = 0,
         quarantine: int = 0,
+        auto_temperature: bool = False,
     ) -> None:
         if train_lag < 0:
             raise ValueError(f"train_lag must be >= 0, got {train_lag}")
@@ -115,6 +118,7 @@ class ContinualLearner:
         self.optimizer: torch.optim.Optimizer | None = None
         self.train_lag = train_lag
         self.quarantine = quarantine
+        self.auto_temperature = auto_temperature
         self.waiting: dict[int, EncodedExample] = {}  # examples the detector has not assigned yet
         self.queue: list[tuple[EncodedExample, int]] = []  # assigned, not yet trained
         self.val: list[EncodedExample] = []  # held-out examples of the newest skill
@@ -159,6 +163,10 @@ class ContinualLearner:
         experts = self.bank.num_experts
         if experts == 0:
             return None
+        if self.auto_temperature:
+            spread = self.library.spread()
+            if spread:
+                self.router.temperature = spread
         # the detector adds a new skill's prototype just before its expert exists (the queue of the
         # previous skill is flushed in between): route over the skills that have an expert
         return self.router.weights(self.library.similarities(embeddings)[:, :experts], mode)

@@ -9,6 +9,13 @@ Definitions (Lopez-Paz & Ranzato 2017, GEM; Chaudhry et al. 2018 for forgetting)
 * ``forgetting = mean_{i<T-1} (max_{l<T-1} R[l][i] - R[T-1][i])``
 
 Metrics that need two tasks or more are ``None`` when ``T == 1`` (JSON ``null``).
+
+For a score where lower is better (the response ``loss``), ``higher_is_better=False`` keeps the signs
+meaning the same thing: BWT, FWT and forgetting are computed on the negated score, so a negative BWT is
+still forgetting (the loss of an earlier task went up by that much), a positive FWT still helps, and
+forgetting is the rise of the loss above its best earlier value; ACC stays the mean final loss itself.
+A stream whose tasks have different scores is summarised per score (:func:`summarize_by_score`), each
+over the tasks with that score, since averaging accuracies with losses means nothing.
 """
 
 from __future__ import annotations
@@ -72,16 +79,57 @@ def average_forgetting(R: Matrix) -> float | None:
     return sum(f) / len(f) if f else None
 
 
-def summarize(R: Matrix, base: Sequence[float] | None = None) -> dict[str, Any]:
-    """All matrix metrics in one dict: acc, bwt, fwt (None without base scores), forgetting, per task."""
+def summarize(R: Matrix, base: Sequence[float] | None = None, *, higher_is_better: bool = True) -> dict[str, Any]:
+    """All matrix metrics in one dict: acc, bwt, fwt (None without base scores), forgetting, per task.
+
+    ``higher_is_better=False`` (a loss): bwt, fwt and forgetting of the negated matrix, so their signs read
+    as for an accuracy; ``acc`` is the mean final score as it is."""
+    check_matrix(R)
+    sign = 1.0 if higher_is_better else -1.0
+    S = [[sign * v for v in row] for row in R]
+    sb = [sign * v for v in base] if base is not None else None
     return {
         "acc": average_accuracy(R),
-        "bwt": backward_transfer(R),
-        "fwt": forward_transfer(R, base) if base is not None else None,
-        "forgetting": average_forgetting(R),
-        "forgetting_per_task": forgetting_per_task(R),
+        "bwt": backward_transfer(S),
+        "fwt": forward_transfer(S, sb) if sb is not None else None,
+        "forgetting": average_forgetting(S),
+        "forgetting_per_task": forgetting_per_task(S),
         "final_scores": list(R[len(R) - 1]),
+        "higher_is_better": higher_is_better,
     }
+
+
+def summarize_by_score(
+    R: Matrix, base: Sequence[float] | None, scores: Sequence[str], higher_is_better: dict[str, bool]
+) -> dict[str, dict[str, Any]]:
+    """:func:`summarize` per score name, over the tasks (columns) scored with it.
+
+    ``scores[i]`` is task ``i``'s score. With task subset ``G``: ``acc = mean_{i in G} R[T-1][i]``,
+    ``bwt = mean_{i in G, i<T-1} s(R[T-1][i] - R[i][i])``, ``fwt = mean_{i in G, i>0} s(R[i-1][i] - b_i)``,
+    ``forgetting = mean_{i in G, i<T-1} (max_{l<T-1} sR[l][i] - sR[T-1][i])`` with ``s = +1`` (higher is
+    better) or ``-1``; a metric with no task in its range is None."""
+    T = check_matrix(R)
+    if len(scores) != T:
+        raise ValueError(f"expected {T} score names, got {len(scores)}")
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(scores):
+        cols = [i for i in range(T) if scores[i] == name]
+        sign = 1.0 if higher_is_better[name] else -1.0
+
+        def mean(xs: list[float]) -> float | None:
+            return sum(xs) / len(xs) if xs else None
+
+        f = [max(sign * R[stage][i] for stage in range(T - 1)) - sign * R[T - 1][i] for i in cols if i < T - 1]
+        out[name] = {
+            "tasks": cols,
+            "acc": mean([R[T - 1][i] for i in cols]),
+            "bwt": mean([sign * (R[T - 1][i] - R[i][i]) for i in cols if i < T - 1]),
+            "fwt": mean([sign * (R[i - 1][i] - base[i]) for i in cols if i > 0]) if base is not None else None,
+            "forgetting": mean(f),
+            "final_scores": [R[T - 1][i] for i in cols],
+            "higher_is_better": higher_is_better[name],
+        }
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,11 +200,13 @@ def plot_accuracy_matrix(
         raise ValueError(f"expected {T} task names, got {len(task_names)}")
     size = 1.6 + 0.9 * T
     fig, ax = plt.subplots(figsize=(size + 1.0, size))
-    im = ax.imshow([list(row) for row in R], cmap="viridis", vmin=0.0, vmax=1.0)
+    flat = [v for row in R for v in row]
+    lo, hi = min(0.0, *flat), max(1.0, *flat)  # accuracies fill [0, 1]; losses can exceed it
+    im = ax.imshow([list(row) for row in R], cmap="viridis", vmin=lo, vmax=hi)
     for j in range(T):
         for i in range(T):
             v = R[j][i]
-            ax.text(i, j, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black")
+            ax.text(i, j, f"{v:.2f}", ha="center", va="center", color="white" if v < lo + 0.6 * (hi - lo) else "black")
     ax.set_xticks(range(T), list(task_names), rotation=30, ha="right")
     ax.set_yticks(range(T), [f"after {n}" for n in task_names])
     ax.set(xlabel="evaluated task", ylabel="training stage", title=title)

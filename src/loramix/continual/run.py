@@ -28,10 +28,11 @@ from ..models import model_device
 from .config import ContinualConfig, resolve_config
 from .experts import ExpertBank
 from .learner import ContinualLearner, batch_tensors, target_loss, write_jsonl
-from .metrics import boundary_detection, plot_accuracy_matrix, save_json, summarize
+from .metrics import boundary_detection, plot_accuracy_matrix, save_json, summarize, summarize_by_score
 from .novelty import NoveltyDetector, build_embedder
 from .routing import HybridRouter
-from .stream import EncodedExample, Stream, Task, build_stream, load_tasks, mc_items
+from .scoring import SCORE_HIGHER_IS_BETTER, TaskEval, prepare_eval, score_task, task_score
+from .stream import EncodedExample, Stream, Task, build_stream, load_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -189,22 +190,24 @@ def _train_single(model: Any, bank: ExpertBank, optimizer: torch.optim.Optimizer
     return losses
 
 
-def run_baselines(model: Any, tokenizer: Any, stream: Stream, test_items: list[list[dict[str, Any]]],
-                  cfg: ContinualConfig, pad_id: int, lap: Any = None, record: Any = None) -> dict[str, Any]:
+def run_baselines(model: Any, tokenizer: Any, stream: Stream, evals: list[TaskEval],
+                  cfg: ContinualConfig, pad_id: int, lap: Any = None, record: Any = None,
+                  aux_record: Any = None) -> dict[str, Any]:
     """Sequential fine-tuning of one LoRA (rows after each task) and multi-task LoRA (one final row);
     ``lap(name)``, when given, is called after each phase (timings), ``record(key, scores)`` after each
-    evaluation (key ``sequential`` or ``multitask``)."""
+    evaluation (key ``sequential`` or ``multitask``), ``aux_record(key, bank)`` after each sequential
+    evaluation (extra scores of the same model)."""
     lap = lap or (lambda name: None)
     record = record or (lambda key, scores: None)
-    T = len(test_items)
+    T = len(evals)
     per_task: list[list[EncodedExample]] = [[] for _ in range(T)]
     for ex in stream.examples:
         per_task[ex.task].append(ex)
 
     def score_all(bank: ExpertBank) -> list[float]:
         with bank.route(torch.ones(1)):
-            return [score_routed(model, tokenizer, items, metric=cfg.metric, batch_size=cfg.eval_batch_size)
-                    for items in test_items]
+            return [score_task(model, tokenizer, ev, batch_size=cfg.eval_batch_size,
+                               max_new_tokens=cfg.max_new_tokens, timeout=cfg.code_timeout) for ev in evals]
 
     out: dict[str, Any] = {}
     torch.manual_seed(cfg.seed)  # the same expert initialisation as the continual learner's first expert
@@ -217,6 +220,8 @@ def run_baselines(model: Any, tokenizer: Any, stream: Stream, test_items: list[l
         lap(f"sequential_train_{t}")
         R.append(score_all(bank))
         record("sequential", R[-1])
+        if aux_record is not None:
+            aux_record("sequential", bank)
         logger.info("sequential after task %d: %s", t, R[-1])
         lap(f"sequential_eval_{t}")
     bank.detach()
@@ -243,13 +248,14 @@ def run_baselines(model: Any, tokenizer: Any, stream: Stream, test_items: list[l
 # --------------------------------------------------------------------------------------------------
 # diagnostics
 # --------------------------------------------------------------------------------------------------
-def similarity_report(embeddings: torch.Tensor, labels: Sequence[int], threshold: float) -> dict[str, Any]:
+def similarity_report(embeddings: torch.Tensor, labels: Sequence[int], threshold: float | str) -> dict[str, Any]:
     """How separable the tasks are for this embedder (uses the true labels: diagnostics only).
 
     For every example: cosine similarity to its own task's mean embedding and the best other task's.
-    Reports means/quantiles and the share of examples the threshold would call known (own >= threshold)
-    and novel w.r.t. the other tasks (other < threshold).
+    Reports means/quantiles and, for a fixed threshold, the share of examples it would call known
+    (own >= threshold) and novel w.r.t. the other tasks (other < threshold).
     """
+    fixed = threshold != "auto"
     emb = torch.nn.functional.normalize(embeddings.float(), dim=-1)
     lab = torch.tensor(list(labels))
     tasks = sorted(set(lab.tolist()))
@@ -263,10 +269,13 @@ def similarity_report(embeddings: torch.Tensor, labels: Sequence[int], threshold
         return float(torch.quantile(x, p))
 
     rep: dict[str, Any] = {"threshold": threshold, "own_mean": float(own.mean()), "own_p05": q(own, 0.05),
-                           "own_min": float(own.min()), "own_above_threshold": float((own >= threshold).float().mean())}
+                           "own_min": float(own.min())}
+    if fixed:
+        rep["own_above_threshold"] = float((own >= float(threshold)).float().mean())
     if other is not None:
-        rep.update(other_mean=float(other.mean()), other_p95=q(other, 0.95), other_max=float(other.max()),
-                   other_below_threshold=float((other < threshold).float().mean()))
+        rep.update(other_mean=float(other.mean()), other_p95=q(other, 0.95), other_max=float(other.max()))
+        if fixed:
+            rep["other_below_threshold"] = float((other < float(threshold)).float().mean())
     return rep
 
 
@@ -299,14 +308,22 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
         logger.info("%s done in %.1f s", name, timings[name])
     torch.manual_seed(cfg.seed)
 
-    # 1. model and tasks
+    # 1. tasks (checked before the model loads), their scores, and the model
+    tasks: list[Task] = load_tasks(cfg.tasks, cfg.data_dir, train_per_task=cfg.train_per_task,
+                                   test_per_task=cfg.test_per_task, seed=cfg.seed, test_data=cfg.test_data,
+                                   min_train=cfg.window)
+    names = [t.name for t in tasks]
+    scores = [task_score(t.kind, cfg.metric) for t in tasks]
+    higher = {k: SCORE_HIGHER_IS_BETTER[k] for k in scores}
+    logger.info("tasks %s scored by %s", names, scores)
     model, tokenizer = load_base_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     model.eval()
-    tasks: list[Task] = load_tasks(cfg.tasks, cfg.data_dir, train_per_task=cfg.train_per_task,
-                                   test_per_task=cfg.test_per_task, seed=cfg.seed)
-    names = [t.name for t in tasks]
     stream = build_stream(tokenizer, tasks, chat_template=cfg.chat_template, max_length=cfg.max_length)
-    test_items = [mc_items(tokenizer, t.test, chat_template=cfg.chat_template) for t in tasks]
+    evals = [prepare_eval(tokenizer, t, sc, chat_template=cfg.chat_template)
+             for t, sc in zip(tasks, scores, strict=True)]
+    # pass@1 of a small model is often 0 everywhere: those tasks also get the response loss (aux matrix)
+    aux = {i: prepare_eval(tokenizer, t, "loss", chat_template=cfg.chat_template)
+           for i, (t, sc) in enumerate(zip(tasks, scores, strict=True)) if sc == "pass@1"}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     lap("load")
 
@@ -316,21 +333,29 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
     train_emb = embedder([ex.prompt for ex in stream.examples])
     for ex, e in zip(stream.examples, train_emb, strict=True):
         ex.embedding = e
-    test_emb = [embedder([it["prompt"] for it in items]) for items in test_items]
+    test_emb = [embedder(ev.texts) for ev in evals]
     sim_report = similarity_report(train_emb, [ex.task for ex in stream.examples], cfg.threshold)
     lap("embed")
 
     # 3. base scores
-    base = [score_routed(model, tokenizer, items, metric=cfg.metric, batch_size=cfg.eval_batch_size)
-            for items in test_items]
-    progress: dict[str, Any] = {"tasks": names, "metric": cfg.metric, "base": base, "continual": [],
-                                "sequential": [], "multitask": None, "complete": False}
+    def score_all(bank: ExpertBank | None = None, weights: list[torch.Tensor | None] | None = None,
+                  which: dict[int, TaskEval] | None = None) -> list[float]:
+        chosen = which if which is not None else dict(enumerate(evals))
+        return [score_task(model, tokenizer, ev, bank=bank, weights=weights[i] if weights else None,
+                           batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                           timeout=cfg.code_timeout) for i, ev in chosen.items()]
 
-    def record(key: str, scores: list[float]) -> None:
+    base = score_all()
+    aux_rows: dict[str, Any] = {"tasks": [names[i] for i in aux], "base": score_all(which=aux) if aux else [],
+                                "continual": [], "sequential": []}
+    progress: dict[str, Any] = {"tasks": names, "metric": cfg.metric, "scores": scores, "base": base,
+                                "continual": [], "sequential": [], "multitask": None, "complete": False}
+
+    def record(key: str, row: list[float]) -> None:
         if key == "multitask":
-            progress[key] = scores
+            progress[key] = row
         else:
-            progress[key].append(scores)
+            progress[key].append(row)
         save_json(progress, out / "progress.json")
 
     save_json(progress, out / "progress.json")
@@ -344,13 +369,13 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
                                 batch_size=cfg.eval_batch_size, max_length=cfg.max_length, disable=bank.disabled)
     learner = ContinualLearner(
         model, tokenizer, bank, embedder_c,
-        NoveltyDetector(cfg.threshold, cfg.window),
-        HybridRouter(cfg.routing, temperature=cfg.temperature, top_k=cfg.top_k, min_examples=cfg.min_examples,
-                     patience=cfg.patience, min_delta=cfg.min_delta),
+        NoveltyDetector(cfg.threshold, cfg.window, shift=cfg.shift),
+        HybridRouter(cfg.routing, temperature=0.05 if cfg.temperature == "auto" else float(cfg.temperature),
+                     top_k=cfg.top_k, min_examples=cfg.min_examples, patience=cfg.patience, min_delta=cfg.min_delta),
         guard=cfg.guard, l2_coef=cfg.l2_coef, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size, steps_per_batch=cfg.steps_per_batch,
         val_size=cfg.val_size, val_every=cfg.val_every, eval_every=cfg.eval_every, train_lag=cfg.train_lag,
-        quarantine=cfg.quarantine,
+        quarantine=cfg.quarantine, auto_temperature=cfg.temperature == "auto",
     )
     R: list[list[float]] = []
     stages: list[dict[str, Any]] = []
@@ -359,13 +384,14 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
         learner.observe(stream.examples[bounds[t] : bounds[t + 1]])
         learner.flush()
         lap(f"continual_train_{t}")
-        row = [score_routed(model, tokenizer, items, bank=bank, weights=learner.routing_weights(emb),
-                            metric=cfg.metric, batch_size=cfg.eval_batch_size)
-               for items, emb in zip(test_items, test_emb, strict=True)]
+        weights = [learner.routing_weights(emb) for emb in test_emb]
+        row = score_all(bank, weights)
+        if aux:
+            aux_rows["continual"].append(score_all(bank, weights, which=aux))
         R.append(row)
         record("continual", row)
         stages.append({"after_task": names[t], "experts": bank.num_experts, "mode": learner.mode,
-                       "steps": learner.step, "scores": row})
+                       "temperature": learner.router.temperature, "steps": learner.step, "scores": row})
         logger.info("continual after %s: experts=%d mode=%s scores=%s", names[t], bank.num_experts, learner.mode, row)
         lap(f"continual_eval_{t}")
     if cfg.save_model:
@@ -387,21 +413,39 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
     bank.detach()
 
     # 5. baselines
-    baselines = (run_baselines(model, tokenizer, stream, test_items, cfg, pad, lap=lap, record=record)
-                 if cfg.baselines else {})
+    aux_record = None
+    if aux:
+        def aux_record(key: str, bank: ExpertBank) -> None:
+            if key == "sequential":
+                with bank.route(torch.ones(1)):
+                    aux_rows["sequential"].append(score_all(which=aux))
+    baselines = (run_baselines(model, tokenizer, stream, evals, cfg, pad, lap=lap, record=record,
+                               aux_record=aux_record) if cfg.baselines else {})
 
     # 6. report
-    continual = {"R": R, **summarize(R, base), "stages": stages}
-    matrix = {"tasks": names, "metric": cfg.metric, "base": base, "continual": continual}
+    def metrics_of(rows: list[list[float]]) -> dict[str, Any]:
+        by = summarize_by_score(rows, base, scores, higher)
+        if len(higher) == 1:
+            return {**summarize(rows, base, higher_is_better=higher[scores[0]]), "by_score": by}
+        return {"acc": None, "bwt": None, "fwt": None, "forgetting": None, "by_score": by}
+
+    score_label = scores[0] if len(higher) == 1 else "mixed: " + ", ".join(
+        f"{n} {sc}" for n, sc in zip(names, scores, strict=True))
+    continual = {"R": R, **metrics_of(R), "stages": stages}
+    matrix = {"tasks": names, "metric": cfg.metric, "scores": scores, "higher_is_better": higher, "base": base,
+              "continual": continual}
     if baselines:
-        matrix["sequential"] = {"R": baselines["sequential"]["R"], **summarize(baselines["sequential"]["R"], base)}
+        matrix["sequential"] = {"R": baselines["sequential"]["R"], **metrics_of(baselines["sequential"]["R"])}
         matrix["multitask"] = baselines["multitask"]
+    if aux:
+        aux_rows["note"] = "response loss (lower is better) of the pass@1 tasks; columns = aux tasks"
+        matrix["aux_loss"] = aux_rows
     save_json(matrix, out / "accuracy_matrix.json")
     if cfg.plots:
-        plot_accuracy_matrix(R, names, out / "accuracy_matrix.png", title=f"continual ({cfg.metric})")
+        plot_accuracy_matrix(R, names, out / "accuracy_matrix.png", title=f"continual ({score_label})")
         if baselines:
             plot_accuracy_matrix(baselines["sequential"]["R"], names, out / "accuracy_matrix_sequential.png",
-                                 title=f"sequential LoRA ({cfg.metric})")
+                                 title=f"sequential LoRA ({score_label})")
     summary = {
         "output_dir": str(out),
         "tasks": names,
@@ -418,13 +462,19 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
         "counts": learner.counts,
         "steps": learner.step,
         "base": base,
-        "continual": {k: continual[k] for k in ("acc", "bwt", "fwt", "forgetting")},
-        "sequential": ({k: matrix["sequential"][k] for k in ("acc", "bwt", "fwt", "forgetting")}
+        "scores": scores,
+        "score": score_label,
+        "continual": {k: continual[k] for k in ("acc", "bwt", "fwt", "forgetting", "by_score")},
+        "sequential": ({k: matrix["sequential"][k] for k in ("acc", "bwt", "fwt", "forgetting", "by_score")}
                        if baselines else None),
         "multitask_acc": baselines["multitask"]["acc"] if baselines else None,
+        "multitask_scores": baselines["multitask"]["scores"] if baselines else None,
         "seconds": round(time.perf_counter() - started, 1),
         "timings": timings,
         "split_from_test": [t.name for t in tasks if t.split_from_test],
+        "held_out_test": [t.name for t in tasks if t.held_out],
+        "train_examples": [len(t.train) for t in tasks],
+        "test_examples": [len(t.test) for t in tasks],
         "config": cfg.to_dict(),
     }
     save_json(summary, out / "summary.json")
@@ -437,28 +487,44 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
 # command line
 # --------------------------------------------------------------------------------------------------
 def format_report(summary: dict[str, Any], matrix: dict[str, Any] | None = None) -> str:
-    """A short human-readable report of a run (the CLI prints it)."""
+    """A short human-readable report of a run (the CLI prints it): detection, then ACC / BWT / FWT /
+    forgetting per score (a stream of one score has one table row per method)."""
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:+.3f}" if isinstance(v, float) and v < 0 else (
             f"{v:.3f}" if isinstance(v, float) else str(v))
 
     det = summary["detection"]
+    scores = summary.get("scores") or ["acc"] * len(summary["tasks"])
     lines = [
         f"tasks: {' -> '.join(summary['tasks'])} ({summary['stream_length']} stream examples)",
+        f"score: {summary.get('score', scores[0])}"
+        + ("" if all(s != "loss" for s in scores) else " (loss: mean per response token, lower is better; BWT, "
+           "FWT and forgetting are signed so that negative BWT is forgetting)"),
         f"experts created: {summary['experts']} at {summary['expert_created_at']} (boundaries {summary['boundaries']});"
         f" detection precision {f(det['precision'])} recall {f(det['recall'])}",
         f"skill -> true task counts: {summary['skill_tasks']}",
         f"final routing mode: {summary['final_mode']}",
         "",
-        "| method | ACC | BWT | FWT | forgetting |",
-        "|---|---|---|---|---|",
+        "| method | score | ACC | BWT | FWT | forgetting |",
+        "|---|---|---|---|---|---|",
     ]
     for name in ("continual", "sequential"):
         m = summary.get(name)
-        if m:
-            lines.append(f"| {name} | {f(m['acc'])} | {f(m['bwt'])} | {f(m['fwt'])} | {f(m['forgetting'])} |")
-    if summary.get("multitask_acc") is not None:
-        lines.append(f"| multitask | {f(summary['multitask_acc'])} | - | - | - |")
-    lines.append(f"| base model | {f(sum(summary['base']) / len(summary['base']))} | - | - | - |")
+        if not m:
+            continue
+        groups = m.get("by_score") or {scores[0]: m}
+        for score, g in groups.items():
+            lines.append(f"| {name} | {score} | {f(g['acc'])} | {f(g['bwt'])} | {f(g['fwt'])} | {f(g['forgetting'])} |")
+    base = summary["base"]
+    if summary.get("multitask_scores") is not None:
+        final = summary["multitask_scores"]
+        for score in dict.fromkeys(scores):
+            cols = [i for i, s in enumerate(scores) if s == score]
+            lines.append(f"| multitask | {score} | {f(sum(final[i] for i in cols) / len(cols))} | - | - | - |")
+    elif summary.get("multitask_acc") is not None:
+        lines.append(f"| multitask | {scores[0]} | {f(summary['multitask_acc'])} | - | - | - |")
+    for score in dict.fromkeys(scores):
+        cols = [i for i, s in enumerate(scores) if s == score]
+        lines.append(f"| base model | {score} | {f(sum(base[i] for i in cols) / len(cols))} | - | - | - |")
     lines.append(f"\noutputs in {summary['output_dir']} ({summary['seconds']} s)")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from ..evaluation import (
     mc_context,
     resolve_data_dir,
 )
+from ..generation import render_chat
 
 SST2_INSTRUCTION = (
     "Please classify the sentiment of the following movie review as positive or negative, review: {sentence}"
@@ -39,12 +40,27 @@ COMMONSENSE_DIR = "llm_adapters_commonsense"
 
 @dataclass
 class Example:
-    """One multiple-choice example; ``task`` is used only by the evaluation harness, never the learner."""
+    """One example; ``task`` is used only by the evaluation harness, never the learner.
+
+    Multiple choice: ``choices`` and the ``gold`` index. Otherwise ``choices`` is empty and ``response`` is
+    the target (after ``messages``, the conversation up to it; None = one user turn holding ``prompt``);
+    ``tests`` (assert statements, run after ``setup``) make the task scored by pass@1. ``prompt`` is what
+    the novelty detector embeds.
+    """
 
     prompt: str
     choices: list[str]
     gold: int
     task: str = ""
+    response: str | None = None
+    messages: list[dict[str, str]] | None = None
+    tests: list[str] | None = None
+    setup: str = ""
+
+    @property
+    def kind(self) -> str:
+        """``mc`` (multiple choice), ``tests`` (code with tests) or ``text`` (free response)."""
+        return "mc" if self.choices else "tests" if self.tests else "text"
 
 
 @dataclass
@@ -54,6 +70,13 @@ class Task:
     test: list[Example]
     split_from_test: bool = False
     """True when the data has no training file: train and test are disjoint subsets of its test file."""
+    held_out: bool = False
+    """True when the test set was held out of the task's data file (no test file was given)."""
+
+    @property
+    def kind(self) -> str:
+        """How the task is scored: ``mc`` (accuracy), ``tests`` (pass@1) or ``text`` (response loss)."""
+        return self.test[0].kind if self.test else self.train[0].kind
 
 
 @dataclass
@@ -188,6 +211,24 @@ def load_task(
     return Task(name, _sample(train, train_per_task, rng), _sample(test, test_per_task, rng))
 
 
+BUILTIN_TASKS = ("sst2", "sst-2", "boolq", "ARC-Easy", "ARC-Challenge", "openbookqa", "piqa", "winogrande",
+                 "social_i_qa", "hellaswag")
+
+
+def is_builtin(entry: str) -> bool:
+    """True for a built-in task name (sst2, the LLM-Adapters commonsense sets, synthetic[:n])."""
+    return entry in BUILTIN_TASKS or entry.lower() in ("sst2", "sst-2") or entry.split(":", 1)[0] == "synthetic"
+
+
+def split_entries(names: str | Sequence[str] | None) -> list[str]:
+    """A comma-separated string (or a list) as a list of stripped entries; empty entries are kept as ''."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [n.strip() for n in names.split(",")]
+    return [str(n).strip() for n in names]
+
+
 def load_tasks(
     names: str | Sequence[str],
     data_dir: str | Path | None = None,
@@ -195,21 +236,60 @@ def load_tasks(
     train_per_task: int | None = 200,
     test_per_task: int | None = 100,
     seed: int = 0,
+    test_data: str | Sequence[str] | None = None,
+    min_train: int = 1,
+    cache_dir: str | None = None,
 ) -> list[Task]:
-    """Tasks by name (a list or a comma-separated string); ``synthetic`` or ``synthetic:<n>`` makes
-    ``n`` (default 3) synthetic tasks and needs no data directory."""
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
-    names = list(names)
+    """Tasks in stream order (a list or a comma-separated string). Each entry is a built-in task (``sst2``,
+    an LLM-Adapters commonsense set under the data directory; ``synthetic`` or ``synthetic:<n>`` alone makes
+    ``n`` (default 3) synthetic tasks and needs no data), a local data file or directory, or a hub data set
+    (``owner/name``, ``owner/name@split``, or ``hf:<name>`` for an id without an owner), read by
+    :func:`loramix.continual.sources.load_file_task`. A bare name that is not a local path is a built-in task.
+
+    ``test_data``: test files / hub ids aligned with ``names`` (an empty entry = hold out ``test_per_task``
+    rows of that task's data; built-in tasks bring their own test sets). ``min_train``: training rows a
+    held-out split must leave."""
+    from .sources import StreamError, is_local, load_file_task, task_name
+
+    names = [n for n in split_entries(names) if n]
     if not names:
         raise ValueError("no tasks given")
+    tests = split_entries(test_data)
+    if tests and len(tests) != len(names):
+        raise StreamError(f"--test-data has {len(tests)} entries for {len(names)} tasks; give one per task "
+                          "(an empty entry holds out part of that task's data)")
+    tests = tests or [""] * len(names)
     if len(names) == 1 and names[0].startswith("synthetic"):
         n = int(names[0].split(":", 1)[1]) if ":" in names[0] else 3
         return synthetic_tasks(n, train_per_task=train_per_task or 48, test_per_task=test_per_task or 12, seed=seed)
-    tasks = [load_task(n, data_dir, train_per_task=train_per_task, test_per_task=test_per_task, seed=seed)
-             for n in names]
-    if len({t.name for t in tasks}) != len(tasks):
-        raise ValueError(f"task names must be distinct, got {names}")
+    tasks = []
+    for name, test in zip(names, tests, strict=True):
+        if not name.startswith("hf:") and not is_local(name) and "/" not in name and not name.startswith("synthetic"):
+            # a bare name: a built-in task (load_task says which exist when it is none)
+            if test:
+                raise StreamError(f"--test-data entry {test!r}: built-in task {name!r} has its own test set; "
+                                  "leave its entry empty")
+            tasks.append(load_task(name, data_dir, train_per_task=train_per_task, test_per_task=test_per_task,
+                                   seed=seed))
+        elif is_builtin(name) and not name.startswith("synthetic"):
+            if test:
+                raise StreamError(f"--test-data entry {test!r}: built-in task {name!r} has its own test set; "
+                                  "leave its entry empty")
+            tasks.append(load_task(name, data_dir, train_per_task=train_per_task, test_per_task=test_per_task,
+                                   seed=seed))
+        elif name.startswith("synthetic"):
+            raise StreamError(f"--tasks: {name!r} makes a whole synthetic stream and cannot be mixed with other tasks")
+        else:
+            tasks.append(load_file_task(name, test or None, name=task_name(name), train_per_task=train_per_task,
+                                        test_per_task=test_per_task, min_train=min_train, seed=seed,
+                                        cache_dir=cache_dir))
+    seen: dict[str, int] = {}
+    for t in tasks:  # two files with one stem: number them (task names only label the metrics)
+        seen[t.name] = seen.get(t.name, 0) + 1
+        if seen[t.name] > 1:
+            t.name = f"{t.name}#{seen[t.name]}"
+            for ex in t.train + t.test:
+                ex.task = t.name
     return tasks
 
 
@@ -233,9 +313,28 @@ def mc_items(tokenizer: Any, examples: Sequence[Example], *, chat_template: bool
     return items
 
 
+def response_pair(tokenizer: Any, example: Example, *, chat_template: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of a free-response example: the rendered conversation with the assistant prompt, and the
+    response followed by the end-of-sequence token (so the model learns to stop)."""
+    messages = example.messages or [{"role": "user", "content": example.prompt}]
+    context, add_special = render_chat(tokenizer, messages, chat_template=chat_template)
+    assert example.response is not None
+    ctx, target = encode_pair(tokenizer, context, example.response, add_special_tokens=add_special)
+    if tokenizer.eos_token_id is not None:
+        target = [*target, int(tokenizer.eos_token_id)]
+    return ctx, target
+
+
 def encode_example(tokenizer: Any, example: Example, *, index: int = 0, task: int = -1,
                    chat_template: bool = True, max_length: int = 512) -> EncodedExample:
-    """Context + `` <gold answer>`` token ids (the scorer's split); long contexts lose their start."""
+    """Context + target token ids, loss on the target: `` <gold answer>`` for multiple choice (the scorer's
+    split), the response + EOS otherwise. Long contexts lose their start; a response longer than
+    ``max_length`` keeps its first ``max_length - 1`` tokens."""
+    if example.kind != "mc":
+        ctx, target = response_pair(tokenizer, example, chat_template=chat_template)
+        target = target[: max(max_length - 1, 1)]
+        keep = max(max_length - len(target), 1)
+        return EncodedExample(index, example.prompt, ctx[-keep:], target, task)
     context, add_special = context_of(tokenizer, example, chat_template=chat_template)
     ctx, target = encode_pair(tokenizer, context, " " + example.choices[example.gold], add_special_tokens=add_special)
     if not target:

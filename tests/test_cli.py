@@ -287,3 +287,14 @@ def test_cli_keeps_the_bitsandbytes_kernels_notice_out_of_its_output() -> None:
     out = subprocess.run([sys.executable, "-m", "loramix.cli", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage" in out.stdout
     assert "kernels-community" not in out.stderr + out.stdout
+
+
+def test_configuration_page_matches_the_config_dataclasses():
+    """docs/configuration.md is written from the dataclasses; regenerate it when a field changes:
+    ``python -m loramix.cli.reference docs/configuration.md``."""
+    from loramix.cli.reference import configuration_markdown
+
+    text = configuration_markdown()
+    assert "| `num_experts` |" in text and "| `learning_rate` |" in text and "Experts per token" in text
+    assert (ROOT / "docs" / "configuration.md").read_text() == text, (
+        "docs/configuration.md is out of date: python -m loramix.cli.reference docs/configuration.md")

@@ -97,7 +97,8 @@ class MixLoraConfig:
 
     # --- auxiliary losses ------------------------------------------------------------------------
     balance_coef: float = 0.01
-    """Load-balance loss weight (Switch/Mixtral form, averaged over layers, padding masked out)."""
+    """Load-balance loss weight (Switch/Mixtral form, padding masked out; summed or averaged over layers as
+    ``aux_layer_reduction`` says)."""
     z_loss_coef: float = 0.0
     """Router z-loss weight (keeps router logits small; ST-MoE)."""
     entropy_coef: float = 0.0

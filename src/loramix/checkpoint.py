@@ -338,9 +338,9 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path)
     """Copy ``tensors`` into the model's adapter weights after checking names and shapes match exactly."""
     state = trainable_state_dict(model)
     expected = {n: t.shape for n, t in state.items()}
-    # Adapters saved before balance biases existed have none: they start at zero (the router as trained).
+    # an adapter without balance-bias buffers loads with a zero bias (its router as trained)
     tensors = {**{n: torch.zeros_like(t) for n, t in state.items() if n.endswith(OPTIONAL_BUFFERS)}, **tensors}
-    # adapter experts' scale was saved as a 0-dim tensor before it became (1,) (FSDP2 shards no scalars)
+    # a 0-dim adapter-expert scale is read as shape (1,) (FSDP2 shards no 0-dim tensors)
     tensors = {n: t.reshape(1) if n.endswith(".mixlora_scale") and t.dim() == 0 else t for n, t in tensors.items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

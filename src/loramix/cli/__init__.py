@@ -41,7 +41,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "eval": Command("loramix.cli.commands:eval_command"),
     "compare": Command("loramix.cli.commands:compare_command"),
     "bench": Command("loramix.cli.commands:bench_command"),
-    "export": Command("loramix.export:export_command"),
+    "export": Command("loramix.cli.commands:export_command"),
     "skills": {
         "add": Command("loramix.skills.api:skills_add", tuple(TRAIN_OPTIONS), ("name",)),
         "route": Command("loramix.skills.api:skills_route", (), ("prompts",)),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import check_int, check_number
+from ..export import DEFAULT_TOLERANCE
 
 
 def check_sampling(
@@ -311,3 +312,46 @@ def continual_command(config: str | None = None, **options: Any) -> dict[str, An
     summary = run_continual(config, **options)
     print(format_report(summary))
     return summary
+
+
+def export_command(
+    adapter: str,
+    output_dir: str,
+    model: str | None = None,
+    format: str = "auto",
+    check: bool = True,
+    allow_approximate: bool = False,
+    dtype: str = "float32",
+    check_text: str | None = None,
+    check_tokens: int = 128,
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_shard_size: str = "2GB",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export a MixLoRA adapter as a standard MoE checkpoint (Mixtral / Qwen2-MoE / Qwen3-MoE) that
+    transformers, vLLM and llama.cpp load; prints its size beside the base's and the adapter's.
+
+    Args:
+        adapter: the adapter directory, e.g. runs/quickstart/adapter.
+        output_dir: where the checkpoint goes.
+        model: base model the adapter was trained on (default: packaged SmolLM2-135M-Instruct).
+        format: auto, mixtral, qwen2_moe or qwen3_moe.
+        check: compare the written model's logits with loramix's and refuse one that differs (--no-check skips).
+        allow_approximate: export adapters with no exact standard form (a trained balance bias, switch
+            capacity) and print the measured difference.
+        dtype: float32, bfloat16 or float16 weights.
+        check_text: text or text file for the check (default: a built-in paragraph).
+        check_tokens: at most this many tokens of the check text.
+        tolerance: largest allowed float32 logit difference relative to the largest |logit|.
+        max_shard_size: largest safetensors shard, e.g. 2GB.
+        overwrite: replace a non-empty output directory.
+    """
+    from ..export import export_model
+
+    check_int("check_tokens", check_tokens, 1)  # before the model loads
+    report = export_model(adapter, output_dir, model=model, format=format, check=check,
+                          allow_approximate=allow_approximate, dtype=dtype, check_text=check_text,
+                          check_tokens=check_tokens, tolerance=tolerance, max_shard_size=max_shard_size,
+                          overwrite=overwrite)
+    print(report.summary())
+    return report.to_dict()

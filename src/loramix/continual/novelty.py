@@ -217,7 +217,7 @@ class Decision:
     index: int
     best_similarity: float | None
     matched_skill: int | None
-    decision: str  # known | novel | new_skill | outlier
+    decision: str  # known | novel | new_skill | outlier | founder (auto: joined an old skill, then founded a new one)
     skill: int | None = None
     num_skills: int = 0
     members: list[int] = field(default_factory=list)  # new_skill: the examples that formed the skill
@@ -352,20 +352,31 @@ class NoveltyDetector:
         return decision, [(index, matched)]
 
     def _found(self, window: torch.Tensor) -> list[int] | None:
-        """Found a skill from the window: its examples nearer their mean than to any old prototype leave the
-        skills they joined and become its members. None (nothing changes) when fewer than two qualify."""
-        mean = F.normalize(window.mean(0), dim=0)  # (D,)
-        own = window @ mean  # (w,)
+        """Found a skill from the window: the examples nearer the new skill's centre than to any old prototype
+        (the centre starts as the window's mean and is re-estimated from those examples twice, so a window
+        that straddles the boundary keeps only the new task's side) leave the skills they joined and become
+        its members; their earlier ``known`` records become ``founder`` records. None (nothing changes) when
+        fewer than two qualify."""
         old = self.library.similarities(window).max(dim=1).values  # (w,)
-        keep = [j for j in range(len(self.recent)) if own[j] >= old[j]]
-        if len(keep) < 2:
-            return None
+        keep = list(range(len(self.recent)))
+        for _ in range(3):
+            center = F.normalize(window[keep].mean(0), dim=0)  # (D,)
+            nearer = [j for j in range(len(self.recent)) if float(window[j] @ center) >= float(old[j])]
+            if len(nearer) < 2:
+                return None
+            if nearer == keep:
+                break
+            keep = nearer
         for j in keep:
             _, e, skill = self.recent[j]
             if self.library.counts[skill] > 1:
                 self.library.remove(skill, e)
         members = [self.recent[j][0] for j in keep]
-        self.library.add(torch.stack([self.recent[j][1] for j in keep]))
+        new_skill = self.library.add(torch.stack([self.recent[j][1] for j in keep]))
+        moved = set(members)
+        for d in reversed(self.log[-self.window :]):
+            if d.index in moved and d.decision == "known":
+                d.decision, d.skill = "founder", new_skill
         self.created_at.append(self.recent[-1][0])
         self.recent = []
         return members

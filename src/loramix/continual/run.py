@@ -407,6 +407,8 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
         if d.decision == "new_skill":
             for j in d.members:
                 skill_tasks[d.skill][names[task_of[j]]] += 1
+            if d.index not in d.members and d.matched_skill is not None:  # auto: it stayed with its old skill
+                skill_tasks[d.matched_skill][names[task_of[d.index]]] += 1
         elif d.decision in ("known", "outlier"):
             skill_tasks[d.skill][names[task_of[d.index]]] += 1
     pending = len(learner.detector.pending)

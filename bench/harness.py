@@ -23,6 +23,14 @@ Every variant is a fresh deep copy of one loaded base model and all are measured
   prompt, KV cache on (``decode_tokens_per_s`` = new tokens / wall time, prefill included);
 * trainable parameters.
 
+With ``export_decode``, each MixLoRA variant is also exported (:func:`loramix.export.export_adapted`, the
+checkpoint ``loramix export`` writes) and loaded back with ``AutoModelForCausalLM.from_pretrained``: the
+``exported_<router>`` rows time its inference and decoding with transformers in the same interleaved rounds
+(no training; their memory figure is the loaded checkpoint). With a vLLM interpreter (``vllm_python``, or
+vLLM importable here) the base and each exported checkpoint are also decoded by vLLM's offline ``LLM``
+(``bench/vllm_decode.py``, one process, models interleaved round by round, same prompt and token count):
+the ``vllm_*`` rows, whose ``decode / base`` is relative to ``vllm_base`` measured in that same process.
+
 The base model has nothing to train; its "training step" is the **floor**: forward + backward through the
 frozen model to its input embeddings (no weight gradients, no optimizer). Every adapter's step does this
 work plus its own, so ``floor_vs_official`` (floor / official step) is the lowest step ratio to the official
@@ -39,13 +47,19 @@ import copy
 import ctypes
 import gc
 import importlib
+import importlib.util
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -448,6 +462,109 @@ def measure_variant(
     return runner.figures()
 
 
+
+# --------------------------------------------------------------------------------------------------
+# exported checkpoints (transformers and vLLM decode)
+# --------------------------------------------------------------------------------------------------
+VLLM_SCRIPT = Path(__file__).with_name("vllm_decode.py")
+VLLM_MARK = "LORAMIX_VLLM_DECODE "  # the result line of VLLM_SCRIPT
+
+
+def export_for_bench(base: nn.Module, directory: Path, *, seed: int, **mixlora: Any) -> dict[str, Any] | str:
+    """Export a MixLoRA variant (built as the ``mixlora_<router>`` row is: same seed, same options) to
+    ``directory``; returns what the export reports, or the reason it cannot be exported."""
+    from loramix.export import ExportError, export_adapted
+
+    if any(p.dtype != torch.float32 for p in base.parameters()):
+        return "export needs a float32 model (run the bench with dtype float32)"
+    torch.manual_seed(seed)
+    model, _ = make_loramix(copy.deepcopy(base), **mixlora)  # its own weights: export merges attention in place
+    try:  # speed only: switch's capacity and a trained balance bias do not change the work per token
+        report = export_adapted(model, directory, check=False, allow_approximate=True)
+    except ExportError as e:
+        return f"no export: {' '.join(str(e).split())}"
+    finally:
+        del model
+        gc.collect()
+    return {"architecture": report.architecture, "num_experts": report.num_experts,
+            "experts_per_token": report.experts_per_token, "exported_params": report.exported_params,
+            "approximations": report.approximations}
+
+
+def load_exported(directory: Path, device: torch.device) -> nn.Module:
+    """An exported checkpoint as users load it: ``AutoModelForCausalLM.from_pretrained`` (float32), frozen."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).to(device).eval()
+    model.requires_grad_(False)
+    _touch(model)
+    return model
+
+
+def find_vllm_python(vllm_python: str | None = None) -> tuple[str | None, str]:
+    """(python, "") for the interpreter that runs vLLM, or (None, why not)."""
+    given = vllm_python or os.environ.get("LORAMIX_VLLM_PYTHON")
+    if given:
+        if not Path(given).is_file():
+            return None, f"no vLLM python at {given} (vllm_python / LORAMIX_VLLM_PYTHON)"
+        return given, ""
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable, ""
+    return None, "vLLM not found: pass vllm_python (--vllm-python) or set LORAMIX_VLLM_PYTHON"
+
+
+def bench_prompt(vocab: int, batch_size: int, seq_len: int, prompt_len: int, seed: int) -> list[int]:
+    """The decode prompt every :class:`VariantRunner` uses (same generator, same draws)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+    return torch.randint(0, vocab, (1, prompt_len), generator=gen)[0].tolist()
+
+
+def _vllm_rows(base: nn.Module, exported: dict[str, Any], tmp: Path, vllm_python: str | None,
+               skipped: dict[str, str], say: Callable[[str], Any], *, steps: int, warmup: int, decode_tokens: int,
+               prompt_len: int, vocab: int, common: dict[str, Any], threads: int | None) -> dict[str, dict]:
+    python, why = find_vllm_python(vllm_python)
+    if python is None:
+        skipped["vllm"] = why
+        return {}
+    base_dir = tmp / "base"
+    base.save_pretrained(base_dir)
+    models = {"vllm_base": str(base_dir)}
+    models.update({"vllm_" + name: str(e["dir"]) for name, e in exported.items()})
+    job = {"models": models, "steps": steps, "warmup": max(warmup, 1), "decode_tokens": decode_tokens,
+           "prompt": bench_prompt(vocab, common["batch_size"], common["seq_len"], prompt_len, common["seed"]),
+           "max_model_len": prompt_len + decode_tokens + 16}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    if threads is not None:  # as the transformers rows: this many threads, no pinning to cores
+        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads))
+    say(f"[bench] vLLM decode of {', '.join(models)} ({python}) ...")
+    try:
+        run = subprocess.run([python, str(VLLM_SCRIPT), json.dumps(job)], capture_output=True, text=True, env=env,
+                             timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        skipped["vllm"] = f"vLLM run failed: {e}"
+        return {}
+    lines = [line for line in run.stdout.splitlines() if line.startswith(VLLM_MARK)]
+    if run.returncode != 0 or not lines:
+        tail = " ".join((run.stderr or run.stdout).strip().splitlines()[-3:])
+        skipped["vllm"] = f"vLLM run failed (exit {run.returncode}): {tail[-600:]}"
+        return {}
+    rows = {}
+    for name, times in json.loads(lines[-1].removeprefix(VLLM_MARK)).items():
+        med = statistics.median(times["decode_s_all"])
+        rows[name] = {**_empty_figures(), "decode_s": med, "decode_s_all": times["decode_s_all"],
+                      "decode_new_tokens": times["decode_new_tokens"],
+                      "decode_tokens_per_s": times["decode_new_tokens"] / med if med else None,
+                      "engine": "vllm " + times.get("vllm_version", "")}
+        say(f"[bench] {name}: decode {rows[name]['decode_tokens_per_s']:.1f} tok/s")
+    return rows
+
+
+def _empty_figures() -> dict[str, Any]:
+    return {"trainable_params": 0, "train_step_s": None, "train_step_s_all": None, "train_tokens_per_s": None,
+            "peak_memory_mb": None, "infer_step_s": None, "infer_tokens_per_s": None,
+            "decode_merged_tokens_per_s": None, "decode_compiled_tokens_per_s": None, "decode_compiled_layers": None}
+
 # --------------------------------------------------------------------------------------------------
 # the benchmark
 # --------------------------------------------------------------------------------------------------
@@ -540,6 +657,8 @@ def run_benchmark(
     threads: int | None = None,
     interleave: bool = True,
     compile_decode: bool = True,
+    export_decode: bool = False,
+    vllm_python: str | None = None,
     log: Callable[[str], Any] | None = print,
 ) -> dict[str, Any]:
     """Measure base / PEFT LoRA / MixLoRA (each router) / official mixlora in one run.
@@ -559,6 +678,10 @@ def run_benchmark(
             memory: only one adapted model at a time).
         compile_decode: also time loramix decoding with the attention LoRA merged and the decoding path
             compiled (:func:`loramix.compiled.compile_decoding`), the ``decode_compiled`` figure.
+        export_decode: also export each MixLoRA variant as a standard MoE checkpoint and time its decoding
+            with transformers (``exported_<router>`` rows) and, when vLLM is found, with vLLM (``vllm_*`` rows).
+        vllm_python: the Python of a virtualenv with vLLM, for the ``vllm_*`` rows (default:
+            ``$LORAMIX_VLLM_PYTHON``, else this interpreter when it imports vllm, else those rows are skipped).
         log: progress messages (``None`` = silent).
 
     Returns ``{"config", "machine", "memory_metric", "variants": {name: figures}, "ratios", "targets",
@@ -590,6 +713,9 @@ def run_benchmark(
             seed=seed,
             interleave=interleave,
             compile_decode=compile_decode,
+            export_decode=export_decode,
+            vllm_python=vllm_python,
+            threads=threads,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -617,6 +743,45 @@ def _run(
     seed: int,
     interleave: bool,
     compile_decode: bool = True,
+    export_decode: bool = False,
+    vllm_python: str | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="loramix-bench-") as tmp:
+        return _run_in(model_spec, dev, say, Path(tmp), batch_size=batch_size, seq_len=seq_len, steps=steps,
+                       warmup=warmup, routers=routers, include_official=include_official, dtype=dtype,
+                       decode_tokens=decode_tokens, prompt_len=prompt_len, num_experts=num_experts, top_k=top_k,
+                       r=r, alpha=alpha, dropout=dropout, seed=seed, interleave=interleave,
+                       compile_decode=compile_decode, export_decode=export_decode, vllm_python=vllm_python,
+                       threads=threads)
+
+
+def _run_in(
+    model_spec: Any,
+    dev: torch.device,
+    say: Callable[[str], Any],
+    tmp: Path,
+    *,
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    routers: Sequence[str],
+    include_official: bool,
+    dtype: str | torch.dtype,
+    decode_tokens: int,
+    prompt_len: int,
+    num_experts: int,
+    top_k: int,
+    r: int,
+    alpha: float,
+    dropout: float,
+    seed: int,
+    interleave: bool,
+    compile_decode: bool,
+    export_decode: bool,
+    vllm_python: str | None,
+    threads: int | None,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     malloc_tuned = tune_malloc()  # before any variant, so every one of them runs with the same allocator
@@ -656,6 +821,18 @@ def _run(
             )
         else:
             skipped["official_mixlora"] = reason
+    exported: dict[str, Any] = {}
+    if export_decode:
+        for router in routers:
+            name = f"exported_{router}"
+            directory = tmp / name
+            reason = export_for_bench(base, directory, seed=seed, router=router, num_experts=num_experts,
+                                      top_k=top_k, r=r, alpha=alpha, dropout=dropout)
+            if isinstance(reason, str):
+                skipped[name] = reason
+                continue
+            exported[name] = {"dir": directory, **reason}
+            builders[name] = lambda m, d=directory: (load_exported(d, dev), [])
     runners: dict[str, VariantRunner] = {}
     variants: dict[str, dict[str, Any]] = {}
     for name, build in builders.items():  # 1) build + warm up each variant; its memory is measured here
@@ -674,6 +851,7 @@ def _run(
                 params,
                 merge=mergers.get(name),
                 compile_decode=compilers.get(name),
+                train=name not in exported,
                 **common,
             )
             for _ in range(max(warmup, 1)):  # the first training step allocates grads + optimizer state
@@ -696,6 +874,12 @@ def _run(
         variants = {name: r.figures() for name, r in runners.items()}
         for name, f in variants.items():
             say(f"[bench] {name}: " + _one_line(f))
+    runners.clear()  # the vLLM process below needs the memory
+    _release_memory(dev)
+    if exported:
+        variants.update(_vllm_rows(base, exported, tmp, vllm_python, skipped, say, steps=steps, warmup=warmup,
+                                   decode_tokens=decode_tokens, prompt_len=prompt_len, vocab=vocab, common=common,
+                                   threads=threads))
     result = {
         "config": {
             "batch_size": batch_size,
@@ -713,6 +897,7 @@ def _run(
             "dtype": str(dtype),
             "interleaved": interleave,
             "compile_decode": compile_decode,
+            "export_decode": export_decode,
             "model": getattr(base.config, "_name_or_path", None) or type(base).__name__,
         },
         "machine": {**machine_info(dev), "malloc_tuned": malloc_tuned, ENV_SWITCH: os.environ.get(ENV_SWITCH)},
@@ -720,6 +905,7 @@ def _run(
         "base_weights_mb": sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20,
         "variants": variants,
         "skipped": skipped,
+        "exported": {name: {k: v for k, v in e.items() if k != "dir"} for name, e in exported.items()},
     }
     result["ratios"], result["targets"] = _ratios(variants)
     del base, runners
@@ -773,13 +959,15 @@ def _ratios(variants: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, fl
     def div(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b not in (None, 0) else None
 
+    vllm_base = variants.get("vllm_base")
     for name, f in variants.items():
+        ref = vllm_base if name.startswith("vllm_") else base  # each engine against its own base model
         ratios[name] = {
             "step_vs_lora": div(f.get("train_step_s"), lora and lora.get("train_step_s")),
             "step_vs_official": div(f.get("train_step_s"), official and official.get("train_step_s")),
             "tokens_per_s_vs_lora": div(f.get("train_tokens_per_s"), lora and lora.get("train_tokens_per_s")),
             "memory_vs_lora": div(f.get("peak_memory_mb"), lora and lora.get("peak_memory_mb")),
-            "decode_vs_base": div(f.get("decode_tokens_per_s"), base and base.get("decode_tokens_per_s")),
+            "decode_vs_base": div(f.get("decode_tokens_per_s"), ref and ref.get("decode_tokens_per_s")),
             "decode_merged_vs_base": div(
                 f.get("decode_merged_tokens_per_s"), base and base.get("decode_tokens_per_s")
             ),
@@ -843,10 +1031,10 @@ def format_table(result: dict[str, Any]) -> str:
             fmt(f["train_tokens_per_s"], "{:.0f}"),
             fmt(rt["step_vs_lora"], "{:.2f}x"),
             fmt(rt.get("step_vs_official"), "{:.2f}x"),
-            f"{f['peak_memory_mb']:.0f}",
+            fmt(f["peak_memory_mb"], "{:.0f}"),
             fmt(rt["memory_vs_lora"], "{:.2f}x"),
-            f"{f['infer_step_s'] * 1000:.0f}",
-            f"{f['decode_tokens_per_s']:.1f}",
+            fmt(f["infer_step_s"] and f["infer_step_s"] * 1000, "{:.0f}"),
+            fmt(f["decode_tokens_per_s"], "{:.1f}"),
             fmt(rt["decode_vs_base"], "{:.2f}x"),
             fmt(rt.get("decode_merged_vs_base"), "{:.2f}x"),
             fmt(rt.get("decode_compiled_vs_base"), "{:.2f}x"),

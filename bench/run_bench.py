@@ -4,6 +4,12 @@ Example, from the repository root (the default SmolLM2-135M-Instruct on CPU, bat
 
     python -m bench.run_bench --batch-size 4 --seq-len 128 --steps 5 --warmup 2 --threads 1 --json bench.json
 
+Add ``--export-decode`` for the decoding speed of the exported checkpoint (``loramix export``) with
+transformers and vLLM beside loramix's own, as ratios to the base model of the same run::
+
+    python -m bench.run_bench --routers topk --no-official --steps 5 --warmup 2 --threads 1 --export-decode \
+        --vllm-python /path/to/vllm-venv/bin/python --json bench_export.json
+
 Add ``--profile`` to also print a torch.profiler breakdown of one MixLoRA training step.
 """
 
@@ -55,6 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the merged+compiled decoding figure (loramix.compiled.compile_decoding)",
     )
     p.add_argument(
+        "--export-decode",
+        action="store_true",
+        help="also export each MixLoRA variant (loramix export) and time its decoding with transformers and, "
+        "when vLLM is found, with vLLM (rows exported_<router>, vllm_base, vllm_exported_<router>)",
+    )
+    p.add_argument(
+        "--vllm-python",
+        default=None,
+        help="python of a virtualenv with vLLM for --export-decode (default: $LORAMIX_VLLM_PYTHON, else this "
+        "python when it imports vllm)",
+    )
+    p.add_argument(
         "--no-tune-malloc",
         action="store_true",
         help="leave glibc malloc at its defaults (same as LORAMIX_TUNE_MALLOC=0; see loramix.allocator)",
@@ -89,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         interleave=not args.sequential,
         compile_decode=not args.no_compile,
+        export_decode=args.export_decode,
+        vllm_python=args.vllm_python,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(format_table(result))
@@ -120,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                 else ""
             )
         )
+    for name, ratio in result["ratios"].items():
+        if name.startswith(("exported_", "vllm_exported_")) and ratio["decode_vs_base"] is not None:
+            engine = "vLLM, vs vllm_base" if name.startswith("vllm_") else "transformers, vs base"
+            print(f"{name}: decode {ratio['decode_vs_base']:.2f}x base ({engine})")
+    for name, reason in result["skipped"].items():
+        if name.startswith(("exported_", "vllm")):
+            print(f"{name}: skipped: {reason}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

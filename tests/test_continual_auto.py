@@ -173,3 +173,42 @@ def test_file_stream_scores_each_task_by_its_kind(file_run):
     report = format_report(summary)
     assert "score: mixed" in report and "lower is better" in report
     assert "| continual | loss |" in report and "| sequential | acc |" in report
+
+
+def test_hub_entries_go_through_datasets_load_dataset(monkeypatch, tmp_path):
+    """``owner/name@split`` and ``hf:name`` entries are hub data sets, loaded by datasets.load_dataset."""
+    import datasets
+
+    from loramix.continual import load_tasks
+
+    calls = []
+
+    def fake_load(name, subset=None, split=None, cache_dir=None):
+        calls.append((name, split))
+        return datasets.Dataset.from_list([{"prompt": f"{name} q{i}", "response": f"a{i}"} for i in range(20)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    tasks = load_tasks("someone/tickets@validation,hf:mbpp", test_per_task=4, train_per_task=8)
+    assert calls == [("someone/tickets", "validation"), ("mbpp", "train")]
+    assert [t.name for t in tasks] == ["tickets@validation", "mbpp"] and len(tasks[0].train) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not all((__import__("pathlib").Path(__import__("os").environ.get("LORAMIX_DATA_DIR") or "/none")
+                             / "llm_adapters_commonsense" / t / "test.json").is_file()
+                            for t in ("social_i_qa", "piqa")), reason="needs LLM-Adapters data in $LORAMIX_DATA_DIR")
+def test_default_detection_on_social_i_qa_sst2_piqa():
+    """The stream social_i_qa -> sst2 -> piqa, 48 training examples per task, default model and detection
+    options: one expert per task, each created within 2 * window of its task's start."""
+    from loramix.continual import HiddenStateEmbedder, build_stream, load_tasks
+    from loramix.models import load_base_model
+
+    cfg = ContinualConfig(tasks="social_i_qa,sst2,piqa", train_per_task=48, test_per_task=10)
+    tasks = load_tasks(cfg.tasks, train_per_task=48, test_per_task=10, seed=cfg.seed)
+    model, tok = load_base_model(None)
+    stream = build_stream(tok, tasks, max_length=cfg.max_length)
+    emb = HiddenStateEmbedder(model, tok, batch_size=8, max_length=cfg.max_length)([e.prompt for e in stream.examples])
+    det = NoveltyDetector(cfg.threshold, cfg.window, shift=cfg.shift)
+    created = run_detector(det, list(emb))
+    result = boundary_detection(created, stream.boundaries, cfg.tolerance)
+    assert result["precision"] == 1.0 and result["recall"] == 1.0, created

@@ -311,7 +311,7 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
     # 1. tasks (checked before the model loads), their scores, and the model
     tasks: list[Task] = load_tasks(cfg.tasks, cfg.data_dir, train_per_task=cfg.train_per_task,
                                    test_per_task=cfg.test_per_task, seed=cfg.seed, test_data=cfg.test_data,
-                                   min_train=cfg.window)
+                                   min_train=2 * cfg.window)
     names = [t.name for t in tasks]
     scores = [task_score(t.kind, cfg.metric) for t in tasks]
     higher = {k: SCORE_HIGHER_IS_BETTER[k] for k in scores}

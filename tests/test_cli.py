@@ -38,6 +38,8 @@ def test_flag_values_parse_by_type_and_leave_unset_flags_out():
                       "packing": True, "resume": True, "config": "c.yaml"}
     assert parse(["train", "--num-experts", "{0: 2}", "--resume", "runs/x/checkpoint-4"])[1] == {
         "num_experts": {0: 2}, "resume": "runs/x/checkpoint-4"}
+    assert parse(["train", "--val-size", "4"])[1] == {"val_size": 4}  # a row count stays an int
+    assert parse(["train", "--val-size", "0.1"])[1] == {"val_size": 0.1}
     fn, kwargs = parse(["skills", "route", "hello", "hi there", "--library-dir", "lib"])
     assert fn.__name__ == "skills_route" and kwargs == {"prompts": ["hello", "hi there"], "library_dir": "lib"}
 

@@ -81,6 +81,22 @@ def test_summary_text_names_the_saved_checkpoint_an_interruption_and_minutes(tmp
     assert "2.500 before training, 2.250 with the adapter (the adapter of checkpoint-30" in text
     assert "Interrupted: continue with --resume true" in text and "Data: 8 rows." in text
     assert f"Files in {tmp_path}/: adapter/ (" in text
+    small = summary_text({**s, "trainable_params": 41_216, "total_params": 500_000})  # a tiny model: no "0.0 M"
+    assert "(fp32; 41,216 of 500,000 parameters trainable)" in small.splitlines()[0]
+
+
+def test_cli_train_reports_the_final_validation_once(tmp_path, capsys):
+    """The progress output names each validation once (the final one is in the summary, not repeated)."""
+    from loramix.cli import main
+
+    model_dir = save_tiny_lm(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"say {i}", "response": f"ok {i}"}) for i in range(16)))
+    assert main(["train", "--model", model_dir, "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                 "--max-steps", "2", "--eval-steps", "2", "--val-size", "4", "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).replace("\r", "\n").splitlines()
+    assert sum("step 2: validation loss" in line for line in lines) == 1, lines
 
 
 def test_expert_shares_ignore_padding_columns_of_smaller_layers():

@@ -151,15 +151,36 @@ def test_nan_loss_stops_and_last_good_holds_the_last_finite_step(inputs, tmp_pat
     assert max(nan.weights) == 3  # no update after the NaN loss
     last_good = load_file(tmp_path / "run" / "last_good" / "adapter_model.safetensors")
     after_3, after_2 = nan.weights[3], nan.weights[2]
-    # balance_pending (assignments awaiting the next bias update) is not compared: the diverged forward has
-    # already counted its assignments before its loss was checked
     params = [n for n in after_3 if "lora_" in n and not n.endswith(("balance_bias", "balance_pending"))]
     assert params and last_good.keys() == after_3.keys()
     for name in [*params, *(n for n in after_3 if n.endswith("balance_bias"))]:
         assert torch.equal(last_good[name], after_3[name]), name
+    # the diverged forward counted its assignments before its loss was checked; last_good drops them
+    pending = [n for n in last_good if n.endswith("balance_pending")]
+    assert pending and all(not last_good[n].any() for n in pending)
     assert any(not torch.equal(after_3[n], after_2[n]) for n in params)  # step 3 did change the weights
     assert all(torch.isfinite(t).all() for t in last_good.values())
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+class NaNGradAtStep(NaNAtStep):
+    """Makes one adapter weight's gradient NaN during update number ``step``; the loss stays finite."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        Recorder.on_train_begin(self, args, state, control, model=model, **kwargs)
+        weight = next(p for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad)
+        weight.register_hook(lambda g: g * float("nan") if self.poison else g)
+
+
+def test_non_finite_gradients_of_a_finite_loss_stop_before_the_update(inputs, tmp_path) -> None:
+    nan = NaNGradAtStep(4)
+    with pytest.raises(TrainingDivergedError, match="gradient norm nan at step 4 is not finite"):
+        train(**_opts(inputs, tmp_path / "run", max_steps=6), callbacks=[nan])
+    assert max(nan.weights) == 3  # the NaN gradients were never applied
+    last_good = load_file(tmp_path / "run" / "last_good" / "adapter_model.safetensors")
+    params = [n for n in nan.weights[3] if "lora_" in n and not n.endswith(("balance_bias", "balance_pending"))]
+    assert params and all(torch.equal(last_good[n], nan.weights[3][n]) for n in params)
+    assert all(torch.isfinite(t).all() for t in last_good.values())
 
 
 # --- best-model reload ----------------------------------------------------------------------------------

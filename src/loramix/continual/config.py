@@ -32,7 +32,8 @@ class ContinualConfig:
     """Comma-separated test files / hub ids, one per task in --tasks order; an empty entry (or no
     --test-data) holds out test_per_task random rows of that task's data as its test set."""
     data_dir: str | None = None
-    """Data root (default: $LORAMIX_DATA_DIR)."""
+    """Data root of the built-in tasks, and where relative task / test files not found from the working
+    directory are looked up (default: $LORAMIX_DATA_DIR)."""
     output_dir: str = "runs/continual"
     train_per_task: int = 200
     """Training examples per task in the stream (random subset)."""

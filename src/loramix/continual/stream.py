@@ -229,6 +229,17 @@ def split_entries(names: str | Sequence[str] | None) -> list[str]:
     return [str(n).strip() for n in names]
 
 
+def _under(entry: str, data_dir: str | Path | None) -> str:
+    """A relative file entry found under ``data_dir`` (and not from the working directory) as that path."""
+    if not entry or data_dir is None or entry.startswith("hf:"):
+        return entry
+    p = Path(entry).expanduser()
+    if p.is_absolute() or p.exists():
+        return entry
+    candidate = Path(data_dir).expanduser() / p
+    return str(candidate) if candidate.exists() else entry
+
+
 def load_tasks(
     names: str | Sequence[str],
     data_dir: str | Path | None = None,
@@ -245,6 +256,8 @@ def load_tasks(
     ``n`` (default 3) synthetic tasks and needs no data), a local data file or directory, or a hub data set
     (``owner/name``, ``owner/name@split``, or ``hf:<name>`` for an id without an owner), read by
     :func:`loramix.continual.sources.load_file_task`. A bare name that is not a local path is a built-in task.
+    A relative file path is looked up from the working directory, then under ``data_dir``, then under
+    ``$LORAMIX_DATA_DIR``.
 
     ``test_data``: test files / hub ids aligned with ``names`` (an empty entry = hold out ``test_per_task``
     rows of that task's data; built-in tasks bring their own test sets). ``min_train``: training rows a
@@ -280,6 +293,7 @@ def load_tasks(
         elif name.startswith("synthetic"):
             raise StreamError(f"--tasks: {name!r} makes a whole synthetic stream and cannot be mixed with other tasks")
         else:
+            name, test = _under(name, data_dir), _under(test, data_dir)
             tasks.append(load_file_task(name, test or None, name=task_name(name), train_per_task=train_per_task,
                                         test_per_task=test_per_task, min_train=min_train, seed=seed,
                                         cache_dir=cache_dir))

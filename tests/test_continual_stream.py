@@ -86,6 +86,8 @@ def test_detect_kind():
     assert detect_kind(["instruction", "answer"], llm_adapters) == "mc"
     assert detect_kind(["text", "code", "test_list"], code_rows(1)[0]) == "tests"
     assert detect_kind(["prompt", "response"], qa_rows(1)[0]) == "text"
+    math_row = {"instruction": "How many tiles?", "input": "", "output": "24 * 24 = 576", "answer": "576"}
+    assert detect_kind(list(math_row), math_row) == "text"  # an answer field without candidates
 
 
 def test_task_names_from_paths_and_hub_ids(tmp_path):

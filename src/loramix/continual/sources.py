@@ -93,6 +93,14 @@ def _gold_index(value: Any, choices: list[str], *, source: str, row: int, field:
                       f"(an index 0-{len(choices) - 1}, a letter, or the choice's text)")
 
 
+def _candidates(instruction: str) -> list[str]:
+    """The ``Answer format: a/b/...`` candidates of an LLM-Adapters instruction ([] when it names none)."""
+    try:
+        return answer_candidates(instruction)
+    except ValueError:
+        return []
+
+
 def _choices_of(value: Any) -> list[str] | None:
     """A candidate list: a list of strings, or HF's ``{"text": [...], "label": [...]}`` (ARC's layout)."""
     if isinstance(value, dict) and isinstance(value.get("text"), list):
@@ -109,7 +117,7 @@ def detect_kind(columns: Sequence[str], first: dict[str, Any]) -> str:
         return "mc"
     instr, ans = _pick(columns, ("instruction",)), _pick(columns, ("answer",))
     if instr and ans and isinstance(first.get(instr), str):
-        labels = [c.lower() for c in answer_candidates(first[instr])]
+        labels = [c.lower() for c in _candidates(first[instr])]
         if labels and str(first.get(ans)).strip().lower() in labels:
             return "mc"
     if TEST_FIELD in columns and isinstance(first.get(TEST_FIELD), list):
@@ -130,7 +138,10 @@ def rows_to_examples(rows: Any, source: str, name: str, cfg: DataConfig) -> list
         question = _pick(columns, QUESTION_FIELDS)
         for i, rec in enumerate(rows, 1):
             if choice is None:  # LLM-Adapters style: the candidates are in the instruction
-                labels = answer_candidates(rec["instruction"])
+                labels = _candidates(str(rec.get("instruction") or ""))
+                if not labels:
+                    raise StreamError(f"{source}, row {i}: no 'Answer format: a/b/...' line in the instruction, "
+                                      "unlike row 1 (a multiple-choice data set needs it in every row)")
                 prompt = rec["instruction"]
                 if str(rec.get("input") or "").strip():
                     prompt = f"{prompt}\n\n{rec['input']}"

@@ -93,6 +93,8 @@ def test_detect_kind():
 def test_task_names_from_paths_and_hub_ids(tmp_path):
     p = write_jsonl(tmp_path / "month1.jsonl", qa_rows(2))
     assert task_name(p) == "month1"
+    (tmp_path / "gsm8k").mkdir()
+    assert task_name(write_jsonl(tmp_path / "gsm8k" / "test.jsonl", qa_rows(2))) == "gsm8k"
     assert task_name("google-research-datasets/mbpp@test") == "mbpp@test"
     assert task_name("owner/data") == "data"
 

@@ -62,10 +62,18 @@ def split_source(entry: str) -> tuple[str, str]:
     return entry, "train"
 
 
+GENERIC_STEMS = ("train", "test", "validation", "valid", "val", "dev", "data", "dataset")
+
+
 def task_name(entry: str) -> str:
-    """Short name of a stream entry: a file's stem, a hub id's last part (with a non-train split)."""
+    """Short name of a stream entry: a file's stem (its folder's name for a stem such as ``train`` or
+    ``test``), a hub id's last part (with a non-train split)."""
     name, split = split_source(entry)
-    stem = Path(name).stem if is_local(name) else name.rstrip("/").rsplit("/", 1)[-1]
+    if is_local(name):
+        path = Path(name)
+        stem = path.parent.name if path.stem.lower() in GENERIC_STEMS and path.parent.name else path.stem
+    else:
+        stem = name.rstrip("/").rsplit("/", 1)[-1]
     return stem if split == "train" else f"{stem}@{split}"
 
 

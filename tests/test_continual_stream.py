@@ -160,3 +160,13 @@ def test_relative_task_files_are_found_under_data_dir(tmp_path, monkeypatch):
     assert len(tasks[1].test) == 4 and tasks[1].test[0].prompt.startswith("t question")
     with pytest.raises(StreamError, match="not found"):
         load_tasks("streams/a.jsonl,streams/b.jsonl", test_per_task=4)
+
+
+def test_code_stream_config_resolves():
+    from pathlib import Path
+
+    from loramix.continual import resolve_config
+
+    cfg = resolve_config(Path(__file__).parents[1] / "configs" / "continual_code.yaml")
+    assert cfg.tasks.split(",") == ["code/codealpaca/code_alpaca_2k.json", "code/mbpp/mbpp.jsonl"]
+    assert cfg.threshold == "auto" and cfg.temperature == "auto" and cfg.metric == "auto"

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,62 @@ def test_vllm_http_server_serves_an_export(tmp_path):
                 "return_token_ids": True})
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["token_ids"] == want
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def llama_server() -> Path:
+    value = os.environ.get("LORAMIX_LLAMA_SERVER")
+    if not value or not Path(value).is_file():
+        pytest.skip("no llama-server binary: build llama.cpp (cmake --build <dir> --target llama-server) and set "
+                    "LORAMIX_LLAMA_SERVER to it")
+    return Path(value)
+
+
+def test_llama_server_greedy_tokens_equal_loramix(tmp_path):
+    """`llama-server -m model.gguf` on a converted export (SmolLM2 tokenizer, float32 GGUF) decodes greedily the
+    tokens the loramix model decodes."""
+    import httpx
+
+    from test_skills_serving import free_port
+
+    server, script_dir = llama_server(), llama_cpp_dir()
+    tokenizer = smollm2_tokenizer()
+    model = mixlora(len(tokenizer), hidden_size=64, intermediate_size=96, num_attention_heads=2,
+                    num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=256)
+    prompts = [[5, 17, 33, 2, 90], [640, 1, 12, 12, 12, 40, 9]]
+    expected = [greedy(model, p, 8) for p in prompts]
+    export_adapted(model, tmp_path / "hf", tokenizer)
+    env = {**os.environ, "PYTHONPATH": str(script_dir / "gguf-py")}
+    run = subprocess.run([sys.executable, str(script_dir / "convert_hf_to_gguf.py"), str(tmp_path / "hf"),
+                          "--outfile", str(tmp_path / "model.gguf"), "--outtype", "f32"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    port, log = free_port(), tmp_path / "server.log"
+    proc = subprocess.Popen([str(server), "-m", str(tmp_path / "model.gguf"), "--port", str(port), "--host",
+                             "127.0.0.1", "-c", "256", "-t", "1", "--no-warmup"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            if proc.poll() is not None:
+                pytest.fail(f"llama-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        for p, want in zip(prompts, expected, strict=True):
+            r = httpx.post(f"{url}/completion", timeout=300, json={
+                "prompt": p, "n_predict": 8, "temperature": 0, "top_k": 1, "ignore_eos": True,
+                "return_tokens": True, "cache_prompt": False})
+            assert r.status_code == 200, r.text
+            assert r.json()["tokens"] == want, (p, r.json())
     finally:
         proc.terminate()
         try:

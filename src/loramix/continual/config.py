@@ -24,7 +24,8 @@ class ContinualConfig:
     tasks: str = "sst2,boolq,ARC-Easy,openbookqa"
     """Comma-separated tasks in stream order (at least two). Each is a data file (.json, .jsonl, .csv, .tsv,
     .parquet or a directory, read as loramix train reads it: prompt/response, instruction/output, messages or
-    multiple-choice rows), a hub data set id (name or name@split), or a built-in task: sst2 and the
+    multiple-choice rows), a hub data set (owner/name, owner/name@split, or hf:<name> for an id without an
+    owner), or a built-in task (a bare name): sst2 and the
     LLM-Adapters commonsense sets (boolq, ARC-Easy, ARC-Challenge, openbookqa; piqa, winogrande, social_i_qa
     have only a test.json, split into disjoint train and test subsets) under data_dir; or synthetic /
     synthetic:<n> alone (no data needed)."""

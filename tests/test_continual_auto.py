@@ -212,3 +212,17 @@ def test_default_detection_on_social_i_qa_sst2_piqa():
     created = run_detector(det, list(emb))
     result = boundary_detection(created, stream.boundaries, cfg.tolerance)
     assert result["precision"] == 1.0 and result["recall"] == 1.0, created
+
+
+def test_file_stream_model_reloads_with_its_calibrated_temperature(file_run):
+    from loramix.continual import load_continual
+
+    summary, out = file_run
+    stages = json.loads((out / "accuracy_matrix.json").read_text())["continual"]["stages"]
+    final_temperature = stages[-1]["temperature"]
+    assert final_temperature != 0.05 and 0 < final_temperature < 0.5  # derived from the skills' spread
+    model, _ = byte_lm("llama")
+    bank, library, router = load_continual(model, out / "continual_model")
+    assert bank.num_experts == len(library) == 3
+    assert router.temperature == pytest.approx(final_temperature)
+    bank.detach()

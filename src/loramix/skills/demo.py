@@ -10,12 +10,15 @@ Three skills from the staged data under ``$LORAMIX_DATA_DIR``:
 Usage::
 
     python -m loramix.skills.demo prepare OUT_DIR                # writes <skill>_{train,test}.jsonl
+    python -m loramix.skills.demo instructions SKILL             # its seed phrasings, JSON
     python -m loramix.skills.demo evaluate LIBRARY OUT_DIR --json results.json [--routing-only]
 
 ``evaluate`` loads every skill of the library onto one base (``SkillBlend``) and reports
 
-* gate accuracy on held-out prompts (the test splits, never seen by the gate), with the training prompt
-  template and with paraphrased instructions the gate never saw;
+* gate accuracy on held-out prompts (the test splits, never seen by the gate), in the training prompt
+  template and reworded with the instructions of :mod:`loramix.skills.heldout` (written by hand, never used for
+  training), and on its free-form single-skill prompts;
+* on its mixed prompts (two skills asked for at once), the share where both get a weight of at least 0.25;
 * each skill's score through the blend (gate routing, ``top1`` and ``soft``) beside the same skill's adapter
   alone (one-hot weights, identical to loading that adapter by itself) and the frozen base (all-zero
   weights). Classification skills score the answer choices by log-likelihood (accuracy); the summary skill
@@ -37,22 +40,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .heldout import MIXED, MIXED_FREE, REWORDED, SINGLE_FREE
+
 SKILL_FILES = ("sentiment", "summary", "boolq")
 
 SENTIMENT_PROMPT = "Classify the sentiment of this movie review as positive or negative: {text}"
 SUMMARY_PROMPT = "Summarize this dialogue:\n{text}"
-# Instructions the gate never saw (rotated over the held-out items): does routing follow the task or the
-# exact wording of the training template?
-PARAPHRASES = {
-    "sentiment": ["Is the following movie review positive or negative?\n{text}",
-                  "What is the sentiment of this review: {text}",
-                  "Tell me whether this critic liked the film. \"{text}\""],
-    "summary": ["Give a one-sentence summary of this conversation:\n{text}",
-                "TL;DR of the chat below:\n{text}",
-                "What happened in this conversation? Be brief.\n{text}"],
-    "boolq": ["True or false: {text}?",
-              "Answer yes or no: {text}?",
-              "{text}? Reply with true or false."],
+# Seed phrasings of each skill's request, given to `skills add --instructions` (the gate is trained on these and on
+# the data's own template, in many layouts: loramix.skills.phrasings). Written without looking at the held-out
+# wordings of loramix.skills.heldout; tests/test_skills_demo.py checks that none of those appears here.
+SEED_INSTRUCTIONS = {
+    "sentiment": ["Is this review positive or negative?", "What is the sentiment of this text?",
+                  "Classify the sentiment", "Tell me whether the opinion here is positive or negative",
+                  "Label the emotional tone of this statement", "Does the author sound happy or unhappy?"],
+    "summary": ["Summarize this", "Write a short summary of the conversation", "Give a brief summary",
+                "Sum up the main points of this text", "Describe what happened in a few words",
+                "Summarize the dialogue in one sentence"],
+    "boolq": ["Answer true or false", "Is the following statement true or false?", "Yes or no question",
+              "Please answer with yes or no", "Is this true?", "Give a true/false answer to this question"],
 }
 _BOOLQ_Q = re.compile(r"question:\s*(.*?)\s*\n\s*\nAnswer format", re.S)
 
@@ -225,9 +230,23 @@ def summary_rouge(blend: Any, items: list[dict[str, Any]], weights: torch.Tensor
 # --------------------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------------------
-def _paraphrased(skill: str, items: list[dict[str, Any]]) -> list[str]:
-    templates = PARAPHRASES[skill]
+def reworded(skill: str, items: list[dict[str, Any]]) -> list[str]:
+    """The held-out reworded prompts of ``items`` (loramix.skills.heldout.REWORDED, rotated)."""
+    templates = REWORDED[skill]
     return [templates[i % len(templates)].format(text=it["raw"]) for i, it in enumerate(items)]
+
+
+def mixed_prompts(tests: dict[str, list[dict[str, Any]]], names: list[str], per_source: int = 24
+                  ) -> list[tuple[tuple[str, ...], str]]:
+    """``(skills asked for, prompt)``: the held-out MIXED instructions on the first ``per_source`` test items
+    of each source skill (instructions rotated), then MIXED_FREE; only prompts whose skills are all in ``names``."""
+    out = []
+    for src in names:
+        mine = [(asked, t) for asked, s, t in MIXED if s == src and all(a in names for a in asked)]
+        for i, it in enumerate(tests[src][:per_source] if mine else []):
+            asked, t = mine[i % len(mine)]
+            out.append((asked, t.format(text=it["raw"])))
+    return out + [(asked, p) for asked, p in MIXED_FREE if all(a in names for a in asked)]
 
 
 class EmbeddingCache:
@@ -276,7 +295,8 @@ def _per_item_choice(blend: Any, items: list[dict[str, Any]], w: torch.Tensor | 
 
 def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int = 200,
              score_limit: dict[str, int] | None = None, routing_only: bool = False, max_new_tokens: int = 64,
-             batch_size: int = 8, cache: str | None = None, log: Any = print) -> dict[str, Any]:
+             batch_size: int = 8, cache: str | None = None, mixed_per_source: int = 24,
+             score_prompts: str = "reworded", log: Any = print) -> dict[str, Any]:
     """Held-out gate accuracy and per-skill scores (base / own adapter / top-1 blend / soft blend).
 
     ``blend_top1`` applies one-hot weights; on the items the gate routes to their own skill those weights are
@@ -300,33 +320,63 @@ def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int =
     gate = _load_gate(lib)
     log(f"loaded {names} in {time.perf_counter() - t0:.1f}s")
     results: dict[str, Any] = {"library": str(library), "skills": names, "gate_history": gate.history,
-                               "routing": {}, "scores": {}}
-    weights: dict[str, torch.Tensor] = {}
+                               "embedder": lib.manifest["embedder"], "routing": {}, "scores": {},
+                               "score_prompts": score_prompts}
+    weights: dict[tuple[str, str], torch.Tensor] = {}
     tests = {n: _read_jsonl(Path(data_dir) / f"{n}_test.jsonl") for n in names}
-    for variant in ("template", "paraphrased"):
+    spec = lib.manifest["embedder"]
+
+    def route(prompts: list[str]) -> tuple[torch.Tensor, int, float]:
+        t = time.perf_counter()
+        emb, fresh = embed_cache.embed(spec, prompts, base=blend.model, tokenizer=blend.tokenizer)
+        return _gate_weights(gate, emb, names, None), fresh, round(time.perf_counter() - t, 1)
+
+    for variant in ("template", "reworded"):
         for k, name in enumerate(names):
             limit = route_limit if isinstance(route_limit, int) else route_limit.get(name, 200)
             items = tests[name][:limit]
-            prompts = [it["prompt"] for it in items] if variant == "template" else _paraphrased(name, items)
-            t = time.perf_counter()
-            emb, fresh = embed_cache.embed(lib.manifest["embedder"], prompts, base=blend.model,
-                                           tokenizer=blend.tokenizer)
-            w = _gate_weights(gate, emb, names, None)
-            if variant == "template":
-                weights[name] = w
+            prompts = [it["prompt"] for it in items] if variant == "template" else reworded(name, items)
+            w, fresh, secs = route(prompts)
+            weights[(variant, name)] = w
             top = w.argmax(-1)
             rec = {"n": len(prompts), "accuracy": float((top == k).float().mean()),
                    "mean_weight_own": float(w[:, k].mean()), "min_weight_own": float(w[:, k].min()),
                    "routed_to": {m: int((top == j).sum()) for j, m in enumerate(names)},
-                   "embedded_now": fresh, "seconds": round(time.perf_counter() - t, 1)}
+                   "embedded_now": fresh, "seconds": secs}
             results["routing"].setdefault(variant, {})[name] = rec
             log(f"routing [{variant}] {name}: {json.dumps(rec)}")
+    free = [(s, p) for s, p in SINGLE_FREE if s in names]
+    if free:
+        w, _, _ = route([p for _, p in free])
+        hits = [names[int(w[i].argmax())] == s for i, (s, _) in enumerate(free)]
+        results["routing"]["single_free"] = {"n": len(free), "accuracy": sum(hits) / len(free),
+                                             "misrouted": [p[:60] for (_, p), h in zip(free, hits, strict=True)
+                                                           if not h]}
+        log(f"routing [single_free]: {json.dumps(results['routing']['single_free'])}")
+    mixed = mixed_prompts(tests, names, mixed_per_source)
+    if mixed:
+        w, _, _ = route([p for _, p in mixed])
+        rows = []
+        for i, (asked, p) in enumerate(mixed):
+            ws = {n: round(float(w[i, j]), 4) for j, n in enumerate(names)}
+            rows.append({"asked": list(asked), "both_weighted": all(ws[a] >= 0.25 for a in asked),
+                         "weights": ws, "prompt": p[:100]})
+        by_pair: dict[str, list[bool]] = {}
+        for r in rows:
+            by_pair.setdefault("+".join(r["asked"]), []).append(r["both_weighted"])
+        results["routing"]["mixed"] = {
+            "n": len(rows), "both_weighted_share": sum(r["both_weighted"] for r in rows) / len(rows),
+            "by_pair": {k: {"n": len(v), "both_weighted_share": sum(v) / len(v)} for k, v in by_pair.items()},
+            "free": rows[len(rows) - sum(1 for a, _ in MIXED_FREE if all(x in names for x in a)):]}
+        log(f"routing [mixed]: {json.dumps({k: v for k, v in results['routing']['mixed'].items() if k != 'free'})}")
     if routing_only:
         return results
     for k, name in enumerate(names):
         n = score_limit.get(name, 100)
         items = tests[name][:n]
-        gw = weights[name][:n]
+        if score_prompts == "reworded":
+            items = [{**it, "prompt": p} for it, p in zip(items, reworded(name, items), strict=True)]
+        gw = weights[(score_prompts, name)][:n]
         if gw.shape[0] < len(items):
             raise SystemExit(f"{name}: score limit {n} exceeds the route limit {gw.shape[0]}")
         own = F.one_hot(torch.full((len(items),), k), len(names)).float()
@@ -376,11 +426,19 @@ def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int =
 def _markdown(results: dict[str, Any]) -> str:
     lines = ["| prompts | skill | n | gate accuracy | mean weight of the right skill | routed to |",
              "|---|---|---|---|---|---|"]
-    for variant, recs in results["routing"].items():
-        for name, r in recs.items():
+    for variant in ("template", "reworded"):
+        for name, r in results["routing"].get(variant, {}).items():
             routed = ", ".join(f"{m} {c}" for m, c in r["routed_to"].items())
             lines.append(f"| {variant} | {name} | {r['n']} | {100 * r['accuracy']:.1f}% | "
                          f"{r['mean_weight_own']:.3f} | {routed} |")
+    if "single_free" in results["routing"]:
+        r = results["routing"]["single_free"]
+        lines.append(f"| single, free-form | all | {r['n']} | {100 * r['accuracy']:.1f}% | | |")
+    if "mixed" in results["routing"]:
+        r = results["routing"]["mixed"]
+        lines += ["", "| mixed prompts | n | both requested skills weighted >= 0.25 |", "|---|---|---|",
+                  f"| all | {r['n']} | {100 * r['both_weighted_share']:.1f}% |"]
+        lines += [f"| {k} | {v['n']} | {100 * v['both_weighted_share']:.1f}% |" for k, v in r["by_pair"].items()]
     if results["scores"]:
         lines += ["", "| skill | metric | n | base | own adapter | blend top-1 | blend soft |",
                   "|---|---|---|---|---|---|---|"]
@@ -397,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("prepare", help="write the demo's train/test JSONL files")
     p.add_argument("out_dir")
     p.add_argument("--data-dir", default=None, help="default: $LORAMIX_DATA_DIR")
+    i = sub.add_parser("instructions", help="print a skill's seed phrasings as JSON (for skills add --instructions)")
+    i.add_argument("skill", choices=sorted(SEED_INSTRUCTIONS))
     e = sub.add_parser("evaluate", help="held-out routing accuracy and per-skill scores of a library")
     e.add_argument("library")
     e.add_argument("data", help="the directory written by `prepare`")
@@ -407,11 +467,18 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--score-limit", default="sentiment=120,boolq=120,summary=40",
                    help="items scored per skill, e.g. sentiment=200,summary=50")
     e.add_argument("--routing-only", action="store_true")
+    e.add_argument("--mixed-per-source", type=int, default=24,
+                   help="test items per source skill filled into the held-out mixed instructions")
+    e.add_argument("--score-prompts", choices=("template", "reworded"), default="reworded",
+                   help="which prompts of the held-out items the skill scores use")
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         print(json.dumps(prepare(args.out_dir, args.data_dir), indent=2))
+        return
+    if args.cmd == "instructions":
+        print(json.dumps(SEED_INSTRUCTIONS[args.skill]))
         return
     def per_skill(text: str) -> dict[str, int]:
         return {k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
@@ -420,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     res = evaluate(args.library, args.data, route_limit=per_skill(args.route_limit),
                    score_limit=per_skill(args.score_limit), cache=args.cache,
                    routing_only=args.routing_only, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                   mixed_per_source=args.mixed_per_source, score_prompts=args.score_prompts,
                    log=lambda s: print(s, flush=True))
     res["seconds"] = round(time.perf_counter() - t, 1)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ MANIFEST = "manifest.json"
 FORMAT = "loramix-skills"
 FORMAT_VERSION = 1
 PROMPTS_FILE = "gate_prompts.safetensors"
+TEXTS_FILE = "gate_texts.json"
+MIXED_PREFIX = "mixed:"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -226,11 +228,31 @@ class SkillLibrary:
     def adapter_path(self, name: str) -> Path:
         return self.root / self.entry(name).adapter_dir
 
-    def prompt_embeddings(self, name: str) -> torch.Tensor:
+    def _prompt_tensors(self, name: str) -> dict[str, torch.Tensor]:
         path = self.root / "skills" / name / PROMPTS_FILE
         if not path.is_file():
             raise SkillLibraryError(f"{path} is missing: the library is damaged")
-        return load_file(path)["embeddings"]
+        return load_file(path)
+
+    def prompt_embeddings(self, name: str) -> torch.Tensor:
+        """The skill's stored single-skill gate prompt embeddings."""
+        return self._prompt_tensors(name)["embeddings"]
+
+    def mixed_embeddings(self, name: str) -> list[tuple[torch.Tensor, tuple[str, str]]]:
+        """Composed prompts stored with skill ``name`` (asking for it and one earlier skill) and their skills."""
+        out = []
+        for key, t in sorted(self._prompt_tensors(name).items()):
+            if key.startswith(MIXED_PREFIX):
+                out.append((t, (key[len(MIXED_PREFIX):], name)))
+        return out
+
+    def gate_texts(self, name: str) -> dict[str, list[str]]:
+        """``{"instructions": [...], "contents": [...]}`` of a skill (empty lists for a skill stored without)."""
+        path = self.root / "skills" / name / TEXTS_FILE
+        if not path.is_file():
+            return {"instructions": [], "contents": []}
+        data = json.loads(path.read_text())
+        return {"instructions": list(data.get("instructions", [])), "contents": list(data.get("contents", []))}
 
     def verify(self, names: list[str] | None = None) -> dict[str, list[str]]:
         """``{skill: [problems]}``: files missing or whose SHA-256 differs from the manifest."""
@@ -270,5 +292,10 @@ class SkillLibrary:
         return self.root / gate["weights"], self.root / gate["config"]
 
 
-def save_prompt_embeddings(path: Path, embeddings: torch.Tensor) -> None:
-    save_tensors(path, {"embeddings": embeddings.detach().float().cpu().contiguous()}, metadata={"producer": FORMAT})
+def save_prompt_embeddings(path: Path, embeddings: torch.Tensor,
+                           mixed: dict[str, torch.Tensor] | None = None) -> None:
+    """``embeddings`` (single-skill prompts) and, per earlier skill, the composed prompts' embeddings."""
+    tensors = {"embeddings": embeddings.detach().float().cpu().contiguous()}
+    for other, t in (mixed or {}).items():
+        tensors[MIXED_PREFIX + other] = t.detach().float().cpu().contiguous()
+    save_tensors(path, tensors, metadata={"producer": FORMAT})

@@ -1,0 +1,43 @@
+"""loramix.embedding: mean pooling and the sentence encoder loaded from a local directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from helpers.tiny_tokenizer import tiny_tokenizer
+from loramix.embedding import SentenceEmbedder, mean_pool
+
+
+def test_mean_pool_averages_only_the_masked_positions():
+    hidden = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2)  # (B, L, H)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    torch.testing.assert_close(mean_pool(hidden, mask), torch.tensor([[1.0, 2.0], [6.0, 7.0]]))
+    assert torch.equal(mean_pool(hidden, torch.zeros(2, 3)), torch.zeros(2, 2))  # no real token: zeros
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    """A tiny BERT encoder and its tokenizer saved as a local encoder directory."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("encoder")
+    BertModel(BertConfig(vocab_size=128, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
+    tiny_tokenizer(chat_template=False).save_pretrained(path)
+    return path
+
+
+def test_local_encoder_gives_unit_rows_that_do_not_depend_on_the_batch(encoder_dir):
+    embed = SentenceEmbedder(str(encoder_dir), batch_size=2)
+    texts = ["hello world", "the cat sat on the mat and it was good", "hello world"]
+    out = embed(texts)
+    assert out.shape == (3, 16) and out.dtype == torch.float32
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out[0], out[2])  # padding in another batch does not change a text's embedding
+    torch.testing.assert_close(embed(["hello world"])[0], out[0], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_local_encoder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sentence encoder directory .*nowhere does not exist"):
+        SentenceEmbedder(str(tmp_path / "nowhere"))

@@ -416,3 +416,20 @@ def test_mixture_under_autocast_matches_reference_and_trains(arch, dtype):
     assert all(p.dtype == torch.float32 for p in bank.trainable_parameters())
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+def test_flush_trains_a_long_queue_in_mini_batches(stream_setup):
+    """With a training lag the queue holds more than a batch; flushing it (before an evaluation, or when a
+    new expert is created) trains it batch by batch, never as one oversized batch."""
+    model, tok, tasks = stream_setup
+    stream = build_stream(tok, tasks)
+    learner = make_learner(model, tok, train_lag=20)
+    sizes = []
+    original = learner._train
+    learner._train = lambda items: (sizes.append(len(items)), original(items))[1]
+    learner.observe(stream.examples[:24])
+    queued = len(learner.queue)
+    assert queued > learner.batch_size
+    learner.flush()
+    assert not learner.queue and sizes and max(sizes) <= learner.batch_size and sum(sizes) >= queued
+    learner.bank.detach()

@@ -227,3 +227,12 @@ def test_cli_continual_command_offers_every_config_field(capsys):
     for f in dataclasses.fields(ContinualConfig):
         assert "--" + f.name.replace("_", "-") in text
     assert "Examples whose mean is tested" in text  # field docs become the help
+
+
+def test_dense_weights_drop_negligible_experts():
+    sims = torch.tensor([[0.9, 0.1, 0.85], [0.5, 0.5, 0.5]])
+    w = route_weights(sims, "dense", temperature=0.05)
+    assert w[0, 1] == 0.0 and w[0, 0] > w[0, 2] > 0  # e^-16 of the top weight: dropped, row renormalised
+    assert torch.allclose(w.sum(-1), torch.ones(2)) and torch.allclose(w[1], torch.full((3,), 1 / 3))
+    full = route_weights(sims, "dense", temperature=0.05, min_weight=0.0)
+    assert full[0, 1] > 0 and torch.allclose(full, torch.softmax(sims / 0.05, dim=-1))

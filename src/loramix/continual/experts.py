@@ -92,7 +92,9 @@ class GrowableFFN(FrozenFFN):
         x = hidden_states.reshape(-1, shape[-1])  # (T, H)
         dtype = compute_dtype(x)  # the autocast dtype under torch.autocast, else x's
         tok_w = self._token_weights(shape, w.to(x.device))  # (T, E) float32
-        base_share = (1.0 - tok_w.sum(-1)).clamp(min=0.0)  # (T,)
+        base_share = 1.0 - tok_w.sum(-1)  # (T,)
+        # weights that sum to 1 up to rounding leave no base share (else the base FFN would run for nothing)
+        base_share = torch.where(base_share > 1e-6, base_share, torch.zeros_like(base_share))
         up, gate = self.frozen_projections(x, dtype)  # (T, I) each, frozen projections once per token
         xd = self.expert_dropout(x).to(dtype)
         mixed = torch.zeros_like(up)  # (T, I) weighted sum of activations

@@ -153,10 +153,11 @@ class ContinualLearner:
         return decisions
 
     def flush(self) -> None:
-        """Train the assigned examples still queued (a partial batch), e.g. before an evaluation."""
-        if self.queue:
-            self._train(self.queue)
-            self.queue = []
+        """Train the assigned examples still queued, in queue order and mini-batches of at most
+        ``batch_size`` (with a training lag the queue can hold several batches), e.g. before an evaluation."""
+        while self.queue:
+            batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
+            self._train(batch)
 
     def routing_weights(self, embeddings: torch.Tensor, mode: str | None = None) -> torch.Tensor | None:
         """Expert weights ``(N, E)`` for ``(N, D)`` embeddings (None before the first expert exists)."""

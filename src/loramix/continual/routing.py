@@ -16,10 +16,13 @@ import torch
 ROUTING_POLICIES = ("hybrid", "dense", "sparse")
 
 
-def route_weights(sims: torch.Tensor, mode: str, *, temperature: float = 0.05, top_k: int = 1) -> torch.Tensor:
+def route_weights(sims: torch.Tensor, mode: str, *, temperature: float = 0.05, top_k: int = 1,
+                  min_weight: float = 1e-3) -> torch.Tensor:
     """Mixing weights ``(N, K)`` from prototype similarities ``(N, K)``; every row sums to one.
 
-    ``dense``: ``softmax(sims / temperature)``. ``sparse``: the ``top_k`` most similar skills only,
+    ``dense``: ``softmax(sims / temperature)``, weights below ``min_weight`` set to 0 and the row
+    renormalised (an expert with a negligible share is not run: it would cost its activations' memory and
+    time for less than ``min_weight`` of the output). ``sparse``: the ``top_k`` most similar skills only,
     softmax-weighted among themselves (``top_k=1``: one-hot on the argmax).
     """
     if sims.dim() != 2:
@@ -30,7 +33,11 @@ def route_weights(sims: torch.Tensor, mode: str, *, temperature: float = 0.05, t
     if sims.shape[1] == 0:
         return sims
     if mode == "dense":
-        return (sims / temperature).softmax(dim=-1)
+        w = (sims / temperature).softmax(dim=-1)
+        if min_weight > 0:  # the largest weight is >= 1/K, so no row becomes empty when min_weight <= 1/K
+            w = torch.where(w >= min(min_weight, 1.0 / sims.shape[1]), w, torch.zeros_like(w))
+            w = w / w.sum(dim=-1, keepdim=True)
+        return w
     if mode != "sparse":
         raise ValueError(f"mode must be 'dense' or 'sparse', got {mode!r}")
     k = min(max(int(top_k), 1), sims.shape[1])

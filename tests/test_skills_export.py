@@ -165,6 +165,15 @@ def test_router_chooses_what_skills_route_chooses(lib, exported):
         assert r.model == (None if r.skill == "translate" else r.skill)
 
 
+def test_route_headers():
+    from loramix.skills.serve import Route
+
+    same = Route("a", "a", {"a": 0.75, "b": 0.25}, True, "", {"a": 0.75, "b": 0.25}).headers()
+    assert json.loads(same["X-Loramix-Weights"]) == {"a": 0.75, "b": 0.25} and "X-Loramix-Scores" not in same
+    multi = Route("a", None, {"a": 0.6, "b": 0.4}, False, "", {"a": 0.9, "b": 0.6}).headers()
+    assert json.loads(multi["X-Loramix-Scores"]) == {"a": 0.9, "b": 0.6} and multi["X-Loramix-Confident"] == "false"
+
+
 def test_prompt_from_messages():
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first"},
             {"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "text", "text": "a"},

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from ..checkpoint import save_tensors
+from ..checkpoint import apply_umask_modes, save_tensors
 from .library import MANIFEST, SkillLibrary, SkillLibraryError, base_fingerprint
 
 EXPORT_MANIFEST = "loramix_skills_export.json"
@@ -228,7 +228,7 @@ def skills_export(
             "check": checks or None,
         }
         (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _usual_modes(staging)
+        apply_umask_modes(staging)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(staging, out)
@@ -269,14 +269,6 @@ def _copy_router(lib: SkillLibrary, dest: Path) -> None:
     shutil.copytree(gate_dir, dest / gate_dir.relative_to(lib.root))
     if not (dest / config.relative_to(lib.root)).is_file():
         shutil.copy2(config, dest / config.relative_to(lib.root))
-
-
-def _usual_modes(directory: Path) -> None:
-    """The modes a plain mkdir / open gives under the current umask (mkdtemp makes the directory 0700)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in [directory, *directory.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def read_export(export_dir: str | os.PathLike[str]) -> dict[str, Any]:

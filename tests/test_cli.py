@@ -300,3 +300,21 @@ def test_configuration_page_matches_the_config_dataclasses():
     assert "| `num_experts` |" in text and "| `learning_rate` |" in text and "Experts per token" in text
     assert (ROOT / "docs" / "configuration.md").read_text() == text, (
         "docs/configuration.md is out of date: python -m loramix.cli.reference docs/configuration.md")
+
+
+def test_bench_passes_the_export_decode_options_to_the_harness(monkeypatch, capsys):
+    """``loramix bench --export-decode --vllm-python P --threads 1`` reaches run_benchmark unchanged."""
+    import types
+
+    from loramix.cli import commands
+
+    seen = {}
+    fake = types.SimpleNamespace(run_benchmark=lambda model, **kw: seen.update(kw, model=model) or {"rows": []},
+                                 format_table=lambda result: "table")
+    monkeypatch.setattr(commands, "bench_harness", lambda: fake)
+    assert main(["bench", "--export-decode", "--vllm-python", "/v/bin/python", "--threads", "1",
+                 "--routers", "[topk]", "--no-include-official"]) == 0
+    assert seen["export_decode"] is True and seen["vllm_python"] == "/v/bin/python" and seen["threads"] == 1
+    assert seen["routers"] == ["topk"] and seen["include_official"] is False and seen["model"] is None
+    assert capsys.readouterr().out.strip() == "table"
+    assert main(["bench", "--threads", "0"]) == 2 and "threads" in capsys.readouterr().err

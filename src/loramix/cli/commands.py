@@ -260,6 +260,9 @@ def bench_command(
     json_path: str | None = None,
     warmup: int = 3,
     compile_decode: bool = True,
+    export_decode: bool = False,
+    vllm_python: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Training step time, tokens/s, peak memory, decode tokens/s and trainable parameters of base, PEFT LoRA,
     MixLoRA (each router) and the official mixlora package, measured in one run, as ratios to PEFT LoRA.
@@ -276,14 +279,21 @@ def bench_command(
         warmup: untimed steps per variant first (the first steps of a MixLoRA run page-fault in its
             memory and are slower than the rest).
         compile_decode: also time decoding with the attention LoRA merged and the decoding path compiled.
+        export_decode: also export each MixLoRA variant (loramix export) and time the exported checkpoint's
+            decoding with transformers and, when a vLLM interpreter is found, with vLLM.
+        vllm_python: the python of a virtualenv with vLLM for the export_decode rows (default:
+            $LORAMIX_VLLM_PYTHON).
+        threads: torch CPU threads for the run (default: unchanged); 1 on a CPU other processes keep busy.
     """
     harness = bench_harness()
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("steps", steps)):
         check_int(name, value, 1)
     check_int("warmup", warmup, 0)
+    check_int("threads", threads, 1, optional=True)
     kwargs: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq_len, "steps": steps,
                               "include_official": include_official, "device": device, "warmup": warmup,
-                              "compile_decode": compile_decode}
+                              "compile_decode": compile_decode, "export_decode": export_decode,
+                              "vllm_python": vllm_python, "threads": threads}
     if routers:
         kwargs["routers"] = [routers] if isinstance(routers, str) else list(routers)
     result = harness.run_benchmark(model, **kwargs)

@@ -13,7 +13,16 @@ from loramix.evaluation import encode_pair, loglikelihoods
 from loramix.generation import render_chat
 from loramix.models import load_base_model
 from loramix.skills import SkillBlend, SkillLibrary, skills_add
-from loramix.skills.demo import EmbeddingCache, boolq_question, choice_logliks, evaluate, prepare, rouge_l
+from loramix.skills.demo import (
+    GATE_VARIANTS,
+    EmbeddingCache,
+    boolq_question,
+    choice_logliks,
+    compare_gates,
+    evaluate,
+    prepare,
+    rouge_l,
+)
 from loramix.skills.gate import embed_prompts
 from loramix.skills.heldout import MIXED_FREE
 
@@ -137,3 +146,17 @@ def test_evaluate_reports_routing_and_scores(demo):
         if rec["blend_top1_rerun_items"] == 0:  # every item routed to its own skill: top-1 is the adapter alone
             assert rec["blend_top1"] == rec["own_adapter"]
     assert rec["metric"] == "rouge_l_f1" and len(rec["examples"]) == 3
+
+
+def test_compare_gates_reports_every_variant(demo, tmp_path):
+    cache = tmp_path / "emb.safetensors"
+    res = compare_gates(str(demo["dir"] / "data"), small=True, cache=str(cache), log=lambda s: None)
+    assert list(res["variants"]) == [name for name, _, _ in GATE_VARIANTS] and cache.is_file()
+    for rec in res["variants"].values():
+        assert set(rec) == {"2_skills", "3_skills"}
+        three = rec["3_skills"]
+        for key in ("heldrew/sentiment", "heldrew/summary", "heldrew/boolq", "free", "mixed_both_ge_0.25"):
+            assert 0 <= three[key] <= 1, key
+        assert three["mixed_n"] > rec["2_skills"]["mixed_n"] > 0
+    again = compare_gates(str(demo["dir"] / "data"), small=True, cache=str(cache), log=lambda s: None)
+    assert again["variants"] == res["variants"]  # the cached embeddings give the same figures

@@ -296,7 +296,8 @@ def _per_item_choice(blend: Any, items: list[dict[str, Any]], w: torch.Tensor | 
 def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int = 200,
              score_limit: dict[str, int] | None = None, routing_only: bool = False, max_new_tokens: int = 64,
              batch_size: int = 8, cache: str | None = None, mixed_per_source: int = 24,
-             score_prompts: str = "reworded", log: Any = print) -> dict[str, Any]:
+             score_prompts: str = "reworded", gate_temperature: float | None = None,
+             log: Any = print) -> dict[str, Any]:
     """Held-out gate accuracy and per-skill scores (base / own adapter / top-1 blend / soft blend).
 
     ``blend_top1`` applies one-hot weights; on the items the gate routes to their own skill those weights are
@@ -329,7 +330,7 @@ def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int =
     def route(prompts: list[str]) -> tuple[torch.Tensor, int, float]:
         t = time.perf_counter()
         emb, fresh = embed_cache.embed(spec, prompts, base=blend.model, tokenizer=blend.tokenizer)
-        return _gate_weights(gate, emb, names, None), fresh, round(time.perf_counter() - t, 1)
+        return _gate_weights(gate, emb, names, gate_temperature), fresh, round(time.perf_counter() - t, 1)
 
     for variant in ("template", "reworded"):
         for k, name in enumerate(names):
@@ -423,6 +424,125 @@ def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int =
     return results
 
 
+# --------------------------------------------------------------------------------------------------
+# representation and gate comparison (no adapters needed)
+# --------------------------------------------------------------------------------------------------
+GATE_VARIANTS: list[tuple[str, dict[str, Any], bool]] = [
+    # (name, GateConfig options, trained on generated + composed prompts too)
+    ("softmax, data prompts only, frozen, wd 1e-4", {"objective": "softmax", "update": "frozen",
+                                                     "weight_decay": 1e-4}, False),
+    ("softmax, + generated + composed, joint, wd 1e-2", {"objective": "softmax"}, True),
+    ("sigmoid, data prompts only, joint, wd 1e-2", {}, False),
+    ("sigmoid, + generated + composed, frozen, wd 1e-2", {"update": "frozen"}, True),
+    ("sigmoid, + generated + composed, joint, wd 1e-4", {"weight_decay": 1e-4}, True),
+    ("sigmoid, + generated + composed, joint, wd 1e-2 (default)", {}, True),
+]
+
+
+def compare_gates(data_dir: str, *, embedder: str = "minilm", small: bool = False, cache: str | None = None,
+                  log: Any = print) -> dict[str, Any]:
+    """Gate variants (``GATE_VARIANTS``) on one prompt representation, added skill by skill (sentiment, summary,
+    boolq) as ``skills_add`` does, without training adapters: held-out top-1 and mixed-prompt weights.
+
+    Gate prompts per skill: ``nt`` of the first 2,000 training prompts (seeded sample) and ``nv`` generated ones
+    (the data's instruction + ``SEED_INSTRUCTIONS``), ``nm`` composed prompts per pair; held-out: the first
+    test items reworded and in the template, the held-out mixed prompts (``mixed_per_source`` items per
+    source) and the free-form ones. ``small`` uses fewer prompts (for the slower ``base`` embedder).
+    """
+    import random
+
+    from safetensors.torch import load_file, save_file
+
+    from . import heldout
+    from .gate import Gate, GateConfig, embed_prompts, embedder_spec, train_gate
+    from .phrasings import compose, split_template, template_instruction, vary
+
+    d = Path(data_dir)
+    nt, nv, nm = (60, 120, 60) if small else (150, 300, 150)
+    lim = {"sentiment": 60, "summary": 30, "boolq": 60} if small else {"sentiment": 100, "summary": 40, "boolq": 100}
+    per_source = 24 if small else 48
+    skills = ["sentiment", "summary", "boolq"]
+    train = {s: _read_jsonl(d / f"{s}_train.jsonl")[:2000] for s in skills}
+    test = {s: _read_jsonl(d / f"{s}_test.jsonl") for s in skills}
+    instr, contents = {}, {}
+    for s in skills:
+        pre, suf, cont = split_template([r["prompt"] for r in train[s]])
+        instr[s] = [template_instruction(pre, suf)] + SEED_INSTRUCTIONS[s]
+        contents[s] = cont
+    rng = random.Random(0)
+    prompts: dict[str, list[str]] = {}
+    for s in skills:
+        prompts[f"tmpl/{s}"] = rng.sample([r["prompt"] for r in train[s]], min(nt, len(train[s])))
+        prompts[f"var/{s}"] = vary(instr[s], contents[s], nv, seed=1)
+    for a, b in [("sentiment", "summary"), ("sentiment", "boolq"), ("summary", "boolq")]:
+        prompts[f"mix/{a}+{b}"] = compose(instr[a], instr[b], contents[a][:300] + contents[b][:300], nm, seed=2)
+    for s in skills:
+        items = test[s][: lim[s]]
+        prompts[f"heldtmpl/{s}"] = [it["prompt"] for it in items]
+        prompts[f"heldrew/{s}"] = reworded(s, items)
+    per_src: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+    for asked, src, t in heldout.MIXED:
+        per_src.setdefault(src, []).append((asked, t))
+    held_mixed = []
+    for src, ts in per_src.items():
+        for i, it in enumerate(test[src][:per_source]):
+            asked, t = ts[i % len(ts)]
+            held_mixed.append((asked, t.format(text=it["raw"])))
+    held_mixed += list(heldout.MIXED_FREE)
+    prompts["heldmix"] = [p for _, p in held_mixed]
+    prompts["heldfree"] = [p for _, p in heldout.SINGLE_FREE]
+
+    emb: dict[str, torch.Tensor] = load_file(cache) if cache and Path(cache).is_file() else {}
+    spec = embedder_spec(embedder)
+    base = tok = None
+    for k, v in prompts.items():
+        if k in emb:
+            continue
+        if spec["kind"] == "base" and base is None:
+            from ..models import load_base_model
+
+            base, tok = load_base_model(None, device="cpu")
+        emb[k] = embed_prompts(spec, v, base=base, tokenizer=tok)
+        log(f"embedded {k} ({len(v)})")
+        if cache:
+            save_file(emb, cache)
+
+    def run(cfg: GateConfig, varied: bool) -> dict[str, Any]:
+        gate = Gate(emb["heldfree"].shape[1], [], cfg)
+        out = {}
+        mixed = [(emb[k], tuple(k[4:].split("+"))) for k in sorted(emb) if k.startswith("mix/")] if varied else []
+        for n, s in enumerate(skills, 1):
+            gate.add_skill(s)
+            single = {x: torch.cat([emb[f"tmpl/{x}"]] + ([emb[f"var/{x}"]] if varied else [])) for x in gate.skills}
+            train_gate(gate, single, s, mixed)
+            if n < 2:
+                continue
+            r: dict[str, Any] = {}
+            for x in gate.skills:
+                for v in ("heldtmpl", "heldrew"):
+                    w = gate.weights(emb[f"{v}/{x}"])
+                    r[f"{v}/{x}"] = round(float((w.argmax(-1) == gate.skills.index(x)).float().mean()), 3)
+            w = gate.weights(emb["heldfree"])
+            ok = [gate.skills[int(w[i].argmax())] == s_ for i, (s_, _) in enumerate(heldout.SINGLE_FREE)
+                  if s_ in gate.skills]
+            r["free"] = round(sum(ok) / len(ok), 3)
+            w = gate.weights(emb["heldmix"])
+            both = [all(float(w[i, gate.skills.index(a)]) >= 0.25 for a in asked)
+                    for i, (asked, _) in enumerate(held_mixed) if all(a in gate.skills for a in asked)]
+            r["mixed_both_ge_0.25"] = round(sum(both) / len(both), 3)
+            r["mixed_n"] = len(both)
+            out[f"{n}_skills"] = r
+        return out
+
+    results = {"embedder": spec, "small": small, "sizes": {"data": nt, "generated": nv, "composed": nm,
+                                                           "held_out": lim, "mixed_per_source": per_source},
+               "variants": {}}
+    for name, options, varied in GATE_VARIANTS:
+        results["variants"][name] = run(GateConfig(**options), varied)
+        log(json.dumps({name: results["variants"][name]}))
+    return results
+
+
 def _markdown(results: dict[str, Any]) -> str:
     lines = ["| prompts | skill | n | gate accuracy | mean weight of the right skill | routed to |",
              "|---|---|---|---|---|---|"]
@@ -457,6 +577,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default=None, help="default: $LORAMIX_DATA_DIR")
     i = sub.add_parser("instructions", help="print a skill's seed phrasings as JSON (for skills add --instructions)")
     i.add_argument("skill", choices=sorted(SEED_INSTRUCTIONS))
+    c = sub.add_parser("compare-gates", help="gate variants on one representation (no adapters needed)")
+    c.add_argument("data", help="the directory written by `prepare`")
+    c.add_argument("--embedder", default="minilm", help="minilm, base or a sentence-encoder directory")
+    c.add_argument("--small", action="store_true", help="fewer prompts (for the slower base embedder)")
+    c.add_argument("--cache", default=None, help="a safetensors file keeping the embeddings")
+    c.add_argument("--json", required=True)
     e = sub.add_parser("evaluate", help="held-out routing accuracy and per-skill scores of a library")
     e.add_argument("library")
     e.add_argument("data", help="the directory written by `prepare`")
@@ -467,6 +593,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--score-limit", default="sentiment=120,boolq=120,summary=40",
                    help="items scored per skill, e.g. sentiment=200,summary=50")
     e.add_argument("--routing-only", action="store_true")
+    e.add_argument("--gate-temperature", type=float, default=None, help="default: the library's")
     e.add_argument("--mixed-per-source", type=int, default=24,
                    help="test items per source skill filled into the held-out mixed instructions")
     e.add_argument("--score-prompts", choices=("template", "reworded"), default="reworded",
@@ -480,6 +607,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "instructions":
         print(json.dumps(SEED_INSTRUCTIONS[args.skill]))
         return
+    if args.cmd == "compare-gates":
+        res = compare_gates(args.data, embedder=args.embedder, small=args.small, cache=args.cache,
+                            log=lambda s: print(s, flush=True))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+        return
     def per_skill(text: str) -> dict[str, int]:
         return {k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
 
@@ -488,6 +621,7 @@ def main(argv: list[str] | None = None) -> None:
                    score_limit=per_skill(args.score_limit), cache=args.cache,
                    routing_only=args.routing_only, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                    mixed_per_source=args.mixed_per_source, score_prompts=args.score_prompts,
+                   gate_temperature=args.gate_temperature,
                    log=lambda s: print(s, flush=True))
     res["seconds"] = round(time.perf_counter() - t, 1)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -131,6 +131,12 @@ def _int_first(hint: Any) -> Any:
     return hint
 
 
+def _metavar(kind: str) -> str:
+    """INT, FLOAT or STR for plain (or optional) scalars; VALUE for unions, lists and maps (YAML)."""
+    plain = kind.removesuffix(" | None")
+    return plain.upper() if plain in ("int", "float", "str") else "VALUE"
+
+
 def _add_flag(parser: Any, name: str, hint: Any, default: Any, doc: str, required: bool = False,
               positional: bool = False) -> None:
     """One flag: its type checked by jsonargparse (lists and maps as YAML: ``"[4, 8]"``, ``"{0: 2}"``),
@@ -150,7 +156,7 @@ def _add_flag(parser: Any, name: str, hint: Any, default: Any, doc: str, require
         return
     parser.add_argument(flag, dest=name, type=hint | None if not required else hint, default=None,
                         required=required, help=text.replace("%", "%%"),
-                        metavar=kind.upper() if kind in ("int", "float", "str") else "VALUE")
+                        metavar=_metavar(kind))
 
 
 def _subparser(fn: Callable, cmd: Command) -> ArgumentParser:

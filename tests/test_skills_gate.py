@@ -64,6 +64,8 @@ def test_split_template_finds_the_shared_instruction():
     assert template_instruction(pre, suf) == "Please answer with true or false, question. Answer format: true/false"
     assert split_template(["free text one", "other words"]) == ("", "", ["free text one", "other words"])
     assert split_template(["just one prompt"]) == ("", "", ["just one prompt"])
+    same = ["Classify the sentiment of this: ", "Classify the sentiment of this: good"]  # one has no text
+    assert split_template(same) == ("", "", same)
 
 
 def test_vary_and_compose_are_seeded_and_use_every_instruction():

@@ -220,13 +220,15 @@ def skills_add(
             or ``softmax`` (new library only).
         gate_kind: ``linear`` or ``mlp`` (new library only).
         gate_hidden: hidden width of the ``mlp`` gate (new library only).
-        gate_update: ``frozen`` (earlier gate rows never change), ``regularized`` (they move under an L2 pull)
-            or ``joint`` (the whole gate is retrained on every skill's stored prompts).
+        gate_update: ``joint`` (default: the whole gate is retrained on every skill's stored prompts),
+            ``frozen`` (earlier gate rows never change) or ``regularized`` (they move under an L2 pull).
         gate_steps: gate optimisation steps.
         gate_lr: gate learning rate.
-        replay_per_skill: stored prompts of each earlier skill replayed when the new row is trained.
-        gate_temperature: default routing softmax temperature of the library.
-        gate_threshold: default threshold: a prompt whose top weight is below it falls back.
+        replay_per_skill: stored prompts of each earlier skill replayed when only the new row is trained
+            (``frozen``, ``regularized``).
+        gate_temperature: default temperature of the library's gate (divides its logits; higher spreads the
+            weights more evenly, the top skill stays the same).
+        gate_threshold: default threshold: a prompt whose top skill's score is below it falls back.
         gate_fallback: default fallback below the threshold: ``soft`` mixing or the ``base`` model.
         adapter_dir: add this already trained adapter (the ``adapter/`` directory of a ``loramix train`` run on
             the library's base, trained on ``data``) instead of training one; it must be of type ``adapter``
@@ -235,7 +237,7 @@ def skills_add(
         train_options: any option of ``loramix train`` (max_steps, learning_rate, num_experts, r, ...), and
             ``callbacks`` (HF TrainerCallbacks, library use only).
 
-    Only the new adapter and the gate's new row are trained; files of earlier skills are never written.
+    Only the new adapter and the small gate are trained; files of earlier skills are never written.
     """
     from ..train import load_options_file, resolve, train
 

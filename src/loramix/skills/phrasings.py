@@ -56,8 +56,8 @@ def split_template(prompts: Sequence[str]) -> tuple[str, str, list[str]]:
     ends = [k for k, ch in enumerate(pre) if ch in ":\n" and k >= _MIN_TEMPLATE]
     cut = ends[0] if ends else max(pre.rfind(" "), pre.rfind("\n"))
     pre = pre[: cut + 1] if cut >= 0 else ""
-    while pre and cut + 1 < len(prompts[0]) and prompts[0][len(pre)] in " \n" and all(
-            len(p) > len(pre) and p[len(pre)] == prompts[0][len(pre)] for p in prompts):
+    while pre and all(len(p) > len(pre) and p[len(pre)] in " \n" and p[len(pre)] == prompts[0][len(pre)]
+                      for p in prompts):
         pre += prompts[0][len(pre)]  # the separator after the instruction belongs to it
     rest = [p[len(pre):] for p in prompts]
     suf = _common_prefix([r[::-1] for r in rest])[::-1]

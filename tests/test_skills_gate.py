@@ -153,6 +153,8 @@ def test_a_gate_saved_without_an_objective_loads_as_softmax(tmp_path):
     assert old.config.objective == "softmax"
     x = single["s0"][:5]
     assert torch.allclose(old.weights(x), torch.softmax(old.logits(x), -1))
+    sub = old.weights(x, names=["s1"])  # a subset renormalises among itself; softmax scores are its weights
+    assert torch.equal(sub, torch.ones(5, 1)) and torch.equal(old.scores(x, names=["s1"]), sub)
 
 
 def test_threshold_compares_the_top_score():

@@ -309,8 +309,9 @@ class Gate(nn.Module):
     @torch.no_grad()
     def scores(self, emb: torch.Tensor, temperature: float | None = None,
                names: list[str] | None = None) -> torch.Tensor:
-        """(N, K) per-skill scores in [0, 1]: sigmoid probabilities (``sigmoid`` objective: does the prompt ask
-        for this skill), or the softmax weights. With one skill there is nothing to decide: its score is 1."""
+        """(N, K) per-skill scores in [0, 1] over ``names`` (default every skill): sigmoid probabilities
+        (``sigmoid`` objective: does the prompt ask for this skill), or the softmax weights (renormalised among
+        ``names``). With one skill there is nothing to decide: its score is 1."""
         t = self.config.temperature if temperature is None else temperature
         if t <= 0:
             raise SkillLibraryError(f"gate temperature must be > 0, got {t}")
@@ -325,9 +326,6 @@ class Gate(nn.Module):
                 names: list[str] | None = None) -> torch.Tensor:
         """(N, K) routing weights, rows summing to 1 (over ``names``, default every skill)."""
         s = self.scores(emb, temperature, names)
-        if self.config.objective == "softmax" and names is not None:  # a subset renormalises among itself
-            t = self.config.temperature if temperature is None else temperature
-            return torch.softmax(self.logits(emb)[:, self._columns(names)] / t, dim=-1)
         return s / s.sum(-1, keepdim=True).clamp(min=1e-12)
 
     def add_skill(self, name: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -318,3 +320,27 @@ def test_bench_passes_the_export_decode_options_to_the_harness(monkeypatch, caps
     assert seen["routers"] == ["topk"] and seen["include_official"] is False and seen["model"] is None
     assert capsys.readouterr().out.strip() == "table"
     assert main(["bench", "--threads", "0"]) == 2 and "threads" in capsys.readouterr().err
+
+
+def test_help_documents_every_flag_of_every_command():
+    """Each flag's help has a text from the function's Args: section or the field's docstring."""
+    from loramix.cli import COMMANDS, Command, _resolve, field_docs, param_docs
+
+    def commands():
+        for name, cmd in COMMANDS.items():
+            yield from ([(name, cmd)] if isinstance(cmd, Command) else [(f"{name} {s}", c) for s, c in cmd.items()])
+
+    undocumented = []
+    for name, cmd in commands():
+        fn = _resolve(cmd.fn)
+        docs = param_docs(fn)
+        for pname, param in inspect.signature(fn).parameters.items():
+            flag = param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL) and pname != "callbacks"
+            if flag and not docs.get(pname):
+                undocumented.append(f"{name}: {pname}")
+        for ref in cmd.option_classes:
+            cls = _resolve(ref)
+            fields = field_docs(cls)
+            undocumented += [f"{name}: {cls.__name__}.{f.name}" for f in dataclasses.fields(cls)
+                             if f.init and not fields.get(f.name)]
+    assert not undocumented, sorted(set(undocumented))

@@ -20,6 +20,7 @@ from ..checks import check_int, check_number
 from .gate import (
     Gate,
     GateConfig,
+    RoutingDecision,
     apply_policy,
     check_embedder,
     embed_prompts,
@@ -105,7 +106,7 @@ def _gate_config(lib: SkillLibrary | None, given: dict[str, Any]) -> GateConfig:
     return GateConfig(**{**current.__dict__, **given})
 
 
-def _load_gate(lib: SkillLibrary) -> Gate:
+def load_gate(lib: SkillLibrary) -> Gate:
     paths = lib.gate_paths()
     if paths is None:
         raise SkillLibraryError(f"{lib.root}: the library has no gate yet")
@@ -117,7 +118,7 @@ def _load_gate(lib: SkillLibrary) -> Gate:
     return gate
 
 
-def _gate_weights(gate: Gate, emb: torch.Tensor, names: list[str], temperature: float | None) -> torch.Tensor:
+def gate_weights(gate: Gate, emb: torch.Tensor, names: list[str], temperature: float | None) -> torch.Tensor:
     """Routing weights over the chosen skills (a subset renormalises among itself)."""
     t = gate.config.temperature if temperature is None else float(temperature)
     if t <= 0:
@@ -125,7 +126,7 @@ def _gate_weights(gate: Gate, emb: torch.Tensor, names: list[str], temperature: 
     return gate.weights(emb, t, names)
 
 
-def _check_policy(mode: str, threshold: float | None, fallback: str | None) -> None:
+def check_policy(mode: str, threshold: float | None, fallback: str | None) -> None:
     """Fail on a bad routing option before any model is loaded."""
     from .gate import FALLBACKS, MODES
 
@@ -137,7 +138,8 @@ def _check_policy(mode: str, threshold: float | None, fallback: str | None) -> N
         raise SkillLibraryError(f"threshold must be in [0, 1], got {threshold}")
 
 
-def _as_list(prompts: str | list[str]) -> list[str]:
+def check_prompts(prompts: str | list[str]) -> list[str]:
+    """One prompt or a list as a list; empty or whitespace-only prompts are refused with their positions."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -444,14 +446,19 @@ def _add_locked(lib: SkillLibrary, name: str, data: str, adapter: str, config: s
 # --------------------------------------------------------------------------------------------------
 # route / generate / list
 # --------------------------------------------------------------------------------------------------
-def _route(lib: SkillLibrary, prompts: list[str], names: list[str], *, mode: str, gate_temperature: float | None,
-           threshold: float | None, fallback: str | None, base: Any = None, tokenizer: Any = None,
-           device: str | None = None) -> Any:
-    gate = _load_gate(lib)
+def route_prompts(lib: SkillLibrary, prompts: list[str], names: list[str], *, mode: str,
+                  gate_temperature: float | None, threshold: float | None, fallback: str | None, base: Any = None,
+                  tokenizer: Any = None, device: str | None = None) -> tuple[RoutingDecision, Gate]:
+    """The gate's decision for ``prompts`` over the skills ``names`` of an open library, and the gate.
+
+    ``skills_route``, ``skills generate`` and the serving router all route through here; ``base`` and
+    ``tokenizer`` are needed by the ``base`` embedder only. None for an option means the gate's default.
+    """
+    gate = load_gate(lib)
     spec = lib.manifest["embedder"]
     emb = embed_prompts(spec, prompts, base=base, tokenizer=tokenizer, device=device)
     t = gate.config.temperature if gate_temperature is None else float(gate_temperature)
-    weights = _gate_weights(gate, emb, names, t)
+    weights = gate_weights(gate, emb, names, t)
     decision = apply_policy(
         weights, names, mode=mode,
         threshold=gate.config.threshold if threshold is None else float(threshold),
@@ -476,22 +483,28 @@ def skills_route(
 ) -> dict[str, Any]:
     """Each skill's routing weight for each prompt, and the weights a blend would apply.
 
-    Args:
-        prompts: one prompt or a list.
-        skills: restrict routing to these skills (softmax renormalised among them); default all.
-        mode: ``top1`` (apply the best skill only) or ``soft`` (apply every skill by its weight).
-        gate_temperature / threshold / fallback: override the library's gate defaults.
-
     Each route gives ``weights`` (summing to 1: what ``soft`` mode mixes), ``scores`` (the sigmoid gate's
     independent per-skill probabilities that the prompt asks for the skill; the threshold compares the top one),
     ``top``, ``applied`` and ``truncated`` (the prompt was longer than the embedder's context: its first and last
     tokens were read). With a single skill every prompt gets that skill with weight and score 1.
-        model: load the base from here instead of the library's record (it must be the same model). Only the
-            ``base`` embedder needs the base model to route; a given model is checked all the same.
+
+    Args:
+        library_dir: the skill library directory (made by ``loramix skills add``).
+        prompts: one prompt or a list.
+        skills: restrict routing to these skills (weights renormalised among them); default all.
+        mode: ``top1`` (apply the best skill only) or ``soft`` (apply every skill by its weight).
+        gate_temperature: routing temperature (default: the library's).
+        threshold: below this top score (top weight for a softmax gate) the fallback applies (default: the
+            library's).
+        fallback: what a prompt below the threshold gets: ``soft`` (every skill by its weight) or ``base``
+            (no skill) (default: the library's).
+        model: load the base model from here instead of the library's record (it must be the same model). Only
+            the ``base`` embedder needs the base model to route; a given model is checked all the same.
+        device: cpu, cuda, cuda:1 ... (default: CUDA when available).
     """
-    _check_policy(mode, threshold, fallback)
+    check_policy(mode, threshold, fallback)
     check_number("gate_temperature", gate_temperature, 0.0, low_open=True, optional=True)
-    prompts = _as_list(prompts)
+    prompts = check_prompts(prompts)
     lib = SkillLibrary.open(library_dir)
     names = lib.resolve_names(skills)
     check_embedder(lib.manifest["embedder"])  # before any model is loaded
@@ -502,8 +515,8 @@ def skills_route(
         spec = model or lib.model_spec
         base, tok = load_base_model(None if spec == "default" else spec, device=device)
         lib.check_base(base_fingerprint(base), spec)
-    decision, gate = _route(lib, prompts, names, mode=mode, gate_temperature=gate_temperature, threshold=threshold,
-                            fallback=fallback, base=base, tokenizer=tok, device=device)
+    decision, gate = route_prompts(lib, prompts, names, mode=mode, gate_temperature=gate_temperature,
+                                   threshold=threshold, fallback=fallback, base=base, tokenizer=tok, device=device)
     return {"library": str(lib.root), "skills": names, "mode": mode, "objective": gate.config.objective,
             "embedder": lib.manifest["embedder"],
             "gate_temperature": gate.config.temperature if gate_temperature is None else gate_temperature,
@@ -537,18 +550,32 @@ def skills_generate(
     """Route each prompt with the gate and generate with the blended adapters (one batch may mix skills).
 
     Args:
+        library_dir: the skill library directory (made by ``loramix skills add``).
         prompts: one prompt or a list (user messages, rendered with the chat template as in training).
         skills: restrict to these skills (default all).
         mode: ``top1``: each prompt uses its best skill's adapter only; ``soft``: every skill's adapter
             deltas, weighted by the gate (see loramix.skills.blend).
-        gate_temperature: routing softmax temperature (default: the library's).
-        threshold / fallback: below ``threshold`` a prompt falls back to ``soft`` mixing or the ``base`` model.
-        temperature: SAMPLING temperature of decoding (0 = greedy); top_p / top_k apply when sampling.
+        gate_temperature: routing temperature (default: the library's).
+        threshold: below this top score (top weight for a softmax gate) the fallback applies (default: the
+            library's).
+        fallback: what a prompt below the threshold gets: ``soft`` (every skill by its weight) or ``base``
+            (no skill) (default: the library's).
+        max_new_tokens: length limit of each reply.
+        temperature: sampling temperature of decoding (0 = greedy).
+        top_p: nucleus sampling mass (when sampling).
+        top_k: sample among the k most likely tokens (when sampling; 0 = off).
+        repetition_penalty: above 1 makes tokens already in the prompt or the reply less likely; 1 = off.
         batch_size: prompts decoded together (left-padded, one KV cache per batch).
+        system: optional system message.
+        chat_template: apply the tokenizer's chat template.
+        seed: seed of sampling (None: not seeded).
+        model: load the base model from here instead of the library's record (it must be the same model).
+        device: cpu, cuda, cuda:1 ... (default: CUDA when available).
+        dtype: the model's dtype: auto, float32, bfloat16 or float16.
     """
     from .blend import SkillBlend
 
-    _check_policy(mode, threshold, fallback)
+    check_policy(mode, threshold, fallback)
     check_number("gate_temperature", gate_temperature, 0.0, low_open=True, optional=True)
     check_int("max_new_tokens", max_new_tokens, 1)
     check_number("temperature", temperature, 0.0)
@@ -557,12 +584,12 @@ def skills_generate(
     check_number("repetition_penalty", repetition_penalty, 0.0, low_open=True)
     check_int("batch_size", batch_size, 1)
     check_int("seed", seed, None, optional=True)
-    prompts = _as_list(prompts)
+    prompts = check_prompts(prompts)
     lib = SkillLibrary.open(library_dir)
     names = lib.resolve_names(skills)
     check_embedder(lib.manifest["embedder"])  # before any model is loaded
     blend = SkillBlend.from_library(lib, names, model=model, device=device, dtype=dtype)
-    decision, _ = _route(lib, prompts, names, mode=mode, gate_temperature=gate_temperature, threshold=threshold,
+    decision, _ = route_prompts(lib, prompts, names, mode=mode, gate_temperature=gate_temperature, threshold=threshold,
                          fallback=fallback, base=blend.model, tokenizer=blend.tokenizer, device=device)
     texts = blend.generate(prompts, decision.applied, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, batch_size=batch_size,
@@ -574,9 +601,14 @@ def skills_generate(
 
 
 def skills_list(library_dir: str, *, verify: bool = False) -> dict[str, Any]:
-    """The library's base model, embedder, gate and skills; ``verify`` re-hashes every stored skill file."""
+    """The library's base model, embedder, gate and skills.
+
+    Args:
+        library_dir: the skill library directory (made by ``loramix skills add``).
+        verify: re-hash every stored skill file and report what differs from the manifest.
+    """
     lib = SkillLibrary.open(library_dir)
-    gate = _load_gate(lib) if lib.gate_paths() else None
+    gate = load_gate(lib) if lib.gate_paths() else None
     report = lib.verify() if verify else {}
     skills = []
     for e in lib.entries():
@@ -611,12 +643,20 @@ def skills_compare_static(
 ) -> dict[str, Any]:
     """The same prompts through the per-prompt soft blend and through PEFT's static weighted merge.
 
+    Greedy decoding for both, so differences come from the weights, not from sampling.
+
     Args:
+        library_dir: the skill library directory (made by ``loramix skills add``).
+        prompts: one prompt or a list.
         skills: plain-LoRA skills to compare (MixLoRA skills cannot be merged statically); default all.
         weights: the static merge's weights (one per skill); default: the gate's mean soft weights over
             ``prompts`` (the best single weight vector for this prompt set).
         combination_type: PEFT ``add_weighted_adapter`` type (``cat`` is exact; ``svd``/``linear`` approximate).
-    Greedy decoding for both, so differences come from the weights, not from sampling.
+        gate_temperature: routing temperature (default: the library's).
+        max_new_tokens: length limit of each reply.
+        model: load the base model from here instead of the library's record (it must be the same model).
+        device: cpu, cuda, cuda:1 ... (default: CUDA when available).
+        dtype: the model's dtype: auto, float32, bfloat16 or float16.
     """
     check_number("gate_temperature", gate_temperature, 0.0, low_open=True, optional=True)
     check_int("max_new_tokens", max_new_tokens, 1)
@@ -624,12 +664,12 @@ def skills_compare_static(
     from .blend import SkillBlend
     from .static_merge import build_static_merge
 
-    prompts = _as_list(prompts)
+    prompts = check_prompts(prompts)
     lib = SkillLibrary.open(library_dir)
     names = lib.resolve_names(skills)
     check_embedder(lib.manifest["embedder"])  # before any model is loaded
     blend = SkillBlend.from_library(lib, names, model=model, device=device, dtype=dtype)
-    decision, _ = _route(lib, prompts, names, mode="soft", gate_temperature=gate_temperature, threshold=0.0,
+    decision, _ = route_prompts(lib, prompts, names, mode="soft", gate_temperature=gate_temperature, threshold=0.0,
                          fallback="soft", base=blend.model, tokenizer=blend.tokenizer, device=device)
     dynamic = blend.generate(prompts, decision.applied, max_new_tokens=max_new_tokens, temperature=0.0)
     static_w = [float(x) for x in (weights if weights is not None else decision.weights.mean(0).tolist())]

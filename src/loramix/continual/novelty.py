@@ -17,70 +17,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..embedding import SentenceEmbedder, mean_pool
+from ..embedding import HiddenStateEmbedder, SentenceEmbedder
 
 # --------------------------------------------------------------------------------------------------
 # embedders
 # --------------------------------------------------------------------------------------------------
 Embedder = Callable[[Sequence[str]], torch.Tensor]
 """texts -> (N, D) float32 CPU tensor of L2-normalised embeddings."""
-
-
-class HiddenStateEmbedder:
-    """Masked mean of one layer's hidden states of a causal LM (``layer=-1``: the last one).
-
-    ``disable`` is a context-manager factory that turns adapters off during embedding (for example
-    ``ExpertBank.disabled``), so the embedding is the frozen base model's whatever the experts learn.
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        *,
-        layer: int = -1,
-        batch_size: int = 16,
-        max_length: int = 256,
-        disable: Callable[[], contextlib.AbstractContextManager] | None = None,
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.layer = layer
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.disable = disable
-
-    @torch.no_grad()
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        texts = list(texts)
-        if not texts:
-            raise ValueError("nothing to embed")
-        device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        was_training = self.model.training
-        self.model.eval()
-        out = []
-        guard = self.disable() if self.disable is not None else contextlib.nullcontext()
-        try:
-            with guard:
-                for start in range(0, len(texts), self.batch_size):
-                    ids = [self.tokenizer(t)["input_ids"][: self.max_length] or [pad]
-                           for t in texts[start : start + self.batch_size]]
-                    width = max(len(x) for x in ids)
-                    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(ids), width), dtype=torch.long)
-                    for j, x in enumerate(ids):
-                        input_ids[j, : len(x)] = torch.tensor(x)
-                        mask[j, : len(x)] = 1
-                    hidden = self.model(
-                        input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
-                    ).hidden_states[self.layer]  # (B, L, H)
-                    pooled = mean_pool(hidden.float(), mask.to(hidden.device))  # (B, H)
-                    out.append(F.normalize(pooled, dim=-1).cpu())
-        finally:
-            self.model.train(was_training)
-        return torch.cat(out)
 
 
 def build_embedder(

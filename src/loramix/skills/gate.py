@@ -9,7 +9,7 @@ Prompt representation (the *embedder*, fixed per library):
   ``layer`` (default -1, the final normed states), no adapter active. No extra package.
 
 Both read at most ``max_length`` tokens; a longer prompt keeps its first and last tokens
-(:func:`encode_head_tail`), where a request's instruction usually is.
+(:func:`loramix.embedding.encode_head_tail`), where a request's instruction usually is.
 
 Classifier: features are standardised with a per-dimension mean/std (fixed once the first two skills are
 trained), then a linear layer (``kind="linear"``) or one hidden GELU layer (``kind="mlp"``) feeds one output
@@ -49,7 +49,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..checkpoint import save_tensors
-from ..embedding import MINILM_DISTRIBUTION, MINILM_PACKAGE, SentenceEmbedder, mean_pool
+from ..embedding import (
+    MINILM_DISTRIBUTION,
+    MINILM_PACKAGE,
+    HiddenStateEmbedder,
+    SentenceEmbedder,
+    encode_head_tail,
+)
 from .library import SkillLibraryError
 
 KINDS = ("linear", "mlp")
@@ -82,59 +88,19 @@ def embedder_spec(embedder: str | None, *, layer: int = -1, max_length: int = 25
     return {"kind": "sentence", "source": str(path.resolve()), "max_length": max_length}
 
 
-def encode_head_tail(tokenizer: Any, prompts: list[str], max_length: int) -> tuple[dict[str, torch.Tensor], list[bool]]:
-    """Right-padded ``input_ids``/``attention_mask`` of ``prompts``, at most ``max_length`` tokens each.
-
-    A prompt longer than that keeps its first and its last tokens (half each) instead of only the first ones: a
-    request's instruction sits at its start or at its end ("<long text> Summarize this."). The tokenizer's special
-    tokens are kept. Returns the batch and, per prompt, whether it was shortened.
-    """
-    rows, cut = [], []
-    for p in prompts:
-        full = tokenizer(p, add_special_tokens=True, verbose=False)["input_ids"]
-        ids = tokenizer(p, add_special_tokens=False, verbose=False)["input_ids"]
-        start = next((k for k in range(len(full) - len(ids) + 1) if full[k : k + len(ids)] == ids), 0)
-        pre, post = full[:start], full[start + len(ids):]  # the tokenizer's special tokens around the text
-        room = max(max_length - len(pre) - len(post), 2)
-        cut.append(len(ids) > room)
-        if len(ids) > room:
-            ids = ids[: room - room // 2] + ids[len(ids) - room // 2:]
-        rows.append(pre + ids + post)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}, cut
-
-
-def _pooled(run: Any, tokenizer: Any, prompts: list[str], max_length: int, batch_size: int,
-            device: Any) -> torch.Tensor:
-    """``run(batch)`` over ``prompts`` in batches (:func:`encode_head_tail`), concatenated on the CPU."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        enc, _ = encode_head_tail(tokenizer, prompts[i : i + batch_size], max_length)
-        out.append(run({k: v.to(device) for k, v in enc.items()}).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
-
-
 @torch.no_grad()
 def embed_with_base(model: nn.Module, tokenizer: Any, prompts: list[str], *, layer: int = -1,
                     max_length: int = 256, batch_size: int = 16) -> torch.Tensor:
-    """(N, hidden) float32 CPU: masked mean of ``model``'s hidden states at ``layer`` over each raw prompt.
+    """(N, hidden) float32 CPU: masked mean of ``model``'s hidden states at ``layer`` over each raw prompt
+    (:class:`loramix.embedding.HiddenStateEmbedder`, not normalised).
 
     ``model`` must behave as the frozen base (callers pass the base itself, or a blend with all-zero skill
     weights). Prompts are encoded as plain text (no chat template): the template is the same for every
     prompt and would only dilute the mean. A prompt over ``max_length`` tokens keeps its first and last tokens
-    (:func:`encode_head_tail`).
+    (:func:`loramix.embedding.encode_head_tail`).
     """
-    def run(enc: dict[str, torch.Tensor]) -> torch.Tensor:
-        res = model(**enc, output_hidden_states=True, use_cache=False)
-        return mean_pool(res.hidden_states[layer].float(), enc["attention_mask"])
-
-    return _pooled(run, tokenizer, prompts, max_length, batch_size, next(model.parameters()).device)
+    return HiddenStateEmbedder(model, tokenizer, layer=layer, batch_size=batch_size, max_length=max_length,
+                               normalize=False)(prompts)
 
 
 _SENTENCE_ENCODERS: dict[tuple[str, str], SentenceEmbedder] = {}
@@ -169,16 +135,7 @@ def embed_with_sentence_encoder(spec: dict[str, Any], prompts: list[str], *, dev
     if key not in _SENTENCE_ENCODERS:
         _SENTENCE_ENCODERS.clear()
         _SENTENCE_ENCODERS[key] = SentenceEmbedder(spec["source"], device=device, max_length=spec["max_length"])
-    enc_model = _SENTENCE_ENCODERS[key]
-    if enc_model.sentence_transformer is not None:
-        return enc_model(prompts)
-
-    def run(enc: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = enc_model.model(**enc).last_hidden_state.float()
-        return F.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1)
-
-    return _pooled(run, enc_model.tokenizer, prompts, spec["max_length"], batch_size,
-                   next(enc_model.model.parameters()).device)
+    return _SENTENCE_ENCODERS[key](prompts, batch_size=batch_size)
 
 
 def embedder_tokenizer(spec: dict[str, Any], base_tokenizer: Any = None) -> Any:

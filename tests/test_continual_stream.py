@@ -167,6 +167,6 @@ def test_code_stream_config_resolves():
 
     from loramix.continual import resolve_config
 
-    cfg = resolve_config(Path(__file__).parents[1] / "configs" / "continual_code.yaml")
+    cfg = resolve_config(Path(__file__).parents[1] / "configs" / "continual" / "code_stream.yaml")
     assert cfg.tasks.split(",") == ["code/codealpaca/code_alpaca_2k.json", "code/mbpp/mbpp.jsonl"]
     assert cfg.threshold == "auto" and cfg.temperature == "auto" and cfg.metric == "auto"

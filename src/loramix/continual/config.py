@@ -36,17 +36,21 @@ class ContinualConfig:
     """Data root of the built-in tasks, and where relative task / test files not found from the working
     directory are looked up (default: $LORAMIX_DATA_DIR)."""
     output_dir: str = "runs/continual"
+    """Run directory: the summary, accuracy matrix, decision log, plots and the saved experts."""
     train_per_task: int = 200
     """Training examples per task in the stream (random subset)."""
     test_per_task: int = 100
     """Test examples per task for the accuracy matrix (random subset, or rows held out of a task file)."""
     seed: int = 42
+    """Seed of the task subsets and held-out rows, expert initialisation and the baselines' data order."""
     chat_template: bool = True
     """Render prompts with the tokenizer's chat template (as loramix eval does)."""
     max_length: int = 384
     """Longest training sequence in tokens (contexts lose their start)."""
     device: str | None = None
+    """cpu, cuda, cuda:1 ... (default: CUDA when available)."""
     dtype: str = "auto"
+    """The base model's dtype: auto, float32, bfloat16 or float16 (experts stay float32)."""
 
     # --- novelty detection -----------------------------------------------------------------------------
     embedder: str = "hidden"
@@ -71,7 +75,9 @@ class ContinualConfig:
     r: int = 8
     """LoRA rank of every expert (on the FFN projections)."""
     alpha: float = 16.0
+    """LoRA scale of every expert: its update is multiplied by alpha / r."""
     dropout: float = 0.05
+    """Dropout on the experts' LoRA input during training."""
     expert_targets: list[str] | None = None
     """FFN roles with expert LoRA (gate/up/down); None = all the FFN has."""
     guard: str = "freeze"
@@ -103,6 +109,7 @@ class ContinualConfig:
     patience: int = 2
     """... and after this many validation losses without an improvement of more than min_delta."""
     min_delta: float = 0.01
+    """Smallest validation-loss drop that counts as an improvement (see patience)."""
     val_size: int = 8
     """Held-out examples of the newest skill used for its validation loss (0: never mature, always dense)."""
     val_every: int = 2
@@ -112,11 +119,15 @@ class ContinualConfig:
 
     # --- optimisation ----------------------------------------------------------------------------------
     batch_size: int = 8
+    """Examples per training mini-batch of the stream."""
     steps_per_batch: int = 1
     """Optimiser steps per mini-batch of the stream (>1 replays each batch)."""
     learning_rate: float = 5e-4
+    """AdamW learning rate of the experts (and of the baselines' LoRA)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_grad_norm: float = 1.0
+    """Clip each step's gradient norm to this (0 = no clipping)."""
 
     # --- evaluation and outputs ------------------------------------------------------------------------
     baselines: bool = True
@@ -131,7 +142,9 @@ class ContinualConfig:
     """Seconds each pass@1 program may run (in its own process; see docs/continual.md before scoring code
     from a model you do not trust)."""
     eval_batch_size: int = 8
+    """Examples per forward when scoring the test sets."""
     plots: bool = True
+    """Write the accuracy-matrix plots (PNG) into output_dir."""
     save_model: bool = True
     """Save the final experts, prototypes and routing state to <output_dir>/continual_model."""
 

@@ -216,7 +216,7 @@ def _is_int(v: Any) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def _resolve_local(data: str) -> Path | None:
+def resolve_local(data: str) -> Path | None:
     """Local path for ``data``, or None for a hub name. Raises if it looks like a file but is absent."""
     p = Path(data).expanduser()
     if p.exists():
@@ -236,9 +236,9 @@ def _resolve_local(data: str) -> Path | None:
     return None
 
 
-def _load_one(data: str, split: str, cfg: DataConfig) -> tuple[datasets.Dataset, str]:
+def load_source(data: str, split: str, cfg: DataConfig) -> tuple[datasets.Dataset, str]:
     """Load one data source as a Dataset; returns it with a human-readable source name for messages."""
-    path = _resolve_local(data)
+    path = resolve_local(data)
     if path is None:
         source = f"{data} (split {split!r})"
         try:
@@ -358,16 +358,16 @@ def load_records(cfg: DataConfig, *, val: bool = False) -> datasets.Dataset:
 
 
 def _load_sources(data: str, split: str, cfg: DataConfig, *, field_name: str) -> tuple[datasets.Dataset, str]:
-    """:func:`_load_one` for one source, or for a comma-separated list of sources of one format, which are
+    """:func:`load_source` for one source, or for a comma-separated list of sources of one format, which are
     checked one by one (a missing field names its file) and concatenated on their shared columns."""
     if "," not in data:
-        return _load_one(data, split, cfg)
+        return load_source(data, split, cfg)
     parts = [part.strip() for part in data.split(",")]
     if not all(parts):
         raise DataConfigError(f"DataConfig.{field_name}: empty name in the list {data!r}")
     loaded = []
     for part in parts:
-        ds, source = _load_one(part, split, cfg)
+        ds, source = load_source(part, split, cfg)
         loaded.append((ds, source, resolve_format(ds, cfg, source=source)))
     first_ds, first_source, first_format = loaded[0]
     for _ds, source, fmt in loaded[1:]:

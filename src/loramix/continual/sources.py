@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data import DataConfig, DataError, _load_one, record_to_messages, resolve_format
+from ..data import DataConfig, DataError, load_source, record_to_messages, resolve_format
 from ..evaluation import answer_candidates
 from .stream import Example, Task
 
@@ -43,10 +43,10 @@ class StreamError(ValueError):
 
 def is_local(source: str) -> bool:
     """True when ``source`` names an existing local file or directory (or one under $LORAMIX_DATA_DIR)."""
-    from ..data import _resolve_local
+    from ..data import resolve_local
 
     try:
-        return _resolve_local(source) is not None
+        return resolve_local(source) is not None
     except FileNotFoundError:
         return True  # looks like a path but is missing: reported by the loader with the paths it tried
 
@@ -209,7 +209,7 @@ def load_source(entry: str, *, field: str = "tasks", cache_dir: str | None = Non
     name, split = split_source(entry)
     cfg = DataConfig(data=name, split=split, cache_dir=cache_dir)
     try:
-        ds, source = _load_one(name, split, cfg)
+        ds, source = load_source(name, split, cfg)
     except (DataError, FileNotFoundError) as e:
         raise StreamError(f"--{field.replace('_', '-')} entry {entry!r}: {e}") from e
     return list(ds), source

@@ -236,7 +236,7 @@ def resolve_local(data: str) -> Path | None:
     return None
 
 
-def load_source(data: str, split: str, cfg: DataConfig) -> tuple[datasets.Dataset, str]:
+def load_data_source(data: str, split: str, cfg: DataConfig) -> tuple[datasets.Dataset, str]:
     """Load one data source as a Dataset; returns it with a human-readable source name for messages."""
     path = resolve_local(data)
     if path is None:
@@ -358,16 +358,16 @@ def load_records(cfg: DataConfig, *, val: bool = False) -> datasets.Dataset:
 
 
 def _load_sources(data: str, split: str, cfg: DataConfig, *, field_name: str) -> tuple[datasets.Dataset, str]:
-    """:func:`load_source` for one source, or for a comma-separated list of sources of one format, which are
+    """:func:`load_data_source` for one source, or for a comma-separated list of sources of one format, which are
     checked one by one (a missing field names its file) and concatenated on their shared columns."""
     if "," not in data:
-        return load_source(data, split, cfg)
+        return load_data_source(data, split, cfg)
     parts = [part.strip() for part in data.split(",")]
     if not all(parts):
         raise DataConfigError(f"DataConfig.{field_name}: empty name in the list {data!r}")
     loaded = []
     for part in parts:
-        ds, source = load_source(part, split, cfg)
+        ds, source = load_data_source(part, split, cfg)
         loaded.append((ds, source, resolve_format(ds, cfg, source=source)))
     first_ds, first_source, first_format = loaded[0]
     for _ds, source, fmt in loaded[1:]:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data import DataConfig, DataError, load_source, record_to_messages, resolve_format
+from ..data import DataConfig, DataError, load_data_source, record_to_messages, resolve_format
 from ..evaluation import answer_candidates
 from .stream import Example, Task
 
@@ -209,7 +209,7 @@ def load_source(entry: str, *, field: str = "tasks", cache_dir: str | None = Non
     name, split = split_source(entry)
     cfg = DataConfig(data=name, split=split, cache_dir=cache_dir)
     try:
-        ds, source = load_source(name, split, cfg)
+        ds, source = load_data_source(name, split, cfg)
     except (DataError, FileNotFoundError) as e:
         raise StreamError(f"--{field.replace('_', '-')} entry {entry!r}: {e}") from e
     return list(ds), source

@@ -692,68 +692,16 @@ def run_benchmark(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(
-            model_spec,
-            dev,
-            log or (lambda s: None),
-            batch_size=batch_size,
-            seq_len=seq_len,
-            steps=steps,
-            warmup=warmup,
-            routers=routers,
-            include_official=include_official,
-            dtype=dtype,
-            decode_tokens=decode_tokens,
-            prompt_len=prompt_len,
-            num_experts=num_experts,
-            top_k=top_k,
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            seed=seed,
-            interleave=interleave,
-            compile_decode=compile_decode,
-            export_decode=export_decode,
-            vllm_python=vllm_python,
-            threads=threads,
-        )
+        with tempfile.TemporaryDirectory(prefix="loramix-bench-") as tmp:
+            return _run_in(
+                model_spec, dev, log or (lambda s: None), Path(tmp), batch_size=batch_size, seq_len=seq_len,
+                steps=steps, warmup=warmup, routers=routers, include_official=include_official, dtype=dtype,
+                decode_tokens=decode_tokens, prompt_len=prompt_len, num_experts=num_experts, top_k=top_k, r=r,
+                alpha=alpha, dropout=dropout, seed=seed, interleave=interleave, compile_decode=compile_decode,
+                export_decode=export_decode, vllm_python=vllm_python, threads=threads,
+            )
     finally:
         torch.set_num_threads(previous_threads)
-
-
-def _run(
-    model_spec: Any,
-    dev: torch.device,
-    say: Callable[[str], Any],
-    *,
-    batch_size: int,
-    seq_len: int,
-    steps: int,
-    warmup: int,
-    routers: Sequence[str],
-    include_official: bool,
-    dtype: str | torch.dtype,
-    decode_tokens: int,
-    prompt_len: int,
-    num_experts: int,
-    top_k: int,
-    r: int,
-    alpha: float,
-    dropout: float,
-    seed: int,
-    interleave: bool,
-    compile_decode: bool = True,
-    export_decode: bool = False,
-    vllm_python: str | None = None,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="loramix-bench-") as tmp:
-        return _run_in(model_spec, dev, say, Path(tmp), batch_size=batch_size, seq_len=seq_len, steps=steps,
-                       warmup=warmup, routers=routers, include_official=include_official, dtype=dtype,
-                       decode_tokens=decode_tokens, prompt_len=prompt_len, num_experts=num_experts, top_k=top_k,
-                       r=r, alpha=alpha, dropout=dropout, seed=seed, interleave=interleave,
-                       compile_decode=compile_decode, export_decode=export_decode, vllm_python=vllm_python,
-                       threads=threads)
 
 
 def _run_in(

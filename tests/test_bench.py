@@ -233,7 +233,7 @@ def test_library_never_imports_the_bench():
 
 
 def test_cli_bench_loads_the_harness_from_the_checkout():
-    from loramix.commands import bench_harness
+    from loramix.cli.commands import bench_harness
 
     assert bench_harness().run_benchmark is bench.run_benchmark
 
@@ -242,7 +242,7 @@ def test_cli_bench_finds_the_checkouts_harness_beside_another_bench_folder(tmp_p
     """`loramix bench` run from a folder that holds some other `bench` package still loads bench/harness.py."""
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "__init__.py").write_text("")
-    code = "from loramix.commands import bench_harness; print(bench_harness().__file__)"
+    code = "from loramix.cli.commands import bench_harness; print(bench_harness().__file__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Path(proc.stdout.strip().splitlines()[-1]) == Path(bench.__file__).resolve()

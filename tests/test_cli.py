@@ -252,7 +252,7 @@ def test_compare_refuses_earlier_runs_before_any_work_unless_overwrite(tmp_path,
     """`loramix compare` into a directory with earlier runs fails before the base model is evaluated;
     --overwrite passes overwrite=True to every training run."""
     import loramix.compare
-    from loramix.commands import compare_command
+    from loramix.cli.commands import compare_command
     from loramix.config import ConfigError
 
     calls = []

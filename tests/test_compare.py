@@ -151,7 +151,7 @@ def test_lora_rank_option_reaches_only_the_lora_run(tmp_path):
 
 def test_compare_command_takes_data_and_options_from_the_config(tmp_path, monkeypatch):
     import loramix.compare
-    from loramix.commands import compare_command
+    from loramix.cli.commands import compare_command
     from loramix.config import ConfigError
 
     seen = {}

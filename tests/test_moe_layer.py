@@ -253,6 +253,8 @@ def test_recomputed_expert_activations_equal_stored_ones(arch: str, router: str)
 @pytest.mark.parametrize(("old", "new", "names"), [
     ("loramix.layer", "loramix.moe_layer", ["MixLoraFFN", "ExpertLoRA", "AdapterExperts"]),
     ("loramix.ffn", "loramix.ffn_spec", ["FFNSpec", "detect_ffn", "check_targets", "FFNNotSupportedError"]),
+    ("loramix.commands", "loramix.cli.commands", ["generate_command", "compare_command", "bench_harness"]),
+    ("loramix.skills.commands", "loramix.skills.api", ["skills_add", "skills_route", "skills_list"]),
 ])
 def test_old_module_paths_reexport_with_a_warning(old: str, new: str, names: list[str]) -> None:
     """The modules' old paths still import (for one release) the same objects, with a DeprecationWarning."""

@@ -48,7 +48,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "generate": Command("loramix.skills.api:skills_generate", (), ("prompts",)),
         "list": Command("loramix.skills.api:skills_list"),
         "compare-static": Command("loramix.skills.api:skills_compare_static", (), ("prompts",)),
-        "export": Command("loramix.skills.export:skills_export_command"),
+        "export": Command("loramix.skills.export:skills_export"),
         "serve": Command("loramix.skills.serve:skills_serve"),
     },
     "continual": Command("loramix.cli.commands:continual_command", ("loramix.continual.config:ContinualConfig",)),
@@ -229,7 +229,7 @@ def parse(argv: list[str] | None = None) -> tuple[Callable, dict[str, Any]]:
     return _resolve(cmd.fn), kwargs
 
 
-REPORTS = {"train": "loramix.train:summary_text"}
+REPORTS = {"train": "loramix.train:summary_text", "skills_export": "loramix.skills.export:export_summary"}
 """Commands whose result is printed as a few lines of text by a library function (the full result is in a
 file of the run, e.g. summary.json)."""
 PRINTS_RESULT = {"skills_add", "skills_route", "skills_generate", "skills_list", "skills_compare_static"}

@@ -302,38 +302,6 @@ def vllm_command(export_dir: str | os.PathLike[str], *, base: str | None = None)
             f"{manifest['max_lora_rank']} --max-loras {n} --lora-modules {modules}")
 
 
-def skills_export_command(
-    library_dir: str,
-    output_dir: str,
-    skills: list[str] | None = None,
-    skip_unsupported: bool = False,
-    check: bool = True,
-    tolerance: float = DEFAULT_TOLERANCE,
-    model: str | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Export a skill library for vLLM multi-LoRA serving: each skill as a PEFT LoRA, plus the gate.
-
-    Prints what was exported and the `vllm serve` command; serve the router in front with `loramix skills serve`.
-
-    Args:
-        library_dir: the skill library.
-        output_dir: the export directory (adapters/<skill>, router/, loramix_skills_export.json).
-        skills: export only these skills (default: all); prompts the gate gives to other skills go to the base.
-        skip_unsupported: leave out skills with no LoRA form (MixLoRA skills with more than one expert)
-            instead of refusing; their prompts then go to the base model.
-        check: load each written adapter back with PEFT and refuse one whose logits differ from the loramix
-            adapter's (--no-check skips).
-        tolerance: largest allowed float32 logit difference relative to the largest |logit| (at least 1).
-        model: load the base from here instead of the library's record (it must be the same model).
-        overwrite: replace a non-empty output directory.
-    """
-    result = skills_export(library_dir, output_dir, skills=skills, skip_unsupported=skip_unsupported, check=check,
-                           tolerance=tolerance, model=model, overwrite=overwrite)
-    print(export_summary(result))
-    return result
-
-
 def export_summary(result: dict[str, Any]) -> str:
     """A few lines for the terminal: what was written, what was left out, how to serve it."""
     lines = [f"exported {len(result['skills'])} skill(s) to {result['output_dir']}:"]

@@ -4,7 +4,6 @@ with vLLM (plumbing with a stand-in interpreter here; the real vLLM run is slow)
 from __future__ import annotations
 
 import json
-import os
 import stat
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from bench import harness as bench
+from helpers.serving import vllm_python
 from helpers.tiny_models import tiny_model
 
 SMALL = dict(batch_size=2, seq_len=12, steps=2, warmup=1, decode_tokens=5, prompt_len=3, num_experts=4, r=4,
@@ -111,9 +111,7 @@ def test_run_bench_flags(tmp_path):
 @pytest.mark.slow
 def test_vllm_decodes_the_exported_checkpoint(tmp_path):
     """Real vLLM (CPU): the base and the exported Mixtral decode exactly decode_tokens tokens each."""
-    python = Path(os.environ.get("LORAMIX_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
-    if not python.is_file():
-        pytest.skip(f"no vLLM virtualenv at {python} (set LORAMIX_VLLM_PYTHON)")
+    python = vllm_python()
     model = tiny_model("llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=128)  # vLLM's CPU attention: head_dim >= 32
     out = bench.run_benchmark(model, routers=("topk",), export_decode=True, vllm_python=str(python),

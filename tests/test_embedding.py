@@ -84,3 +84,20 @@ def test_head_tail_cut_keeps_both_ends_of_a_long_text_and_reads_an_empty_one():
     assert cut == [True, False, False] and ids[:5] == tok("a a a a a")["input_ids"] and ids[5:] == tok(
         "b b b b b")["input_ids"]
     assert enc["attention_mask"].sum(1).tolist() == [10, 1, 1]  # the empty text reads as one pad token
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hidden_state_embedder_on_a_half_precision_base(dtype):
+    """A bf16 / fp16 base (and bf16 autocast) gives float32 unit rows close to the float32 base's."""
+    from helpers.tiny_models import tiny_model
+    from loramix.embedding import HiddenStateEmbedder
+
+    tok, texts = tiny_tokenizer(), ["hello world", "the cat sat on the mat and it was good"]
+    ref = HiddenStateEmbedder(tiny_model("llama"), tok)(texts)
+    half = HiddenStateEmbedder(tiny_model("llama").to(dtype), tok)(texts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = HiddenStateEmbedder(tiny_model("llama"), tok)(texts)
+    for out in (half, auto):
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        torch.testing.assert_close(out.norm(dim=-1), torch.ones(2))
+        assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.99

@@ -218,11 +218,9 @@ def _add_command(sub: Any, name: str, cmd: Command) -> None:
 def parse(argv: list[str] | None = None) -> tuple[Callable, dict[str, Any]]:
     """The function a command line names and the keyword arguments its flags give (unset flags left out)."""
     cfg = build_parser().parse_args(argv)
-    node, table = cfg, COMMANDS
-    name = node["command"]
-    node = node[name]
-    cmd = table[name]
-    while isinstance(cmd, dict):
+    name = cfg["command"]
+    cmd, node = COMMANDS[name], cfg[name]
+    while isinstance(cmd, dict):  # a group such as `skills`: its own sub-command
         name = node["subcommand"]
         cmd, node = cmd[name], node[name]
     kwargs = {k: v for k, v in node.as_dict().items() if v is not None and k != "subcommand"}

@@ -58,6 +58,15 @@ def mixlora(vocab: int, arch: str = "llama", **overrides) -> torch.nn.Module:
     return model.eval()
 
 
+def convert_to_gguf(script_dir: Path, hf_dir: Path, out: Path) -> None:
+    """llama.cpp's convert_hf_to_gguf.py on an export, float32 weights."""
+    env = {**os.environ, "PYTHONPATH": str(script_dir / "gguf-py")}
+    run = subprocess.run([sys.executable, str(script_dir / "convert_hf_to_gguf.py"), str(hf_dir),
+                          "--outfile", str(out), "--outtype", "f32"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_gguf_conversion_keeps_experts(tmp_path):
     """convert_hf_to_gguf.py turns an exported Mixtral (SmolLM2 tokenizer, tied embeddings) into a GGUF whose
     expert tensors and metadata are the exported ones."""
@@ -70,11 +79,7 @@ def test_gguf_conversion_keeps_experts(tmp_path):
     lora = layer.mixlora_experts["up"]
     up_2 = (layer.proj("up").weight + lora.scaling * lora.lora_B[2] @ lora.lora_A[2]).detach()  # (I, H)
     export_adapted(model, tmp_path / "hf", tokenizer)
-    env = {**os.environ, "PYTHONPATH": str(script_dir / "gguf-py")}
-    run = subprocess.run([sys.executable, str(script_dir / "convert_hf_to_gguf.py"), str(tmp_path / "hf"),
-                          "--outfile", str(tmp_path / "model.gguf"), "--outtype", "f32"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    convert_to_gguf(script_dir, tmp_path / "hf", tmp_path / "model.gguf")
 
     sys.path.insert(0, str(script_dir / "gguf-py"))
     try:
@@ -153,7 +158,6 @@ def test_llama_server_greedy_tokens_equal_loramix(tmp_path):
     tokens the loramix model decodes."""
     import httpx
 
-
     server, script_dir = llama_server(), llama_cpp_dir()
     tokenizer = smollm2_tokenizer()
     model = mixlora(len(tokenizer), hidden_size=64, intermediate_size=96, num_attention_heads=2,
@@ -161,11 +165,7 @@ def test_llama_server_greedy_tokens_equal_loramix(tmp_path):
     prompts = [[5, 17, 33, 2, 90], [640, 1, 12, 12, 12, 40, 9]]
     expected = [greedy(model, p, 8) for p in prompts]
     export_adapted(model, tmp_path / "hf", tokenizer)
-    env = {**os.environ, "PYTHONPATH": str(script_dir / "gguf-py")}
-    run = subprocess.run([sys.executable, str(script_dir / "convert_hf_to_gguf.py"), str(tmp_path / "hf"),
-                          "--outfile", str(tmp_path / "model.gguf"), "--outtype", "f32"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    convert_to_gguf(script_dir, tmp_path / "hf", tmp_path / "model.gguf")
     port, log = free_port(), tmp_path / "server.log"
     proc = subprocess.Popen([str(server), "-m", str(tmp_path / "model.gguf"), "--port", str(port), "--host",
                              "127.0.0.1", "-c", "256", "-t", "1", "--no-warmup"],

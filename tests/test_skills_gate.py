@@ -95,6 +95,25 @@ def test_held_out_prompts_are_not_in_the_training_phrasings():
     assert inside == {"summarize this", "classify the sentiment", "answer true or false"}, inside
 
 
+def test_development_prompts_share_no_wording_with_the_held_out_set_or_the_seeds():
+    from loramix.skills import devset, heldout
+    from loramix.skills.demo import SEED_INSTRUCTIONS
+
+    def norm(t: str) -> str:
+        return " ".join(t.replace("{text}", " ").lower().split()).strip(" ?.:\"-")
+
+    def texts(reworded, mixed, free) -> set[str]:
+        out = [t for ts in reworded.values() for t in ts] + [t for _, _, t in mixed] + [p for _, p in free]
+        return {norm(t) for t in out}
+
+    dev = texts(devset.DEV_REWORDED, devset.DEV_MIXED, devset.DEV_MIXED_FREE)
+    held = texts(heldout.REWORDED, heldout.MIXED, heldout.MIXED_FREE) | {norm(p) for _, p in heldout.SINGLE_FREE}
+    seeds = {norm(s) for ss in SEED_INSTRUCTIONS.values() for s in ss}
+    assert len(dev) == 6 * 3 + len(devset.DEV_MIXED) + len(devset.DEV_MIXED_FREE)
+    assert not dev & held and not dev & seeds
+    assert not {s for s in seeds | held for d in dev if len(s) > 20 and s in d}
+
+
 # --- the multi-label gate ----------------------------------------------------------------------------------
 def clusters(n: int = 40, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, tuple]]]:
     g = torch.Generator().manual_seed(seed)

@@ -433,3 +433,80 @@ def test_flush_trains_a_long_queue_in_mini_batches(stream_setup):
     learner.flush()
     assert not learner.queue and sizes and max(sizes) <= learner.batch_size and sum(sizes) >= queued
     learner.bank.detach()
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass while ``fn()`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_forward_keeps_no_expert_activations_and_gradients_are_unchanged(arch):
+    """Training memory: with checkpointing the experts' (tokens x intermediate) activations are recomputed in
+    backward, so what autograd keeps does not grow with the number of experts that run (dense routing over
+    several experts stored about ten such tensors per expert and layer: 11-18 GiB on the 135M model); the
+    gradients, with dropout, are the same as without checkpointing, and the recomputation uses the weights of
+    the forward even when the routing context has ended before backward()."""
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for experts in (1, 3):
+        for ckpt in (False, True):
+            model = tiny_model(arch)
+            torch.manual_seed(0)
+            bank = ExpertBank(model, r=4, alpha=8.0, dropout=0.1)
+            for _ in range(experts):
+                bank.add_expert()
+            perturb_adapters(model)
+            for layer in bank.layers:
+                layer.checkpoint = ckpt
+                layer.expert_dropout.p = 0.1
+            model.train()
+            params = bank.trainable_parameters()
+            w = torch.full((2, experts), 1.0 / experts)
+            torch.manual_seed(1)
+
+            def forward(model=model, bank=bank, w=w):
+                with bank.route(w):
+                    return model(ids).logits.pow(2).mean()
+
+            nbytes, loss = saved_bytes(forward)
+            loss.backward()  # outside the routing context
+            results[experts, ckpt] = nbytes, [p.grad.clone() for p in params]
+    for experts in (1, 3):
+        plain, ckpt = results[experts, False], results[experts, True]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain[1], ckpt[1], strict=True))
+    assert results[3, False][0] > 1.5 * results[1, False][0]  # without checkpointing: grows with the experts
+    # with it: the same up to the routing weights' few bytes, whatever the number of experts
+    assert results[3, True][0] < results[1, True][0] + 1024
+    assert results[3, True][0] < results[3, False][0] / 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_target_loss_projects_only_the_target_positions(arch):
+    from loramix.continual.learner import batch_tensors, target_loss
+    from loramix.continual.stream import EncodedExample
+
+    model = tiny_model(arch).eval()
+    rows = [EncodedExample(index=i, prompt="p", context_ids=list(range(3, 3 + n)), target_ids=[7, 9, 11][: 1 + i])
+            for i, n in enumerate((5, 9, 2))]
+    batch = batch_tensors(rows, 0, torch.device("cpu"))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    head = model.get_output_embeddings()
+    seen = []
+    hook = head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    try:
+        got = target_loss(model, batch)
+    finally:
+        hook.remove()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert seen == [(6, logits.shape[-1])]  # 1 + 2 + 3 target tokens, not 3 x 12 positions

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..experts import FrozenFFN
 from ..ffn_spec import FFNSpec, check_targets, detect_ffn, linear_shape
@@ -63,6 +64,7 @@ class GrowableFFN(FrozenFFN):
         self.experts = nn.ModuleList()
         self.expert_dropout = nn.Dropout(dropout)
         self.weights: torch.Tensor | None = None  # (E,) for every row, or (B, E) per sequence; None = base
+        self.checkpoint = True  # recompute the expert activations in backward instead of storing them
 
     def add_expert(self) -> FFNExpert:
         ref = next(self.base.parameters())
@@ -88,6 +90,16 @@ class GrowableFFN(FrozenFFN):
             return self.base(hidden_states)
         if w.shape[-1] != len(self.experts):
             raise ValueError(f"routing weights have {w.shape[-1]} entries for {len(self.experts)} experts")
+        if self.checkpoint and torch.is_grad_enabled() and (
+                hidden_states.requires_grad or any(p.requires_grad for p in self.experts.parameters())):
+            # keep only the layer's input for the backward pass and recompute the experts' activations there:
+            # they cost about ten (tokens x intermediate) tensors per expert that runs, the bulk of the
+            # training memory. The weights go in as an argument: the recomputation runs in backward(), when
+            # the caller's routing context may have ended. Dropout masks are replayed (RNG state kept).
+            return checkpoint(self._mix, hidden_states, w, use_reentrant=False)
+        return self._mix(hidden_states, w)
+
+    def _mix(self, hidden_states: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, H)
         dtype = compute_dtype(x)  # the autocast dtype under torch.autocast, else x's

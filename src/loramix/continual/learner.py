@@ -43,10 +43,33 @@ def batch_tensors(examples: Sequence[EncodedExample], pad_id: int, device: torch
 
 
 def target_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens (computed from the logits, shift by one)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Mean cross-entropy over the target tokens (shift by one).
+
+    Only the positions that predict a target token go through the LM head (``logits_to_keep`` with a boolean
+    mask, where the model's forward takes it): the full ``(batch, length, vocabulary)`` logits, their float32
+    copy and their gradient would cost gigabytes for a 49k vocabulary, for the few target tokens of a
+    multiple-choice answer."""
+    labels = batch["labels"]
+    targets = labels[:, 1:] != IGNORE_INDEX  # (B, L-1): position p predicts token p + 1
+    if _takes_logits_to_keep(model):
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = targets
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        if logits.dim() == 2:  # (number of target tokens, V), in row-major order like labels[keep-shifted]
+            return F.cross_entropy(logits.float(), labels[:, 1:][targets])
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                           batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+                           labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class ContinualLearner:

@@ -16,6 +16,7 @@ from loramix.continual import (
     NoveltyDetector,
     build_stream,
     load_continual,
+    route_weights,
     synthetic_tasks,
 )
 
@@ -195,7 +196,9 @@ def test_dense_until_mature_then_sparse_and_dense_again(stream_setup):
     learner.observe(stream.examples[24:30])  # task 2's window: a new, immature expert
     assert learner.bank.num_experts == 2 and learner.mode == "dense"
     w = learner.routing_weights(probe)
-    assert bool((w > 0).all())  # dense: every expert contributes
+    # the first expert's task has ended: its prompts go to it alone; the newest skill's prompts are dense
+    assert w[:4].tolist() == [[1.0, 0.0]] * 4
+    assert bool((w[4:] > 0).all())  # dense: every expert contributes
     learner.observe(stream.examples[30:])
     learner.flush()
     assert learner.mode == "sparse"
@@ -510,3 +513,27 @@ def test_target_loss_projects_only_the_target_positions(arch):
         hook.remove()
     assert torch.allclose(got, want, atol=1e-5)
     assert seen == [(6, logits.shape[-1])]  # 1 + 2 + 3 target tokens, not 3 x 12 positions
+
+
+def test_hybrid_routes_prompts_of_ended_experts_sparsely_while_the_newest_is_immature():
+    """A prompt whose nearest skill is an older expert (its task ended, so it is frozen) goes top-1 to that
+    expert even while the newest expert is immature: on short tasks no validation loss plateaus, and dense
+    routing gave later experts a share of every earlier task's prompts. Prompts nearest the immature newest
+    skill stay dense; the dense / sparse policies are unchanged."""
+    sims = torch.tensor([[0.95, 0.90, 0.91], [0.90, 0.96, 0.93], [0.91, 0.92, 0.97]])
+    router = HybridRouter("hybrid", temperature=0.05, min_examples=1000)
+    for _ in range(3):
+        router.new_expert()
+    assert [t.ended for t in router.trackers] == [True, True, False]
+    assert router.mode == "dense"
+    w = router.weights(sims)
+    assert w[:2].tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    assert bool((w[2] > 0).all()) and float(w[2].sum()) == pytest.approx(1.0)
+    assert torch.equal(router.weights(sims, "dense"), route_weights(sims, "dense", temperature=0.05))
+    router.newest.mature = True
+    assert router.mode == "sparse" and torch.equal(router.weights(sims), torch.eye(3))
+    for policy in ("dense", "sparse"):
+        fixed = HybridRouter(policy, temperature=0.05)
+        for _ in range(3):
+            fixed.new_expert()
+        assert torch.equal(fixed.weights(sims), route_weights(sims, policy, temperature=0.05))

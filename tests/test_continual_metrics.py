@@ -161,16 +161,19 @@ def test_hybrid_router_switches_dense_to_sparse_and_back():
     router = HybridRouter("hybrid", temperature=0.1, min_examples=2, patience=1, min_delta=0.0)
     assert router.mode == "dense"  # no expert
     first = router.new_expert()
-    sims = torch.tensor([[0.9, 0.4]])
     assert router.mode == "dense"
     first.add_examples(2)
     first.add_val_loss(1.0)
     first.add_val_loss(1.0)
     assert first.mature and router.mode == "sparse"
-    assert torch.equal(router.weights(sims), torch.tensor([[1.0, 0.0]]))
-    router.new_expert()  # a new immature expert: collaborative (dense) again
+    assert torch.equal(router.weights(torch.tensor([[0.9]])), torch.tensor([[1.0]]))
+    router.new_expert()  # a new immature expert: collaborative (dense) again for the prompts nearest it
     assert router.mode == "dense"
-    assert bool((router.weights(sims) > 0).all())
+    assert bool((router.weights(torch.tensor([[0.4, 0.9]])) > 0).all())
+    assert torch.equal(router.weights(torch.tensor([[0.9, 0.4]])), torch.tensor([[1.0, 0.0]]))  # first: ready
+    with pytest.raises(ValueError, match="2 skills for 3 experts"):
+        router.new_expert()
+        router.weights(torch.tensor([[0.9, 0.4]]))
     assert HybridRouter("sparse").mode == "sparse" and HybridRouter("dense").mode == "dense"
     with pytest.raises(ValueError):
         HybridRouter("learned")

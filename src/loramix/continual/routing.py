@@ -1,9 +1,10 @@
 """Maturity-aware routing over skill experts by similarity to the skill prototypes.
 
-While the newest expert is immature, examples are mixed densely over all experts (softmax of the
-prototype similarities / temperature: collaborative learning, older experts still contribute). Once it
-is mature (enough examples seen AND its validation loss stopped improving), routing becomes sparse:
-each example goes to its top-k most similar skills (top-1 = delegation to one expert).
+An expert is *ready* once it is mature (enough examples seen AND its validation loss stopped improving) or
+once its task has ended (a newer skill was detected, so it no longer trains). An example whose most similar
+skill has a ready expert goes to its top-k most similar skills (sparse; top-1 = delegation to one expert); an
+example whose most similar skill is the newest, still immature one is mixed densely over all experts
+(softmax of the prototype similarities / temperature: collaborative, older experts still contribute).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class MaturityTracker:
     best: float = math.inf
     bad_evals: int = 0
     mature: bool = False
+    ended: bool = False  # its task ended: a newer expert exists (set by HybridRouter.new_expert)
     history: list[float] | None = None
 
     def __post_init__(self) -> None:
@@ -68,6 +70,11 @@ class MaturityTracker:
             raise ValueError("MaturityTracker: need min_examples >= 0, patience >= 1, min_delta >= 0")
         if self.history is None:
             self.history = []
+
+    @property
+    def ready(self) -> bool:
+        """Routed sparsely: mature, or its task has ended."""
+        return self.mature or self.ended
 
     @property
     def plateaued(self) -> bool:
@@ -102,13 +109,15 @@ class MaturityTracker:
 
     def state(self) -> dict:
         return {"examples": self.examples, "best_val_loss": None if math.isinf(self.best) else self.best,
-                "bad_evals": self.bad_evals, "mature": self.mature, "val_losses": list(self.history or [])}
+                "bad_evals": self.bad_evals, "mature": self.mature, "ended": self.ended,
+                "val_losses": list(self.history or [])}
 
 
 class HybridRouter:
-    """Routing policy of the continual model: dense while the newest expert matures, then sparse.
+    """Routing policy of the continual model, per example: sparse when its most similar skill's expert is
+    ready (mature, or its task has ended), dense when that is the newest expert and it is still immature.
 
-    ``policy``: ``hybrid`` (the switch above), or ``dense`` / ``sparse`` always (ablations).
+    ``policy``: ``hybrid`` (the rule above), or ``dense`` / ``sparse`` for every example (ablations).
     """
 
     def __init__(
@@ -132,6 +141,8 @@ class HybridRouter:
         self.trackers: list[MaturityTracker] = []  # one per expert, in creation order
 
     def new_expert(self) -> MaturityTracker:
+        for old in self.trackers:
+            old.ended = True
         tracker = MaturityTracker(**self.maturity_args)
         self.trackers.append(tracker)
         return tracker
@@ -142,10 +153,27 @@ class HybridRouter:
 
     @property
     def mode(self) -> str:
+        """The mode of examples nearest the newest skill (hybrid: dense until its expert is mature); examples
+        nearest an older skill are routed sparsely in any case (see :meth:`weights`)."""
         if self.policy != "hybrid":
             return self.policy
         newest = self.newest
         return "sparse" if newest is not None and newest.mature else "dense"
 
     def weights(self, sims: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        return route_weights(sims, mode or self.mode, temperature=self.temperature, top_k=self.top_k)
+        """Weights ``(N, K)`` for similarities ``(N, K)`` to the skills of the K experts. ``mode`` forces one
+        mode for every row; otherwise the policy's, and with ``hybrid`` each row is sparse when its most
+        similar skill's expert is ready, dense when it is the immature newest one."""
+        kw = {"temperature": self.temperature, "top_k": self.top_k}
+        if mode is not None or self.policy != "hybrid" or sims.dim() != 2 or sims.shape[1] == 0:
+            return route_weights(sims, mode or self.mode, **kw)
+        if sims.shape[1] != len(self.trackers):
+            raise ValueError(f"similarities to {sims.shape[1]} skills for {len(self.trackers)} experts")
+        ready = torch.tensor([t.ready for t in self.trackers])
+        if bool(ready.all()):
+            return route_weights(sims, "sparse", **kw)
+        sparse_rows = ready[sims.argmax(dim=-1)]  # (N,)
+        if not bool(sparse_rows.any()):
+            return route_weights(sims, "dense", **kw)
+        sparse, dense = route_weights(sims, "sparse", **kw), route_weights(sims, "dense", **kw)
+        return torch.where(sparse_rows[:, None], sparse, dense)

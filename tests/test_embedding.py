@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from helpers.tiny_tokenizer import tiny_tokenizer
-from loramix.embedding import SentenceEmbedder, mean_pool
+from loramix.embedding import SentenceEmbedder, ends_pool, mean_pool, pool
 
 
 def test_mean_pool_averages_only_the_masked_positions():
@@ -15,6 +15,41 @@ def test_mean_pool_averages_only_the_masked_positions():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     torch.testing.assert_close(mean_pool(hidden, mask), torch.tensor([[1.0, 2.0], [6.0, 7.0]]))
     assert torch.equal(mean_pool(hidden, torch.zeros(2, 3)), torch.zeros(2, 2))  # no real token: zeros
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_ends_pool_is_the_mean_and_the_means_of_the_first_and_last_tokens(side):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 3)  # (B, L, H)
+    lengths = [7, 4]
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        if side == "right":
+            mask[b, :n] = 1
+        else:
+            mask[b, 7 - n:] = 1
+    out = ends_pool(hidden, mask, 2)  # (B, 3H)
+    for b in range(2):
+        real = hidden[b][mask[b].bool()]  # (n, H)
+        want = torch.cat([real.mean(0), real[:2].mean(0), real[-2:].mean(0)])
+        torch.testing.assert_close(out[b], want)
+    wide = ends_pool(hidden, mask, 100)  # ends past the length: all three parts are the mean
+    torch.testing.assert_close(wide[:, 3:6], wide[:, :3])
+    torch.testing.assert_close(wide[:, 6:], wide[:, :3])
+    unit = pool(hidden, mask, ends=2)
+    torch.testing.assert_close(unit.view(2, 3, 3).norm(dim=-1), torch.ones(2, 3))
+
+
+def test_end_pooling_keeps_a_short_request_that_the_mean_over_a_long_text_dilutes():
+    torch.manual_seed(0)
+    text = torch.randn(1, 200, 8).expand(2, 200, 8)  # the same long text in two prompts
+    request = torch.randn(2, 4, 8)  # two different four-token requests after it
+    hidden, mask = torch.cat([text, request], 1), torch.ones(2, 204)  # (2, 204, 8)
+    mean = pool(hidden, mask)  # (2, 8)
+    ends = pool(hidden, mask, ends=4).view(2, 3, 8)  # (2, [mean, head, tail], 8)
+    assert float(mean[0] @ mean[1]) > 0.95  # the mean barely sees the request
+    assert float(ends[0, 2] @ ends[1, 2]) < 0.8  # the tail mean is the request itself
+    torch.testing.assert_close(ends[:, 2], torch.nn.functional.normalize(request.mean(1), dim=-1))
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +71,18 @@ def test_local_encoder_gives_unit_rows_that_do_not_depend_on_the_batch(encoder_d
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(out[0], out[2])  # padding in another batch does not change a text's embedding
     torch.testing.assert_close(embed(["hello world"])[0], out[0], rtol=1e-5, atol=1e-6)
+
+
+def test_local_encoder_with_end_pooling(encoder_dir):
+    texts = ["hello world", "the cat sat on the mat and it was good"]
+    plain = SentenceEmbedder(str(encoder_dir))(texts)
+    ends = SentenceEmbedder(str(encoder_dir), ends=2, batch_size=1)(texts)
+    assert ends.shape == (2, 48)
+    torch.testing.assert_close(ends[:, :16], plain, rtol=1e-5, atol=1e-6)  # the first part is the plain embedding
+    torch.testing.assert_close(ends.view(2, 3, 16).norm(dim=-1), torch.ones(2, 3))
+    assert not torch.allclose(ends[1, 16:32], ends[1, 32:])  # head and tail of a long text differ
+    with pytest.raises(ValueError, match="end pooling"):
+        SentenceEmbedder("someone/hub-model", ends=2)
 
 
 def test_missing_local_encoder_is_named(tmp_path):

@@ -19,6 +19,7 @@ from loramix.skills.demo import (
     boolq_question,
     choice_logliks,
     compare_gates,
+    dev_items,
     evaluate,
     prepare,
     rouge_l,
@@ -155,8 +156,18 @@ def test_compare_gates_reports_every_variant(demo, tmp_path):
     for rec in res["variants"].values():
         assert set(rec) == {"2_skills", "3_skills"}
         three = rec["3_skills"]
-        for key in ("heldrew/sentiment", "heldrew/summary", "heldrew/boolq", "free", "mixed_both_ge_0.25"):
+        for key in ("evalrew/sentiment", "evalrew/summary", "evalrew/boolq", "free", "mixed_both_ge_0.25@T1",
+                    "reworded_mean_own_weight@T3"):
             assert 0 <= three[key] <= 1, key
+        assert three["weight_ce@T1.5"] > 0
         assert three["mixed_n"] > rec["2_skills"]["mixed_n"] > 0
+    one = next(iter(res["variants"].values()))["3_skills"]
+    # a higher gate temperature spreads the weights: less on the requested skill of a single-skill prompt
+    assert one["reworded_mean_own_weight@T3"] < one["reworded_mean_own_weight@T1"]
+    dev = compare_gates(str(demo["dir"] / "data"), small=True, prompt_set="dev", ends=4, log=lambda s: None,
+                        variants=[GATE_VARIANTS[-1][0]])
+    assert list(dev["variants"]) == [GATE_VARIANTS[-1][0]] and dev["embedder"]["ends"] == 4
+    assert "free" not in dev["variants"][GATE_VARIANTS[-1][0]]["3_skills"]  # the development set has none
+    assert dev_items([{"i": i} for i in range(10)], 3) == [{"i": 9}, {"i": 8}, {"i": 7}]  # from the end
     again = compare_gates(str(demo["dir"] / "data"), small=True, cache=str(cache), log=lambda s: None)
     assert again["variants"] == res["variants"]  # the cached embeddings give the same figures

@@ -12,6 +12,7 @@ import torch
 
 from helpers.tiny_lm import byte_tokenizer, save_tiny_lm
 from loramix import load_adapter
+from loramix.config import ConfigError
 from loramix.generation import generate
 from loramix.models import load_base_model
 from loramix.skills import Gate, GateConfig, SkillLibrary, SkillLibraryError, skills_add, skills_generate, skills_route
@@ -171,7 +172,7 @@ def test_a_gate_saved_without_an_objective_loads_as_softmax(tmp_path):
     old = Gate.load(tmp_path / "g.safetensors", tmp_path / "g.json")
     assert old.config.objective == "softmax"
     x = single["s0"][:5]
-    assert torch.allclose(old.weights(x), torch.softmax(old.logits(x), -1))
+    assert torch.allclose(old.weights(x), torch.softmax(old.logits(x) / old.config.temperature, -1))
     sub = old.weights(x, names=["s1"])  # a subset renormalises among itself; softmax scores are its weights
     assert torch.equal(sub, torch.ones(5, 1)) and torch.equal(old.scores(x, names=["s1"]), sub)
 
@@ -306,3 +307,26 @@ def skills_list_ok(root) -> bool:
     from loramix.skills import skills_list
 
     return skills_list(str(root), verify=True)["ok"]
+
+
+def test_a_new_library_pools_the_prompt_ends_and_keeps_the_representation_it_was_made_with(env, tmp_path):
+    from loramix.skills.gate import DEFAULT_ENDS
+
+    hidden = load_base_model(env["model_dir"], device="cpu")[0].config.hidden_size
+    one = SkillLibrary.open(env["one"])  # made without embed_ends
+    assert one.manifest["embedder"]["ends"] == DEFAULT_ENDS
+    assert one.prompt_embeddings("review").shape[1] == 3 * hidden  # whole-prompt, head and tail means
+    plain = tmp_path / "plain"  # a library of whole-prompt means (what libraries without "ends" hold)
+    skills_add(str(plain), "review", str(env["dir"] / "review.jsonl"), model=env["model_dir"], embedder="base",
+               embed_ends=0, **GATE, **TRAIN)
+    assert "ends" not in SkillLibrary.open(plain).manifest["embedder"]
+    skills_add(str(plain), "dialogue", str(env["dir"] / "dialogue.jsonl"), **GATE, **TRAIN)
+    lib = SkillLibrary.open(plain)
+    assert lib.prompt_embeddings("dialogue").shape[1] == hidden
+    routes = skills_route(str(plain), ["Summarize this dialogue:\nA: I like tea.\nB: I prefer maps."],
+                          device="cpu")["routes"]
+    assert routes[0]["top"] == "dialogue"
+    with pytest.raises(SkillLibraryError, match="differs from the library's"):
+        skills_add(str(plain), "third", str(env["dir"] / "dialogue.jsonl"), embed_ends=16, **GATE, **TRAIN)
+    with pytest.raises(ConfigError, match="embed_ends"):
+        skills_add(str(tmp_path / "bad"), "x", str(env["dir"] / "review.jsonl"), embed_ends=-1, **GATE, **TRAIN)

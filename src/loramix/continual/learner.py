@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config import ContinualConfig
 from .experts import GUARDS, ExpertBank
 from .novelty import Decision, Embedder, NoveltyDetector, SkillPrototypes
 from .routing import HybridRouter
@@ -72,6 +73,9 @@ def _takes_logits_to_keep(model: Any) -> bool:
         return False
 
 
+_DEFAULTS = ContinualConfig()  # the learner's training options default to loramix continual's
+
+
 class ContinualLearner:
     """Online learner over an unlabeled task stream; see the module docstring.
 
@@ -98,15 +102,15 @@ class ContinualLearner:
         router: HybridRouter | None = None,
         *,
         guard: str = "freeze",
-        l2_coef: float = 1.0,
-        learning_rate: float = 5e-4,
-        weight_decay: float = 0.0,
-        max_grad_norm: float = 1.0,
-        batch_size: int = 8,
-        steps_per_batch: int = 1,
-        val_size: int = 16,
-        val_every: int = 5,
-        eval_every: int = 10,
+        l2_coef: float = _DEFAULTS.l2_coef,
+        learning_rate: float = _DEFAULTS.learning_rate,
+        weight_decay: float = _DEFAULTS.weight_decay,
+        max_grad_norm: float = _DEFAULTS.max_grad_norm,
+        batch_size: int = _DEFAULTS.batch_size,
+        steps_per_batch: int = _DEFAULTS.steps_per_batch,
+        val_size: int = _DEFAULTS.val_size,
+        val_every: int = _DEFAULTS.val_every,
+        eval_every: int = _DEFAULTS.eval_every,
         train_lag: int = 0,
         quarantine: int = 0,
         auto_temperature: bool = False,

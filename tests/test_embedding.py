@@ -148,3 +148,12 @@ def test_hidden_state_embedder_on_a_half_precision_base(dtype):
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
         torch.testing.assert_close(out.norm(dim=-1), torch.ones(2))
         assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.99
+    ends_ref = HiddenStateEmbedder(tiny_model("llama"), tok, ends=2)(texts)  # (2, 3H): mean, head, tail
+    ends_half = HiddenStateEmbedder(tiny_model("llama").to(dtype), tok, ends=2)(texts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ends_auto = HiddenStateEmbedder(tiny_model("llama"), tok, ends=2)(texts)
+    for out in (ends_half, ends_auto):
+        assert out.dtype == torch.float32 and out.shape == ends_ref.shape and torch.isfinite(out).all()
+        parts, ref_parts = out.view(2, 3, -1), ends_ref.view(2, 3, -1)  # (texts, part, H)
+        torch.testing.assert_close(parts.norm(dim=-1), torch.ones(2, 3))
+        assert torch.nn.functional.cosine_similarity(parts, ref_parts, dim=-1).min() > 0.99

@@ -328,5 +328,10 @@ def test_a_new_library_pools_the_prompt_ends_and_keeps_the_representation_it_was
     assert routes[0]["top"] == "dialogue"
     with pytest.raises(SkillLibraryError, match="differs from the library's"):
         skills_add(str(plain), "third", str(env["dir"] / "dialogue.jsonl"), embed_ends=16, **GATE, **TRAIN)
+    layered = tmp_path / "layered"  # giving only embed_ends compares it alone, not the default layer too
+    skills_add(str(layered), "review", str(env["dir"] / "review.jsonl"), model=env["model_dir"], embedder="base",
+               embed_layer=-2, embed_ends=0, **GATE, **TRAIN)
+    skills_add(str(layered), "dialogue", str(env["dir"] / "dialogue.jsonl"), embed_ends=0, **GATE, **TRAIN)
+    assert SkillLibrary.open(layered).manifest["embedder"]["layer"] == -2
     with pytest.raises(ConfigError, match="embed_ends"):
         skills_add(str(tmp_path / "bad"), "x", str(env["dir"] / "review.jsonl"), embed_ends=-1, **GATE, **TRAIN)

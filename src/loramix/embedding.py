@@ -173,7 +173,6 @@ class HiddenStateEmbedder:
     def __init__(self, model: Any, tokenizer: Any, *, layer: int = -1, batch_size: int = 16, max_length: int = 256,
                  normalize: bool = True, disable: Callable[[], contextlib.AbstractContextManager] | None = None,
                  ends: int = 0):
-        self.ends = ends
         self.model = model
         self.tokenizer = tokenizer
         self.layer = layer
@@ -181,6 +180,7 @@ class HiddenStateEmbedder:
         self.max_length = max_length
         self.normalize = normalize
         self.disable = disable
+        self.ends = ends
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:

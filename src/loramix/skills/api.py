@@ -25,7 +25,6 @@ from .gate import (
     apply_policy,
     check_embedder,
     embed_prompts,
-    embedder_name,
     embedder_spec,
     train_gate,
     truncated,
@@ -269,8 +268,9 @@ def skills_add(
     check_int("embed_ends", embed_ends, 0, optional=True)
     if lib is not None and (embedder is not None or embed_ends is not None):  # must match the library's
         have = lib.manifest["embedder"]
-        wanted = embedder_spec(embedder or embedder_name(have), layer=embed_layer,
-                               ends=have.get("ends", 0) if embed_ends is None else embed_ends)
+        ends = have.get("ends", 0) if embed_ends is None else embed_ends
+        given = embedder_spec(embedder, layer=embed_layer) if embedder is not None else have
+        wanted = {**{k: v for k, v in given.items() if k != "ends"}, **({"ends": ends} if ends else {})}
         if wanted != have:
             raise SkillLibraryError(f"embedder {wanted} differs from the library's {have}")
     new_spec = embedder_spec(embedder, layer=embed_layer, ends=DEFAULT_ENDS if embed_ends is None else embed_ends)

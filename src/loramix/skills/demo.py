@@ -236,17 +236,19 @@ def reworded(skill: str, items: list[dict[str, Any]]) -> list[str]:
     return [templates[i % len(templates)].format(text=it["raw"]) for i, it in enumerate(items)]
 
 
-def mixed_prompts(tests: dict[str, list[dict[str, Any]]], names: list[str], per_source: int = 24
-                  ) -> list[tuple[tuple[str, ...], str]]:
-    """``(skills asked for, prompt)``: the held-out MIXED instructions on the first ``per_source`` test items
-    of each source skill (instructions rotated), then MIXED_FREE; only prompts whose skills are all in ``names``."""
+def mixed_prompts(items: dict[str, list[dict[str, Any]]], names: list[str],
+                  templates: list[tuple[tuple[str, ...], str, str]] = MIXED,
+                  free: list[tuple[tuple[str, ...], str]] = MIXED_FREE) -> list[tuple[tuple[str, ...], str]]:
+    """``(skills asked for, prompt)``: the mixed instructions ``templates`` (default: the held-out ones) filled
+    with ``items`` of their source skill (that source's instructions rotated), then the complete prompts
+    ``free``; only prompts whose skills are all in ``names``."""
     out = []
     for src in names:
-        mine = [(asked, t) for asked, s, t in MIXED if s == src and all(a in names for a in asked)]
-        for i, it in enumerate(tests[src][:per_source] if mine else []):
+        mine = [(asked, t) for asked, s, t in templates if s == src and all(a in names for a in asked)]
+        for i, it in enumerate(items[src] if mine else []):
             asked, t = mine[i % len(mine)]
             out.append((asked, t.format(text=it["raw"])))
-    return out + [(asked, p) for asked, p in MIXED_FREE if all(a in names for a in asked)]
+    return out + [(asked, p) for asked, p in free if all(a in names for a in asked)]
 
 
 class EmbeddingCache:
@@ -354,7 +356,7 @@ def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int =
                                              "misrouted": [p[:60] for (_, p), h in zip(free, hits, strict=True)
                                                            if not h]}
         log(f"routing [single_free]: {json.dumps(results['routing']['single_free'])}")
-    mixed = mixed_prompts(tests, names, mixed_per_source)
+    mixed = mixed_prompts({s: tests[s][:mixed_per_source] for s in names}, names)
     if mixed:
         w, _, _ = route([p for _, p in mixed])
         rows = []
@@ -466,15 +468,7 @@ def _eval_prompts(test: dict[str, list[dict[str, Any]]], skills: list[str], prom
         prompts[f"evaltmpl/{s}"] = [it["prompt"] for it in items[s]]
         prompts[f"evalrew/{s}"] = [reworded_t[s][i % len(reworded_t[s])].format(text=it["raw"])
                                    for i, it in enumerate(items[s])]
-    per_src: dict[str, list[tuple[tuple[str, ...], str]]] = {}
-    for asked, src, t in mixed_t:
-        per_src.setdefault(src, []).append((asked, t))
-    mixed = []
-    for src, ts in per_src.items():
-        for i, it in enumerate(mix_items[src]):
-            asked, t = ts[i % len(ts)]
-            mixed.append((asked, t.format(text=it["raw"])))
-    mixed += list(mixed_free)
+    mixed = mixed_prompts(mix_items, skills, mixed_t, mixed_free)
     prompts["evalmix"] = [p for _, p in mixed]
     free = heldout.SINGLE_FREE if prompt_set == "heldout" else []
     if free:

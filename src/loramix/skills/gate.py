@@ -94,13 +94,6 @@ def embedder_spec(embedder: str | None, *, layer: int = -1, max_length: int = 25
     return {"kind": "sentence", "source": str(path.resolve()), "max_length": max_length, **extra}
 
 
-def embedder_name(spec: dict[str, Any]) -> str:
-    """The ``embedder`` choice a manifest record was made from (inverse of :func:`embedder_spec`)."""
-    if spec["kind"] == "base":
-        return "base"
-    return "minilm" if str(spec["source"]).startswith("package:") else str(spec["source"])
-
-
 @torch.no_grad()
 def embed_with_base(model: nn.Module, tokenizer: Any, prompts: list[str], *, layer: int = -1,
                     max_length: int = 256, batch_size: int = 16, ends: int = 0) -> torch.Tensor:

@@ -537,3 +537,34 @@ def test_hybrid_routes_prompts_of_ended_experts_sparsely_while_the_newest_is_imm
         for _ in range(3):
             fixed.new_expert()
         assert torch.equal(fixed.weights(sims), route_weights(sims, policy, temperature=0.05))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_half_precision_base_trains_through_checkpointed_experts_and_the_target_only_head(arch, dtype):
+    """A bf16 / fp16 base (experts float32): the training step (checkpointed mixture, LM head on the target
+    positions only) gives a loss close to the float32 base's and finite float32 expert gradients equal in
+    direction to the float32 ones."""
+    from loramix.continual.learner import batch_tensors, target_loss
+    from loramix.continual.stream import EncodedExample
+
+    rows = [EncodedExample(index=i, prompt="p", context_ids=list(range(3, 3 + n)), target_ids=[7, 9, 11][: 1 + i])
+            for i, n in enumerate((5, 9, 2))]
+    batch = batch_tensors(rows, 0, torch.device("cpu"))
+    results = {}
+    for dt in (torch.float32, dtype):
+        model, bank = setup_bank(arch)
+        model.to(dt)
+        for layer in bank.layers:  # the base in dt, the experts kept float32
+            layer.experts.float()
+        model.train()
+        with bank.route(torch.tensor([[0.6, 0.4], [1.0, 0.0], [0.0, 1.0]])):
+            loss = target_loss(model, batch)
+        loss.backward()
+        params = bank.trainable_parameters()
+        assert all(p.dtype == torch.float32 for p in params) and all(p.grad is not None for p in params)
+        results[dt] = (float(loss), torch.cat([p.grad.flatten() for p in params]))
+        bank.detach()
+    (ref_loss, ref_grad), (loss, grad) = results[torch.float32], results[dtype]
+    assert torch.isfinite(grad).all() and abs(loss - ref_loss) < 0.05 * abs(ref_loss)
+    assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.98

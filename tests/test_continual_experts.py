@@ -3,6 +3,8 @@ continual learner's guards (freeze / L2 / none), dense -> sparse maturity switch
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -134,7 +136,8 @@ def stream_setup():
 
 
 def make_learner(model, tok, *, guard="freeze", l2_coef=1.0, min_examples=1000, patience=1, min_delta=0.0,
-                 train_lag=0, quarantine=0):
+                 train_lag=0, quarantine=0, learning_rate=1e-2, restore_best=True, val_size=2, val_every=4,
+                 eval_every=2):
     torch.manual_seed(0)
     bank = ExpertBank(model, r=4, alpha=8.0, dropout=0.0)
     router = HybridRouter("hybrid", temperature=0.05, min_examples=min_examples, patience=patience,
@@ -142,8 +145,9 @@ def make_learner(model, tok, *, guard="freeze", l2_coef=1.0, min_examples=1000, 
     embedder = HiddenStateEmbedder(model, tok, disable=bank.disabled)
     try:
         return ContinualLearner(model, tok, bank, embedder, NoveltyDetector(0.8, 4), router, guard=guard,
-                                l2_coef=l2_coef, learning_rate=1e-2, batch_size=4, val_size=2, val_every=4,
-                                eval_every=2, train_lag=train_lag, quarantine=quarantine)
+                                l2_coef=l2_coef, learning_rate=learning_rate, batch_size=4, val_size=val_size,
+                                val_every=val_every, eval_every=eval_every, train_lag=train_lag,
+                                quarantine=quarantine, restore_best=restore_best)
     except ValueError:
         bank.detach()  # a rejected option must not leave experts on the shared model
         raise
@@ -234,6 +238,77 @@ def test_plateau_compares_validation_losses_on_the_same_validation_set(stream_se
     bank.detach()
 
 
+def _learner_with_validation_set(stream_setup, val_rows, **kw):
+    """A learner whose first expert exists and whose validation set is ``val_rows`` (full: nothing more is
+    held out), so every later example of the first task trains."""
+    model, tok, tasks = stream_setup
+    stream = build_stream(tok, tasks)
+    learner = make_learner(model, tok, val_size=2, val_every=1, eval_every=1, **kw)
+    learner.observe(stream.examples[:4])  # the window creates expert 0
+    assert learner.bank.num_experts == 1
+    for ex, emb in zip(val_rows, learner.embedder([ex.prompt for ex in val_rows]), strict=True):
+        ex.embedding = emb
+    learner.val = list(val_rows)
+    return learner, stream
+
+
+def test_a_stopping_expert_keeps_the_weights_of_its_lowest_validation_loss(stream_setup):
+    """Validation examples of another task: their loss first falls, then rises while the expert trains on its
+    own task; the expert must end with the weights of the lowest loss, and best_weights() shows them before
+    the end without changing the training weights."""
+    _, tok, tasks = stream_setup
+    stream = build_stream(tok, tasks)
+    other = [dataclasses.replace(stream.examples[i], embedding=None) for i in (30, 31)]
+    finals = {}
+    for restore in (True, False):
+        learner, stream = _learner_with_validation_set(stream_setup, other, restore_best=restore)
+        learner.observe(stream.examples[4:24])
+        learner.flush()
+        losses = [e["loss"] for e in learner.events if e["event"] == "val_loss"]
+        last = learner.validation_loss()
+        assert last == pytest.approx(losses[-1]) and min(losses) < last - 1e-3  # the loss went back up
+        if restore:
+            with learner.best_weights():
+                assert learner.validation_loss() == pytest.approx(min(losses))
+            assert learner.validation_loss() == pytest.approx(last)  # training weights back
+        learner.finish()
+        finals[restore] = learner.validation_loss()
+        restored = [e for e in learner.events if e["event"] == "restored"]
+        if restore:
+            assert finals[True] == pytest.approx(min(losses))
+            assert len(restored) == 1 and restored[0]["from_step"] == losses.index(min(losses)) + 1
+            learner.finish()  # a second call changes nothing
+            assert learner.validation_loss() == pytest.approx(min(losses))
+        else:
+            assert finals[False] == pytest.approx(last) and not restored
+        learner.bank.detach()
+
+
+def test_an_expert_that_only_hurt_its_validation_set_goes_back_to_untrained_before_it_is_frozen(stream_setup):
+    """Validation targets the task never produces: every step raises their loss, so the untrained expert (the
+    first candidate) is kept when the next skill arrives and expert 0 is frozen adding nothing."""
+    _, tok, tasks = stream_setup
+    stream = build_stream(tok, tasks)
+    odd = [dataclasses.replace(stream.examples[i], target_ids=[100, 101, 102, 103], embedding=None) for i in (22, 23)]
+    for restore in (True, False):
+        learner, stream = _learner_with_validation_set(stream_setup, odd, restore_best=restore)
+        learner.observe(stream.examples[4:22])
+        learner.flush()
+        assert learner.validation_loss() > [e["loss"] for e in learner.events if e["event"] == "val_loss"][0]
+        learner.observe(stream.examples[24:])  # task 2: expert 1 is created, expert 0 frozen
+        assert learner.bank.num_experts == 2
+        b = [v for k, v in learner.bank.expert_state(0).items() if "lora_B" in k]
+        restored = [e for e in learner.events if e["event"] == "restored"]
+        if restore:
+            assert all(float(v.abs().max()) == 0.0 for v in b)  # B = 0: the expert equals the base FFN
+            assert [(e["expert"], e["from_step"]) for e in restored] == [(0, None)]
+            assert restored[0]["step"] < next(e["step"] for e in learner.events if e["event"] == "new_expert"
+                                              and e["expert"] == 1) + 1
+        else:
+            assert any(float(v.abs().max()) > 0.0 for v in b) and not restored
+        learner.bank.detach()
+
+
 def test_save_and_load_restore_routing_and_outputs(stream_setup, tmp_path):
     model, tok, tasks = stream_setup
     stream = build_stream(tok, tasks)
@@ -246,7 +321,7 @@ def test_save_and_load_restore_routing_and_outputs(stream_setup, tmp_path):
     rows = [tok(prompts[0])["input_ids"], tok(prompts[-1])["input_ids"]]  # one prompt of each task
     n = min(len(r) for r in rows)
     ids = torch.tensor([r[:n] for r in rows])
-    with torch.no_grad(), learner.bank.route(w[[0, -1]]):
+    with torch.no_grad(), learner.bank.route(w[[0, -1]]), learner.best_weights():  # the weights save() writes
         want = model(ids).logits
     learner.save(tmp_path / "cl")
     learner.bank.detach()

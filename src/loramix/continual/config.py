@@ -117,6 +117,10 @@ class ContinualConfig:
     """Hold out every n-th example assigned to the newest skill (until val_size are held out)."""
     eval_every: int = 2
     """Measure the newest expert's validation loss every this many training steps."""
+    restore_best: bool = True
+    """An expert that stops training (a newer skill is detected, or the stream ends) keeps the weights of its
+    lowest validation loss, the untrained expert (the model without it) included, instead of its last ones.
+    Evaluations and the saved model use those weights."""
 
     # --- optimisation ----------------------------------------------------------------------------------
     batch_size: int = 4

@@ -5,14 +5,19 @@ which skill it belongs to; a sustained novel stretch creates a skill, and with i
 experts are frozen, or anchored by an L2 penalty). Examples assigned to a trainable expert are queued
 and trained in mini-batches with routing weights from the prototype similarities (dense while the
 newest expert is immature, sparse once mature). A few examples of the newest skill are held out as its
-validation set; their loss, measured every ``eval_every`` steps, drives the maturity decision.
+validation set; their loss, measured every ``eval_every`` steps, drives the maturity decision and picks the
+weights the expert keeps: when it stops training (a newer skill is detected, or :meth:`finish` at the end of
+the stream), the newest expert goes back to the weights of its lowest validation loss, the untrained expert
+(which adds nothing to the model) being the first candidate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +95,8 @@ class ContinualLearner:
             or ``none`` (old experts keep training: an ablation that forgets).
         auto_temperature: route with the temperature set to the skills' pooled similarity spread
             (:meth:`SkillPrototypes.spread`), updated whenever weights are computed.
+        restore_best: an expert that stops training keeps the weights of its lowest validation loss (the
+            untrained expert included), not its last ones; :meth:`best_weights` and :meth:`save` use them too.
     """
 
     def __init__(
@@ -114,6 +121,7 @@ class ContinualLearner:
         train_lag: int = 0,
         quarantine: int = 0,
         auto_temperature: bool = False,
+        restore_best: bool = _DEFAULTS.restore_best,
     ) -> None:
         if train_lag < 0:
             raise ValueError(f"train_lag must be >= 0, got {train_lag}")
@@ -155,6 +163,11 @@ class ContinualLearner:
         self.events: list[dict[str, Any]] = []
         self.counts = {"trained": 0, "held_out": 0, "frozen_skipped": 0, "quarantined": 0}
         self.losses: list[float] = []
+        self.restore_best = restore_best
+        self.best_state: list[torch.Tensor] | None = None  # the newest expert's best weights so far
+        self.best_loss = math.inf  # their validation loss on the first best_on examples of self.val
+        self.best_on = 0
+        self.best_step: int | None = None  # the step they were measured at (None: untrained)
 
     # --- public API -----------------------------------------------------------------------------------
     @property
@@ -185,6 +198,24 @@ class ContinualLearner:
         while self.queue:
             batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
             self._train(batch)
+
+    def finish(self) -> None:
+        """End of the stream: train what is queued, then the newest expert keeps its best validation weights
+        (``restore_best``), as an expert does when a newer skill is detected."""
+        self.flush()
+        self._restore_best()
+
+    @contextlib.contextmanager
+    def best_weights(self) -> Iterator[None]:
+        """Within the block the newest expert holds the weights it would keep if the stream ended now (its
+        best validation state, ``restore_best``); its training weights are back afterwards. Nothing the
+        learner decides later depends on it, so evaluating inside it does not change the run."""
+        if self._best_beats_current():
+            assert self.best_state is not None
+            with self._newest_holding(self.best_state):
+                yield
+        else:
+            yield
 
     def routing_weights(self, embeddings: torch.Tensor, mode: str | None = None) -> torch.Tensor | None:
         """Expert weights ``(N, E)`` for ``(N, D)`` embeddings (None before the first expert exists)."""
@@ -254,6 +285,7 @@ class ContinualLearner:
         if self.quarantine and decision.members:
             self._drop_before_boundary(min(decision.members))
         self.flush()  # examples of the previous newest skill train before it is frozen
+        self._restore_best()  # ... and it keeps its best validation weights
         for e in range(self.bank.num_experts):
             if self.guard == "freeze":
                 self.bank.set_trainable(e, False)
@@ -266,6 +298,9 @@ class ContinualLearner:
         self.val = []
         self.val_measured = 0
         self.newest_assigned = 0
+        if self.restore_best:
+            self.best_state = self._newest_snapshot()  # the untrained expert is the first candidate
+            self.best_loss, self.best_on, self.best_step = math.inf, 0, None
         self._event("new_expert", expert=expert, index=decision.index, members=len(decision.members),
                     mode=self.router.mode)
         for ex in moved:
@@ -318,11 +353,60 @@ class ContinualLearner:
                 tracker.restart_plateau()
                 self.val_measured = len(self.val)
             val_loss = self.validation_loss()
+            if self.best_state is not None and val_loss < self._kept_loss():
+                self.best_state = self._newest_snapshot()
+                self.best_loss, self.best_on, self.best_step = val_loss, len(self.val), self.step
             became = tracker.add_val_loss(val_loss) or became
             self._event("val_loss", expert=newest, loss=val_loss, examples=tracker.examples,
                         val_examples=len(self.val), restarted=restarted)
         if became:
             self._event("mature", expert=newest, examples=tracker.examples, mode=self.router.mode)
+
+    # --- best validation weights of the newest expert ------------------------------------------------------
+    def _newest_snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.bank.expert_parameters(self.bank.num_experts - 1)]
+
+    @contextlib.contextmanager
+    def _newest_holding(self, state: Sequence[torch.Tensor]) -> Iterator[None]:
+        """The newest expert's parameters set to ``state`` within the block, restored afterwards."""
+        params = self.bank.expert_parameters(self.bank.num_experts - 1)
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, v in zip(params, state, strict=True):
+                p.copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(params, saved, strict=True):
+                    p.copy_(v)
+
+    def _kept_loss(self) -> float:
+        """The kept weights' validation loss on the current validation set, measured again when the set has
+        grown since (losses on different sets do not compare)."""
+        assert self.best_state is not None
+        if self.best_on != len(self.val):
+            with self._newest_holding(self.best_state):
+                self.best_loss = self.validation_loss()
+            self.best_on = len(self.val)
+        return self.best_loss
+
+    def _best_beats_current(self) -> bool:
+        """Whether the kept weights have a lower validation loss than the newest expert's current ones."""
+        if not (self.restore_best and self.best_state is not None and self.val and self.bank.num_experts):
+            return False
+        return self._kept_loss() < self.validation_loss()
+
+    def _restore_best(self) -> None:
+        """The newest expert takes its kept weights if their validation loss is lower than its current ones'."""
+        if self._best_beats_current():
+            assert self.best_state is not None
+            params = self.bank.expert_parameters(self.bank.num_experts - 1)
+            with torch.no_grad():
+                for p, v in zip(params, self.best_state, strict=True):
+                    p.copy_(v)
+            self._event("restored", expert=self.bank.num_experts - 1, from_step=self.best_step,
+                        val_loss=self.best_loss, val_examples=len(self.val))
 
     @torch.no_grad()
     def validation_loss(self, examples: Sequence[EncodedExample] | None = None) -> float:
@@ -348,10 +432,15 @@ class ContinualLearner:
 
     # --- save / load ----------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Experts + skill prototypes + routing state: everything inference routing needs."""
+        """Experts + skill prototypes + routing state: everything inference routing needs. The newest expert is
+        saved with the weights it would keep if the stream ended now (:meth:`best_weights`)."""
+        directory = Path(directory)
+        with self.best_weights():
+            return self._save(directory)
+
+    def _save(self, directory: Path) -> Path:
         from safetensors.torch import save_file
 
-        directory = Path(directory)
         extra = {"routing": {"policy": self.router.policy, "temperature": self.router.temperature,
                              "top_k": self.router.top_k, "mode": self.router.mode,
                              "maturity": [t.state() for t in self.router.trackers]},

@@ -375,7 +375,7 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
         guard=cfg.guard, l2_coef=cfg.l2_coef, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size, steps_per_batch=cfg.steps_per_batch,
         val_size=cfg.val_size, val_every=cfg.val_every, eval_every=cfg.eval_every, train_lag=cfg.train_lag,
-        quarantine=cfg.quarantine, auto_temperature=cfg.temperature == "auto",
+        quarantine=cfg.quarantine, auto_temperature=cfg.temperature == "auto", restore_best=cfg.restore_best,
     )
     R: list[list[float]] = []
     stages: list[dict[str, Any]] = []
@@ -385,15 +385,17 @@ def run_continual(config: str | Path | ContinualConfig | None = None, **options:
         learner.flush()
         lap(f"continual_train_{t}")
         weights = [learner.routing_weights(emb) for emb in test_emb]
-        row = score_all(bank, weights)
-        if aux:
-            aux_rows["continual"].append(score_all(bank, weights, which=aux))
+        with learner.best_weights():  # the weights the experts keep if the stream ends here
+            row = score_all(bank, weights)
+            if aux:
+                aux_rows["continual"].append(score_all(bank, weights, which=aux))
         R.append(row)
         record("continual", row)
         stages.append({"after_task": names[t], "experts": bank.num_experts, "mode": learner.mode,
                        "temperature": learner.router.temperature, "steps": learner.step, "scores": row})
         logger.info("continual after %s: experts=%d mode=%s scores=%s", names[t], bank.num_experts, learner.mode, row)
         lap(f"continual_eval_{t}")
+    learner.finish()
     if cfg.save_model:
         learner.save(out / "continual_model")
 

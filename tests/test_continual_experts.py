@@ -145,7 +145,8 @@ def make_learner(model, tok, *, guard="freeze", l2_coef=1.0, min_examples=1000, 
     embedder = HiddenStateEmbedder(model, tok, disable=bank.disabled)
     try:
         return ContinualLearner(model, tok, bank, embedder, NoveltyDetector(0.8, 4), router, guard=guard,
-                                l2_coef=l2_coef, learning_rate=learning_rate, batch_size=4, val_size=val_size,
+                                l2_coef=l2_coef, learning_rate=learning_rate, batch_size=4, steps_per_batch=2,
+                                val_size=val_size,
                                 val_every=val_every, eval_every=eval_every, train_lag=train_lag,
                                 quarantine=quarantine, restore_best=restore_best)
     except ValueError:

@@ -366,20 +366,20 @@ class ContinualLearner:
     def _newest_snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.bank.expert_parameters(self.bank.num_experts - 1)]
 
+    def _set_newest(self, state: Sequence[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.bank.expert_parameters(self.bank.num_experts - 1), state, strict=True):
+                p.copy_(v)
+
     @contextlib.contextmanager
     def _newest_holding(self, state: Sequence[torch.Tensor]) -> Iterator[None]:
         """The newest expert's parameters set to ``state`` within the block, restored afterwards."""
-        params = self.bank.expert_parameters(self.bank.num_experts - 1)
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, v in zip(params, state, strict=True):
-                p.copy_(v)
+        saved = self._newest_snapshot()
+        self._set_newest(state)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, v in zip(params, saved, strict=True):
-                    p.copy_(v)
+            self._set_newest(saved)
 
     def _kept_loss(self) -> float:
         """The kept weights' validation loss on the current validation set, measured again when the set has
@@ -401,10 +401,7 @@ class ContinualLearner:
         """The newest expert takes its kept weights if their validation loss is lower than its current ones'."""
         if self._best_beats_current():
             assert self.best_state is not None
-            params = self.bank.expert_parameters(self.bank.num_experts - 1)
-            with torch.no_grad():
-                for p, v in zip(params, self.best_state, strict=True):
-                    p.copy_(v)
+            self._set_newest(self.best_state)
             self._event("restored", expert=self.bank.num_experts - 1, from_step=self.best_step,
                         val_loss=self.best_loss, val_examples=len(self.val))
 

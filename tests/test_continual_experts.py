@@ -136,7 +136,7 @@ def stream_setup():
 
 
 def make_learner(model, tok, *, guard="freeze", l2_coef=1.0, min_examples=1000, patience=1, min_delta=0.0,
-                 train_lag=0, quarantine=0, learning_rate=1e-2, restore_best=True, val_size=2, val_every=4,
+                 train_lag=0, quarantine=0, learning_rate=1e-2, restore_best=False, val_size=2, val_every=4,
                  eval_every=2):
     torch.manual_seed(0)
     bank = ExpertBank(model, r=4, alpha=8.0, dropout=0.0)

@@ -17,7 +17,7 @@ from loramix.continual.run import format_report
 SETTINGS = dict(
     tasks="synthetic", train_per_task=40, test_per_task=8, threshold=0.8, window=4, batch_size=8,
     steps_per_batch=2, learning_rate=1e-2, dropout=0.0, min_examples=16, patience=1, min_delta=0.5,
-    eval_every=2, val_size=4, val_every=4, eval_batch_size=8,
+    eval_every=2, val_size=4, val_every=4, eval_batch_size=8, restore_best=True,
 )
 
 

@@ -5,10 +5,10 @@ which skill it belongs to; a sustained novel stretch creates a skill, and with i
 experts are frozen, or anchored by an L2 penalty). Examples assigned to a trainable expert are queued
 and trained in mini-batches with routing weights from the prototype similarities (dense while the
 newest expert is immature, sparse once mature). A few examples of the newest skill are held out as its
-validation set; their loss, measured every ``eval_every`` steps, drives the maturity decision and picks the
-weights the expert keeps: when it stops training (a newer skill is detected, or :meth:`finish` at the end of
-the stream), the newest expert goes back to the weights of its lowest validation loss, the untrained expert
-(which adds nothing to the model) being the first candidate.
+validation set; their loss, measured every ``eval_every`` steps, drives the maturity decision and, with
+``restore_best``, picks the weights the expert keeps: when it stops training (a newer skill is detected, or
+:meth:`finish` at the end of the stream), the newest expert goes back to the weights of its lowest validation
+loss, the untrained expert (which adds nothing to the model) being the first candidate.
 """
 
 from __future__ import annotations

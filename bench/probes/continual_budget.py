@@ -1,12 +1,12 @@
 """One task, one continual expert: train it with a learning budget and score its task's test items.
 
 The learner is the one ``loramix continual`` runs (novelty detection, validation hold-out, best-validation
-restore), on a stream of a single task; ``--single`` trains one LoRA of the same form on the first
+restore with ``--restore-best``), on a stream of a single task; ``--single`` trains one LoRA of the same form on the first
 ``train - 4`` examples instead, with no hold-out (the sequential baseline's loop). Prints one JSON line: the
 score, the validation losses (one per `eval_every` mini-batches), and the mini-batch after which the kept
 weights were measured (null: the untrained expert; "last": the last weights).
 
-    LORAMIX_DATA_DIR=/path/to/data python -m bench.probes.continual_budget --task sst2 --steps-per-batch 4
+    LORAMIX_DATA_DIR=/path/to/data python -m bench.probes.continual_budget --task sst2 --steps-per-batch 4 --restore-best
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--steps-per-batch", type=int, default=d.steps_per_batch)
     p.add_argument("--val-size", type=int, default=d.val_size)
-    p.add_argument("--no-restore", action="store_true", help="keep the last weights, not the best validation ones")
+    p.add_argument("--restore-best", action="store_true", default=d.restore_best,
+                   help="keep the weights of the best validation loss, not the last ones (restore_best)")
     p.add_argument("--single", action="store_true", help="one LoRA on the first train - 4 examples, no hold-out")
     a = p.parse_args()
 
@@ -66,7 +67,7 @@ def main() -> None:
         learner = ContinualLearner(
             model, tok, bank, embed, NoveltyDetector("auto", d.window), HybridRouter(min_examples=d.min_examples),
             learning_rate=a.learning_rate, batch_size=a.batch_size, steps_per_batch=a.steps_per_batch,
-            val_size=a.val_size, train_lag=d.train_lag, auto_temperature=True, restore_best=not a.no_restore)
+            val_size=a.val_size, train_lag=d.train_lag, auto_temperature=True, restore_best=a.restore_best)
         learner.observe(stream.examples)
         learner.finish()
         weights = learner.routing_weights(embed(ev.texts))

@@ -1,10 +1,10 @@
 """One task, one continual expert: train it with a learning budget and score its task's test items.
 
-The learner is the one ``loramix continual`` runs (novelty detection, validation hold-out, best-validation
-restore with ``--restore-best``), on a stream of a single task; ``--single`` trains one LoRA of the same form on the first
-``train - 4`` examples instead, with no hold-out (the sequential baseline's loop). Prints one JSON line: the
-score, the validation losses (one per `eval_every` mini-batches), and the mini-batch after which the kept
-weights were measured (null: the untrained expert; "last": the last weights).
+The learner is the one ``loramix continual`` runs (novelty detection, validation hold-out, and with
+``--restore-best`` the best-validation restore), on a stream of a single task; ``--single`` trains one LoRA of
+the same form on the first ``train - 4`` examples instead, with no hold-out (the sequential baseline's loop).
+Prints one JSON line: the score, the validation losses (one per ``eval_every`` mini-batches), and the
+mini-batch after which the kept weights were measured (null: the untrained expert; "last": the last weights).
 
     LORAMIX_DATA_DIR=/path/to/data python -m bench.probes.continual_budget --task sst2 --steps-per-batch 4 --restore-best
 """

@@ -6,7 +6,7 @@ the same form on the first ``train - 4`` examples instead, with no hold-out (the
 Prints one JSON line: the score, the validation losses (one per ``eval_every`` mini-batches), and the
 mini-batch after which the kept weights were measured (null: the untrained expert; "last": the last weights).
 
-    LORAMIX_DATA_DIR=/path/to/data python -m bench.probes.continual_budget --task sst2 --steps-per-batch 4 --restore-best
+    LORAMIX_DATA_DIR=/data python -m bench.probes.continual_budget --task sst2 --steps-per-batch 4 --restore-best
 """
 
 from __future__ import annotations

@@ -230,9 +230,19 @@ class ExpertBank:
     def is_trainable(self, expert: int) -> bool:
         return all(p.requires_grad for p in self.expert_parameters(expert))
 
+    def copy_expert(self, expert: int) -> list[torch.Tensor]:
+        """A copy of an expert's values, in :meth:`expert_parameters` order (see :meth:`load_expert`)."""
+        return [p.detach().clone() for p in self.expert_parameters(expert)]
+
+    def load_expert(self, expert: int, values: list[torch.Tensor]) -> None:
+        """Set an expert's parameters to ``values`` taken by :meth:`copy_expert`."""
+        with torch.no_grad():
+            for p, v in zip(self.expert_parameters(expert), values, strict=True):
+                p.copy_(v)
+
     def take_snapshot(self, expert: int) -> None:
         """Remember an expert's current values: the anchor of :meth:`l2_penalty`."""
-        self.snapshots[expert] = [p.detach().clone() for p in self.expert_parameters(expert)]
+        self.snapshots[expert] = self.copy_expert(expert)
 
     def l2_penalty(self) -> torch.Tensor:
         """``sum over snapshotted experts of ||theta - theta_snapshot||^2`` (0 when there are none)."""

@@ -299,7 +299,7 @@ class ContinualLearner:
         self.val_measured = 0
         self.newest_assigned = 0
         if self.restore_best:
-            self.best_state = self._newest_snapshot()  # the untrained expert is the first candidate
+            self.best_state = self.bank.copy_expert(expert)  # the untrained expert is the first candidate
             self.best_loss, self.best_on, self.best_step = math.inf, 0, None
         self._event("new_expert", expert=expert, index=decision.index, members=len(decision.members),
                     mode=self.router.mode)
@@ -354,7 +354,7 @@ class ContinualLearner:
                 self.val_measured = len(self.val)
             val_loss = self.validation_loss()
             if self.best_state is not None and val_loss < self._kept_loss():
-                self.best_state = self._newest_snapshot()
+                self.best_state = self.bank.copy_expert(newest)
                 self.best_loss, self.best_on, self.best_step = val_loss, len(self.val), self.step
             became = tracker.add_val_loss(val_loss) or became
             self._event("val_loss", expert=newest, loss=val_loss, examples=tracker.examples,
@@ -363,23 +363,16 @@ class ContinualLearner:
             self._event("mature", expert=newest, examples=tracker.examples, mode=self.router.mode)
 
     # --- best validation weights of the newest expert ------------------------------------------------------
-    def _newest_snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.bank.expert_parameters(self.bank.num_experts - 1)]
-
-    def _set_newest(self, state: Sequence[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, v in zip(self.bank.expert_parameters(self.bank.num_experts - 1), state, strict=True):
-                p.copy_(v)
-
     @contextlib.contextmanager
-    def _newest_holding(self, state: Sequence[torch.Tensor]) -> Iterator[None]:
+    def _newest_holding(self, state: list[torch.Tensor]) -> Iterator[None]:
         """The newest expert's parameters set to ``state`` within the block, restored afterwards."""
-        saved = self._newest_snapshot()
-        self._set_newest(state)
+        newest = self.bank.num_experts - 1
+        saved = self.bank.copy_expert(newest)
+        self.bank.load_expert(newest, state)
         try:
             yield
         finally:
-            self._set_newest(saved)
+            self.bank.load_expert(newest, saved)
 
     def _kept_loss(self) -> float:
         """The kept weights' validation loss on the current validation set, measured again when the set has
@@ -393,7 +386,7 @@ class ContinualLearner:
 
     def _best_beats_current(self) -> bool:
         """Whether the kept weights have a lower validation loss than the newest expert's current ones."""
-        if not (self.restore_best and self.best_state is not None and self.val and self.bank.num_experts):
+        if self.best_state is None or not self.val:  # restore_best off, or nothing to compare on
             return False
         return self._kept_loss() < self.validation_loss()
 
@@ -401,7 +394,7 @@ class ContinualLearner:
         """The newest expert takes its kept weights if their validation loss is lower than its current ones'."""
         if self._best_beats_current():
             assert self.best_state is not None
-            self._set_newest(self.best_state)
+            self.bank.load_expert(self.bank.num_experts - 1, self.best_state)
             self._event("restored", expert=self.bank.num_experts - 1, from_step=self.best_step,
                         val_loss=self.best_loss, val_examples=len(self.val))
 

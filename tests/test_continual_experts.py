@@ -4,6 +4,7 @@ continual learner's guards (freeze / L2 / none), dense -> sparse maturity switch
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -644,3 +645,31 @@ def test_half_precision_base_trains_through_checkpointed_experts_and_the_target_
     (ref_loss, ref_grad), (loss, grad) = results[torch.float32], results[dtype]
     assert torch.isfinite(grad).all() and abs(loss - ref_loss) < 0.05 * abs(ref_loss)
     assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.98
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_restore_best_on_a_half_precision_base(dtype):
+    """bf16 / fp16 base, float32 experts: the kept weights are measured and restored in the experts' dtype,
+    best_weights() shows the loss finish() ends at, and that loss is the lowest of the candidates measured."""
+    model, tok = byte_lm("llama")
+    model.to(dtype)
+    tasks = synthetic_tasks(2, train_per_task=24, test_per_task=4, seed=1)
+    stream = build_stream(tok, tasks)
+    learner = make_learner(model, tok, val_size=2, val_every=1, eval_every=1, restore_best=True)
+    learner.observe(stream.examples[:4])
+    other = [dataclasses.replace(stream.examples[i], embedding=None) for i in (30, 31)]  # another task's rows
+    for ex, emb in zip(other, learner.embedder([ex.prompt for ex in other]), strict=True):
+        ex.embedding = emb
+    learner.val = other
+    learner.observe(stream.examples[4:24])
+    learner.flush()
+    losses = [e["loss"] for e in learner.events if e["event"] == "val_loss"]
+    assert losses and all(math.isfinite(v) for v in losses)
+    with learner.best_weights():
+        shown = learner.validation_loss()
+    learner.finish()
+    final = learner.validation_loss()
+    assert final == pytest.approx(shown) and final <= min(losses) + 1e-6
+    assert min(losses) < losses[-1] and [e["expert"] for e in learner.events if e["event"] == "restored"] == [0]
+    assert all(p.dtype == torch.float32 for p in learner.bank.expert_parameters(0))
+    learner.bank.detach()

@@ -9,10 +9,9 @@ import torch
 
 from helpers.moe_layers import base_mlp, make_layer
 from loramix.continual.experts import GrowableFFN
-from loramix.experts import ExpertLoRA, FrozenFFN, pairs_by_expert
+from loramix.experts import ExpertLoRA, FrozenFFN
 from loramix.ffn_spec import detect_ffn, linear_shape
 from loramix.moe_layer import MixLoraFFN
-from loramix.routers import Routing
 
 ARCHS = ["llama", "gpt2", "gemma"]
 
@@ -59,17 +58,6 @@ def test_every_ffn_wrapper_is_a_frozen_ffn_keeping_the_base_under_the_same_keys(
         base_keys = {k for k in module.state_dict() if k.startswith("base.")}
         assert base_keys == {f"base.{k}" for k in mlp.state_dict()}
     assert isinstance(layer, MixLoraFFN)
-
-
-def test_pairs_by_expert_sorts_valid_pairs_and_counts_them():
-    indices = torch.tensor([[2, 0], [1, 2], [0, 1]])  # (T=3, k=2)
-    mask = torch.tensor([[True, True], [True, False], [True, True]])
-    weights = torch.tensor([[0.6, 0.4], [1.0, 0.0], [0.7, 0.3]])
-    probs = torch.zeros(3, 4)
-    routing = Routing(probs=probs, logits=probs, indices=indices, weights=weights, mask=mask)
-    token, weight, counts = pairs_by_expert(routing)
-    assert counts == [2, 2, 1, 0]
-    assert token.tolist() == [0, 2, 1, 2, 0] and weight.tolist() == pytest.approx([0.4, 0.7, 1.0, 0.3, 0.6])
 
 
 def test_expert_lora_starts_at_zero_and_matches_its_formula():

@@ -1,134 +1,108 @@
-"""GroupedLoRA (hand-written backward) equals the plain autograd version, values and gradients."""
+"""loramix.grouped: the (token, slot) pairs of a routing, and the per-pair expert products on the grouped
+(``F.grouped_mm``) path and on the fallback, against the plain loop over experts, values and gradients."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loramix.grouped import grouped_lora, grouped_lora_reference
+import loramix.grouped as grouped
+from loramix.grouped import (
+    expert_matmul,
+    expert_matmul_reference,
+    grouped_mm_supported,
+    routing_pairs,
+    token_inputs_matmul,
+)
+from loramix.routers import Routing
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def _inputs(counts: list[int], outs: list[int], with_base: bool, seed: int = 0):
+def _routing(indices: list[list[int]], mask: list[list[bool]], weights: list[list[float]], experts: int = 4):
+    idx, m = torch.tensor(indices), torch.tensor(mask)
+    probs = torch.zeros(idx.shape[0], experts)
+    return Routing(probs=probs, logits=probs, indices=idx, weights=torch.tensor(weights) * m, mask=m)
+
+
+def test_routing_pairs_keep_every_slot_and_sort_by_expert() -> None:
+    """N = T*K pairs whatever the mask; unused slots get weight 0, a token with no used slot weight 1 on its
+    first slot (it carries the frozen FFN); sorted, the group ends count each expert's pairs."""
+    routing = _routing([[2, 0], [1, 2], [0, 1], [3, 1]], [[True, True], [True, False], [True, True], [False, False]],
+                       [[0.6, 0.4], [1.0, 0.5], [0.7, 0.3], [0.9, 0.1]])
+    flat = routing_pairs(routing, 4, grouped=False)
+    assert flat.offsets is None
+    assert flat.token.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and flat.expert.tolist() == [2, 0, 1, 2, 0, 1, 3, 1]
+    assert flat.active.tolist() == [True, True, True, False, True, True, False, False]
+    assert flat.weight.tolist() == pytest.approx([0.6, 0.4, 1.0, 0.0, 0.7, 0.3, 1.0, 0.0])
+    pairs = routing_pairs(routing, 4, grouped=True)
+    assert pairs.expert.tolist() == [0, 0, 1, 1, 1, 2, 2, 3]
+    assert pairs.offsets.dtype == torch.int32 and pairs.offsets.tolist() == [2, 5, 7, 8]
+    assert pairs.token.tolist() == [0, 2, 1, 2, 3, 0, 1, 3]  # stable: a token's slots keep their order
+    assert pairs.weight.tolist() == pytest.approx([0.4, 0.7, 1.0, 0.3, 0.0, 0.6, 0.0, 1.0])
+
+
+def _case(dtype: torch.dtype, inp: int, out: int, counts: list[int], seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    n, num_tokens, experts, r, width = sum(counts), 7, len(counts), 3, 5
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
-
-    x = rand(n, width)
-    a = [rand(experts, r, width) for _ in outs]
-    b = [rand(experts, o, r) for o in outs]
-    token = torch.randint(0, num_tokens, (n,), generator=g)
-    bases = [rand(num_tokens, o) for o in outs] if with_base else None
-    return x, a, b, token, bases
+    expert = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))  # (N,) sorted by expert
+    x = torch.randn(len(expert), inp, generator=g).to(dtype).requires_grad_(True)
+    w = torch.randn(len(counts), out, inp, generator=g).to(dtype).requires_grad_(True)
+    probe = torch.randn(len(expert), out, generator=g).to(dtype)
+    return x, w, expert, probe
 
 
-@pytest.mark.parametrize("with_base", [True, False])
-@pytest.mark.parametrize("outs", [[6], [6, 4]])
+def _pairs(expert: torch.Tensor, num_experts: int, sort: bool) -> grouped.Pairs:
+    ends = torch.searchsorted(expert, torch.arange(num_experts), right=True, out_int32=True) if sort else None
+    zeros = torch.zeros_like(expert)
+    return grouped.Pairs(token=zeros, expert=expert, weight=zeros.float(), active=zeros.bool(), offsets=ends)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize(("inp", "out"), [(12, 3), (3, 12)])  # LoRA A (narrow output) and B (narrow input)
 @pytest.mark.parametrize("counts", [[3, 0, 4, 1], [0, 0, 5, 0]])
-def test_grouped_lora_matches_autograd_reference(counts: list[int], outs: list[int], with_base: bool) -> None:
-    """Empty experts, one or two projections sharing the input, with and without gathered frozen rows."""
-    x, a, b, token, bases = _inputs(counts, outs, with_base)
-    leaves = [x, *a, *b, *(bases or [])]
-    probes = [torch.randn(sum(counts), o, dtype=torch.float64) for o in outs]
-
-    def run(fn):
-        got = fn(x, a, b, counts, 0.7, token if with_base else None, bases)
-        loss = sum((o * p).sum() for o, p in zip(got, probes, strict=True))
-        return got, torch.autograd.grad(loss, leaves)
-
-    got, grads = run(grouped_lora)
-    want, want_grads = run(grouped_lora_reference)
-    for o, w in zip(got, want, strict=True):
-        torch.testing.assert_close(o, w)
-    for g, w in zip(grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w)
-
-
-def test_grouped_lora_gradcheck_and_unused_output() -> None:
-    x, a, b, token, bases = _inputs([2, 1, 0], [4, 3], with_base=True, seed=1)
-    assert torch.autograd.gradcheck(
-        lambda x, a0, a1, b0, b1, base0, base1: grouped_lora(x, [a0, a1], [b0, b1], [2, 1, 0], 0.5, token,
-                                                             [base0, base1]),
-        (x, *a, *b, *bases),
-    )
-    up, _ = grouped_lora(x, a, b, [2, 1, 0], 0.5, token, bases)  # the second output never reaches the loss
-    grads = torch.autograd.grad(up.sum(), [x, a[1], b[1], bases[1]], allow_unused=True)
-    assert grads[0] is not None and grads[0].abs().sum() > 0
-    assert all(g is None or g.abs().sum() == 0 for g in grads[1:])
+@pytest.mark.parametrize("sort", [True, False])
+def test_expert_matmul_equals_the_loop_over_experts(dtype, inp: int, out: int, counts: list[int], sort: bool) -> None:
+    """Grouped (sorted, where the kernel runs for the dtype) and fallback (unsorted rows) products equal the
+    per-expert loop, and so do the gradients of x and of the expert weights; empty experts included."""
+    if sort and not grouped_mm_supported(dtype, torch.device("cpu")):
+        pytest.skip(f"no grouped kernel for {dtype} on CPU")
+    x, w, expert, probe = _case(dtype, inp, out, counts)
+    shuffled = torch.randperm(len(expert), generator=torch.Generator().manual_seed(1))
+    perm = torch.arange(len(expert)) if sort else shuffled  # the fallback takes rows in any order
+    xs, es, ps = x[perm], expert[perm], probe[perm]
+    got = expert_matmul(xs, w, _pairs(es, len(counts), sort))
+    want = expert_matmul_reference(xs, w, es)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * 4)
+    got_grads = torch.autograd.grad((got.float() * ps.float()).sum(), [x, w], retain_graph=True)
+    want_grads = torch.autograd.grad((want.float() * ps.float()).sum(), [x, w])
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 8)
 
 
-def test_grouped_lora_frozen_inputs_get_no_gradient_work() -> None:
-    """Frozen bases (no grad) and a frozen input: only the LoRA weights get gradients."""
-    x, a, b, token, bases = _inputs([2, 2], [4], with_base=True)
-    x, base = x.detach(), bases[0].detach()
-    (out,) = grouped_lora(x, a, b, [2, 2], 1.0, token, [base])
-    ga, gb = torch.autograd.grad(out.square().sum(), [a[0], b[0]])
-    assert ga.shape == a[0].shape and gb.shape == b[0].shape and gb.abs().sum() > 0
-    with pytest.raises(ValueError, match="token index"):
-        grouped_lora(x, a, b, [2, 2], 1.0, None, [base])
-
-
-@pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("down", [True, False])
-@pytest.mark.parametrize("masked", [True, False])
-def test_mix_pairs_matches_autograd_and_gradcheck(gated: bool, down: bool, masked: bool) -> None:
-    """MixPairs (pre-activations kept, activations recomputed in backward) against the same maths in autograd ops,
-    values and gradients, with an empty expert among them; and torch.autograd.gradcheck."""
-    from loramix.grouped import mix_pairs
-
+@pytest.mark.parametrize("use_grouped", [True, False])
+def test_token_inputs_matmul_gathers_each_pairs_token_and_expert(use_grouped: bool, monkeypatch) -> None:
+    """The A side of gate/up: x per token (T, in), one product per (token, expert) pair, on both paths."""
+    monkeypatch.setattr(grouped, "USE_GROUPED_MM", use_grouped)
     g = torch.Generator().manual_seed(0)
-    counts, num_tokens, width, hidden, r = [3, 0, 4], 5, 6, 4, 2
-    n = sum(counts)
-    token = torch.tensor([0, 2, 4, 1, 2, 3, 4])
-    act = torch.nn.SiLU() if gated else torch.nn.GELU()
-
-    def leaf(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
-
-    up, gate, weight = leaf(n, width), (leaf(n, width) if gated else None), leaf(n, 1)
-    a, b = (leaf(3, r, width), leaf(3, hidden, r)) if down else (None, None)
-    mask = (torch.rand(n, width, generator=g) > 0.3).to(torch.uint8) if masked else None
-    scale = 1.7
-    inputs = [t for t in (up, gate, weight, a, b) if t is not None]
-
-    def reference():
-        h = act(gate) * up if gated else act(up)
-        mixed = torch.zeros(num_tokens, width, dtype=h.dtype).index_add(0, token, h * weight)
-        if not down:
-            return mixed, None
-        hk = h * mask if masked else h
-        delta = torch.cat([hk[s] @ a[e].t() @ b[e].t() for e, s in enumerate(_slices(counts))]) * scale
-        return mixed, torch.zeros(num_tokens, hidden, dtype=h.dtype).index_add(0, token, delta * weight)
-
-    def fast():
-        return mix_pairs(up, gate, weight, token, counts, num_tokens, act, mask, scale, a, b)
-
-    probe = [torch.randn(num_tokens, width, generator=g, dtype=torch.float64),
-             torch.randn(num_tokens, hidden, generator=g, dtype=torch.float64)]
-    results = []
-    for fn in (fast, reference):
-        mixed, down_out = fn()
-        loss = (mixed * probe[0]).sum() + ((down_out * probe[1]).sum() if down_out is not None else 0)
-        results.append((mixed, down_out, torch.autograd.grad(loss, inputs)))
-    (m_f, d_f, g_f), (m_r, d_r, g_r) = results
-    torch.testing.assert_close(m_f, m_r)
-    assert (d_f is None) == (not down)
-    if down:
-        torch.testing.assert_close(d_f, d_r)
-    for got, want in zip(g_f, g_r, strict=True):
-        torch.testing.assert_close(got, want)
-
-    def from_inputs(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        it = iter(ts)
-        u, gt, w = next(it), (next(it) if gated else None), next(it)
-        aa, bb = (next(it), next(it)) if down else (None, None)
-        return tuple(o for o in mix_pairs(u, gt, w, token, counts, num_tokens, act, mask, scale, aa, bb)
-                     if o is not None)
-
-    assert torch.autograd.gradcheck(from_inputs, tuple(inputs))
+    x = torch.randn(5, 6, generator=g, requires_grad=True)
+    a = torch.randn(3, 2, 6, generator=g, requires_grad=True)
+    routing = _routing([[0, 2], [1, 0], [2, 2], [1, 1], [0, 1]], [[True] * 2] * 5, [[0.5, 0.5]] * 5, experts=3)
+    pairs = routing_pairs(routing, 3, grouped=grouped_mm_supported(torch.float32, x.device))
+    assert (pairs.offsets is not None) == use_grouped
+    got = token_inputs_matmul(x, a, pairs)
+    want = torch.stack([x[t] @ a[e].t() for t, e in zip(pairs.token.tolist(), pairs.expert.tolist(), strict=True)])
+    torch.testing.assert_close(got, want)
+    probe = torch.randn(want.shape, generator=g)
+    got_grads = torch.autograd.grad((got * probe).sum(), [x, a], retain_graph=True)
+    for p, q in zip(got_grads, torch.autograd.grad((want * probe).sum(), [x, a]), strict=True):
+        torch.testing.assert_close(p, q)
 
 
-def _slices(counts: list[int]) -> list[slice]:
-    starts = [sum(counts[:e]) for e in range(len(counts))]
-    return [slice(s, s + n) for s, n in zip(starts, counts, strict=True)]
+def test_grouped_kernel_is_chosen_only_where_it_runs(monkeypatch) -> None:
+    """CPU eager: float32/bf16/fp16 grouped, float64 fallback; switched off, always the fallback."""
+    cpu = torch.device("cpu")
+    assert [grouped_mm_supported(d, cpu) for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)] == [
+        True, True, True, False]
+    monkeypatch.setattr(grouped, "USE_GROUPED_MM", False)
+    assert not grouped_mm_supported(torch.bfloat16, cpu)

@@ -1,4 +1,4 @@
-"""MixLoraFFN: the fast path (grouped by expert) equals the plain reference path, values and gradients."""
+"""MixLoraFFN: the fast path (grouped GEMMs or their fallback) equals the plain reference path, values and gradients."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import loramix.dropout
+import loramix.grouped
 from helpers.moe_layers import base_mlp, make_layer, run_layer
 from helpers.tiny_models import (
     ARCHS,
@@ -56,6 +57,33 @@ def test_fast_path_equals_reference(arch: str, router: str, expert_type: str) ->
     x = torch.randn(2, 8, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     out, _ = assert_paths_agree(layer, x)
     assert (out - plain_ffn(layer, x)).abs().max() > 1e-3  # the experts really changed the FFN
+
+
+@pytest.mark.parametrize("use_grouped", [True, False])
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+@pytest.mark.parametrize("router", ROUTER_NAMES)
+def test_grouped_and_fallback_fast_paths_equal_reference_in_float32(
+    router: str, expert_type: str, use_grouped: bool, monkeypatch
+) -> None:
+    """In float32 the fast path takes ``F.grouped_mm`` (pairs sorted by expert) or, switched off, the dense
+    fallback; both equal the reference, values and gradients, with padding (float64 layers always take the
+    fallback, since the grouped kernel has no float64)."""
+    monkeypatch.setattr(loramix.grouped, "USE_GROUPED_MM", use_grouped)
+    calls = []
+    real = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = make_layer("llama", router, expert_type).float()
+    x = torch.randn(2, 8, HIDDEN, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    out_f, routing_f, g_f = run_layer(layer, x, reference=False, token_mask=mask)
+    assert bool(calls) == use_grouped
+    out_r, routing_r, g_r = run_layer(layer, x, reference=True, token_mask=mask)
+    assert torch.equal(routing_f.indices, routing_r.indices)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-5)
+    for name in g_f:
+        torch.testing.assert_close(g_f[name], g_r[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert all(g.abs().sum() > 0 for n, g in g_f.items() if "lora_" in n)
 
 
 @pytest.mark.parametrize("expert_type", EXPERT_TYPES)
@@ -240,7 +268,7 @@ def test_recomputed_expert_activations_equal_stored_ones(arch: str, router: str)
         keep = lambda t, s=shapes: (s.append(tuple(t.shape)) if t.is_floating_point() else None) or t  # noqa: E731
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             layer(x.clone().requires_grad_(True))
-        pairs = int(layer.last_routing.mask.sum())
+        pairs = layer.last_routing.mask.numel()  # every (token, slot) pair, used or not
         width = layer.proj("up").weight.shape[0] if arch == "llama" else layer.proj("up").weight.shape[1]
         stored[recompute] = len([s for s in shapes if s == (pairs, width)])
     assert stored[True] == (2 if arch == "llama" else 1) < stored[False], stored

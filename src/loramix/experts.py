@@ -1,5 +1,5 @@
-"""The expert maths shared by every mixture in loramix: LoRA experts on a projection, adapter experts, the
-(token, expert) pairs of a routing, and ``FrozenFFN``, the public surface of a decoder layer's frozen FFN.
+"""The expert maths shared by every mixture in loramix: LoRA experts on a projection, adapter experts, and
+``FrozenFFN``, the public surface of a decoder layer's frozen FFN.
 
 ``FrozenFFN`` is the base class of every module that wraps a model's FFN (``MixLoraFFN``, continual
 learning's ``GrowableFFN``): it holds the frozen FFN under ``base`` (so checkpoints name the same keys) and
@@ -16,7 +16,6 @@ from torch import nn
 
 from .ffn_spec import FFNSpec
 from .precision import compute_dtype
-from .routers import Routing
 
 
 class FrozenFFN(nn.Module):
@@ -104,19 +103,3 @@ class AdapterExperts(nn.Module):
         a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
         return self.act(x @ a.t()) @ b.t()
 
-    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        x = x.to(compute_dtype(x))  # (N, H) one dtype for every chunk, so the split's backward can join them
-        return torch.cat([self.expert(chunk, e) for e, chunk in enumerate(x.split(counts))], dim=0)
-
-
-def pairs_by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Valid (token, expert) pairs sorted by expert: token ids (N,), weights (N,), count per expert."""
-    num_tokens, k = routing.indices.shape
-    flat_mask = routing.mask.reshape(-1)  # (T*k,)
-    expert = routing.indices.reshape(-1)[flat_mask]  # (N,)
-    token = torch.arange(num_tokens, device=expert.device).repeat_interleave(k)[flat_mask]  # (N,)
-    weight = routing.weights.reshape(-1)[flat_mask]  # (N,)
-    order = torch.argsort(expert, stable=True)
-    num_experts = routing.probs.shape[-1]
-    counts = torch.bincount(expert, minlength=num_experts).tolist()
-    return token[order], weight[order], counts

@@ -1,245 +1,134 @@
-"""Grouped expert LoRA products with a hand-written backward, for the training path of ``MixLoraFFN``.
+"""Expert LoRA products for every (token, expert) pair at once: one matmul per projection, no loop over experts
+and no host sync.
 
-Rows are (token, expert) pairs sorted by expert, ``counts[e]`` rows each. For every projection ``j`` that reads
-the same input ``x`` (gate and up; or down alone)::
+A routing of T tokens with K slots each gives N = T*K pairs (:func:`routing_pairs`). Their number is fixed by
+the shapes, never by the routing: an unused slot (padding, a token over a Switch expert's capacity, a slot
+past top-p's mass) stays in place with weight 0 and no LoRA delta, so nothing has to be counted on the host.
 
-    out_j = base_j[token] + scale * (x A_j,e^T) B_j,e^T      for the rows of expert e
+:func:`expert_matmul` multiplies each pair's row by its own expert's matrix:
 
-Built from autograd ops, this costs a gather, one ``addmm`` per expert and a ``torch.cat`` of the per-expert
-pieces in forward, and in backward the ``cat`` of the split's gradients again, for every (pairs, width) tensor.
-:class:`GroupedLoRA` writes each expert's rows into one preallocated output (in-place ``addmm`` on row
-slices) and its gradients into preallocated buffers the same way, so neither pass copies the wide tensors
-more than the gather needs. :func:`grouped_lora_reference` is the plain autograd version; tests check that
-values and gradients agree.
+* **grouped** (``torch.nn.functional.grouped_mm``): the pairs sorted by expert, the group ends as a device
+  tensor; one kernel, each row multiplied once. Used where torch has the kernel for the device and dtype
+  (:func:`grouped_mm_supported`).
+* **fallback**, everywhere else (float64, CUDA before sm90 or outside bfloat16, CPU float32 under
+  ``torch.compile``): one dense matmul against all experts' matrices, each row's own block selected by a gather
+  (narrow outputs, the A side) or by placing the row in its expert's block of a zero matrix (narrow inputs, the
+  B side). It multiplies every row by all E matrices, which for LoRA's rank-r factors is E small products.
+
+:func:`expert_matmul_reference` is the plain loop over experts that both are tested against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .precision import compute_dtype
+from .routers import Routing
 
-
-def _expert_rows(counts: Sequence[int]) -> Iterator[tuple[int, slice]]:
-    """(expert, its row slice) for every expert with rows, in order."""
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            yield e, slice(start, start + n)
-        start += n
+USE_GROUPED_MM = True  # False: always the fallback (tests of the fallback, or a torch without the kernel)
 
 
-class GroupedLoRA(torch.autograd.Function):
-    """``outs = GroupedLoRA.apply(x, a_cat, token, counts, scale, ranks, b_1, base_1, b_2, base_2, ...)``.
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``F.grouped_mm`` runs for ``dtype`` on ``device`` here (eager or under ``torch.compile``).
 
-    x (N, in) rows sorted by expert; a_cat (E, R, in): the projections' A stacked along the rank
-    (R = sum(ranks)); b_j (E, out_j, r_j); base_j (T, out_j) frozen output per token or None (then
-    out_j is the delta alone); token (N,) the token of each row. Returns one (N, out_j) tensor per projection.
+    CUDA: bfloat16 on sm90 and newer. CPU: float32, bfloat16 and float16 in eager mode; under ``torch.compile``
+    bfloat16 only (the kernel's shape function accepts nothing else).
     """
-
-    @staticmethod
-    def forward(ctx, x, a_cat, token, counts, scale, ranks, *b_and_base):  # noqa: ANN001, ANN205
-        with torch.autocast(x.device.type, enabled=False):  # inputs arrive in one dtype; `out=` ops ignore autocast
-            return GroupedLoRA._forward(ctx, x, a_cat, token, counts, scale, ranks, *b_and_base)
-
-    @staticmethod
-    def _forward(ctx, x, a_cat, token, counts, scale, ranks, *b_and_base):  # noqa: ANN001, ANN205
-        bs, bases = b_and_base[0::2], b_and_base[1::2]
-        z = x.new_empty(x.shape[0], a_cat.shape[1])  # (N, R) unscaled rank-R products
-        outs = [
-            base.index_select(0, token) if base is not None else x.new_empty(x.shape[0], b.shape[1])  # (N, out_j)
-            for b, base in zip(bs, bases, strict=True)
-        ]
-        for e, rows in _expert_rows(counts):
-            torch.mm(x[rows], a_cat[e].t(), out=z[rows])  # (n_e, R)
-            offset = 0
-            for b, base, out, r in zip(bs, bases, outs, ranks, strict=True):
-                beta = 1.0 if base is not None else 0.0  # beta 0: the uninitialised rows are ignored
-                out[rows].addmm_(z[rows, offset : offset + r], b[e].t(), beta=beta, alpha=scale)  # (n_e, out_j)
-                offset += r
-        ctx.save_for_backward(x, a_cat, token, z, *bs)
-        ctx.counts, ctx.scale, ctx.ranks = counts, scale, ranks
-        ctx.num_tokens = [None if base is None else base.shape[0] for base in bases]
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads):  # noqa: ANN001, ANN205
-        saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no second unpack
-        with torch.autocast(saved[0].device.type, enabled=False):
-            return GroupedLoRA._backward(ctx, saved, *grads)
-
-    @staticmethod
-    def _backward(ctx, saved, *grads):  # noqa: ANN001, ANN205
-        x, a_cat, token, z, *bs = saved
-        counts, scale, ranks = ctx.counts, ctx.scale, ctx.ranks
-        need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grads = [g if g is None else g.to(x.dtype).contiguous() for g in grads]
-        gz = x.new_zeros(x.shape[0], a_cat.shape[1])  # (N, R) gradient of the scaled products
-        grad_bs = [torch.zeros_like(b) if ctx.needs_input_grad[6 + 2 * j] else None for j, b in enumerate(bs)]
-        for e, rows in _expert_rows(counts):
-            offset = 0
-            for j, (g, b, r) in enumerate(zip(grads, bs, ranks, strict=True)):
-                if g is not None:
-                    gz[rows, offset : offset + r] = g[rows] @ b[e]  # (n_e, r_j)
-                    if grad_bs[j] is not None:
-                        torch.mm(g[rows].t(), z[rows, offset : offset + r], out=grad_bs[j][e])  # (out_j, r_j)
-                offset += r
-        gz.mul_(scale)
-        grad_x = x.new_empty(x.shape) if need_x else None  # (N, in)
-        grad_a = torch.zeros_like(a_cat) if need_a else None  # (E, R, in)
-        for e, rows in _expert_rows(counts):
-            if grad_x is not None:
-                torch.mm(gz[rows], a_cat[e], out=grad_x[rows])  # (n_e, in)
-            if grad_a is not None:
-                torch.mm(gz[rows].t(), x[rows], out=grad_a[e])  # (R, in)
-        out: list[torch.Tensor | None] = [grad_x, grad_a, None, None, None, None]
-        for j, (g, grad_b) in enumerate(zip(grads, grad_bs, strict=True)):
-            if grad_b is not None:
-                grad_b.mul_(scale)
-            grad_base = None
-            if ctx.needs_input_grad[7 + 2 * j] and g is not None:
-                grad_base = g.new_zeros(ctx.num_tokens[j], g.shape[1]).index_add_(0, token, g)  # (T, out_j)
-            out += [grad_b, grad_base]
-        return tuple(out)
+    if not USE_GROUPED_MM or not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and _cuda_capability(device) >= (9, 0)
+    if device.type == "cpu":
+        if torch.compiler.is_compiling():
+            return dtype == torch.bfloat16
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return False
 
 
-@torch.compiler.disable(reason="per-expert row slices of a data-dependent size; the layer breaks the graph here anyway")
-def grouped_lora(
-    x: torch.Tensor,
-    a: Sequence[torch.Tensor],
-    b: Sequence[torch.Tensor],
-    counts: list[int],
-    scale: float,
-    token: torch.Tensor | None = None,
-    bases: Sequence[torch.Tensor | None] | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """``base_j[token] + scale * (x A_j,e^T) B_j,e^T`` per projection j (rows sorted by expert); see
-    :class:`GroupedLoRA`. Everything is cast to the compute dtype (the autocast dtype under ``torch.autocast``,
-    else x's): ``a[j]`` (E, r_j, in), ``b[j]`` (E, out_j, r_j), ``x`` and the frozen ``bases``."""
-    dtype = compute_dtype(x)
-    x = x.to(dtype)
-    bases = [None if base is None else base.to(dtype) for base in bases] if bases is not None else [None] * len(a)
-    if token is None:
-        if any(base is not None for base in bases):
-            raise ValueError("grouped_lora: bases need the token index of every row")
-        token = torch.empty(0, dtype=torch.long, device=x.device)
-    a_cat = torch.cat([w.to(x.dtype) for w in a], dim=1) if len(a) > 1 else a[0].to(x.dtype)  # (E, R, in)
-    ranks = tuple(w.shape[1] for w in a)
-    pairs = [t for w, base in zip(b, bases, strict=True) for t in (w.to(x.dtype), base)]
-    return GroupedLoRA.apply(x, a_cat, token, counts, scale, ranks, *pairs)
+_CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
-def grouped_lora_reference(
-    x: torch.Tensor,
-    a: Sequence[torch.Tensor],
-    b: Sequence[torch.Tensor],
-    counts: list[int],
-    scale: float,
-    token: torch.Tensor | None = None,
-    bases: Sequence[torch.Tensor | None] | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """:func:`grouped_lora` from plain autograd ops: the reference it is tested against."""
-    dtype = compute_dtype(x)
-    x = x.to(dtype)
-    outs = []
-    for j, (a_j, b_j) in enumerate(zip(a, b, strict=True)):
-        delta = torch.cat([(chunk @ a_j[e].to(x.dtype).t()) * scale @ b_j[e].to(x.dtype).t()
-                           for e, chunk in enumerate(x.split(counts))])  # (N, out_j)
-        base = bases[j] if bases is not None else None
-        outs.append(delta if base is None else base.to(delta.dtype).index_select(0, token) + delta)
-    return tuple(outs)
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
-class MixPairs(torch.autograd.Function):
-    """The pairs' activations mixed per token, keeping only their pre-activations for backward.
+@dataclass
+class Pairs:
+    """The N = T*K (token, slot) pairs of a routing, sorted by expert when ``offsets`` is set."""
 
-    ``mixed, down = MixPairs.apply(up, gate, weight, token, counts, num_tokens, act, mask, scale, a, b)``::
+    token: torch.Tensor  # (N,) long: the pair's token
+    expert: torch.Tensor  # (N,) long: the pair's expert
+    weight: torch.Tensor  # (N,) float32 mixing weight: the routing weight of a used slot, else 0; and 1 on the
+    #                       first slot of a token no expert took, whose LoRA delta is 0 (it gets the frozen FFN)
+    active: torch.Tensor  # (N,) bool: the slot is used (its expert's LoRA applies)
+    offsets: torch.Tensor | None  # (E,) int32 end of each expert's rows (grouped path), None: unsorted
 
-        h      = act(gate) * up   (or act(up) without a gate)            (N, I), pairs sorted by expert
-        mixed  = sum over each token's pairs of weight * h                (T, I)
-        down   = sum over each token's pairs of weight * scale * ((mask * h) A_e^T) B_e^T      (T, H)
 
-    up, gate (N, I) pre-activations; weight (N, 1); token (N,); a (E, r, I) and b (E, H, r) the down LoRA (None:
-    no down LoRA, ``down`` is None); mask (N, I) uint8 dropout keep-mask or None; scale includes the dropout's
-    1/(1-p). Backward recomputes h from the saved pre-activations (an elementwise pass) instead of storing the
-    activation, its masked copy and the products, which autograd would keep: several (N, I) tensors per layer.
+def routing_pairs(routing: Routing, num_experts: int, grouped: bool) -> Pairs:
+    """All (token, slot) pairs of ``routing``; ``grouped`` sorts them by expert and sets the group ends."""
+    num_tokens, k = routing.indices.shape
+    expert = routing.indices.reshape(-1)  # (N,) N = T*k, slot-major within a token
+    active = routing.mask.reshape(-1)  # (N,)
+    dropped = ~routing.mask.any(dim=-1)  # (T,) tokens no expert took
+    first = torch.arange(k, device=expert.device) == 0  # (k,)
+    fallback = (dropped[:, None] & first).reshape(-1)  # (N,) the pair that carries a dropped token's frozen FFN
+    weight = (routing.weights * routing.mask).reshape(-1) + fallback.to(routing.weights.dtype)  # (N,)
+    token = torch.arange(num_tokens * k, device=expert.device) // k  # (N,)
+    if not grouped:
+        return Pairs(token, expert, weight, active, None)
+    order = torch.argsort(expert, stable=True)  # (N,) pairs sorted by expert
+    expert = expert[order]
+    ends = torch.searchsorted(expert, torch.arange(num_experts, device=expert.device), right=True, out_int32=True)
+    return Pairs(token[order], expert, weight[order], active[order], ends)
+
+
+def _kernel_layout(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The grouped kernel's layout rule, forward and backward: the rows of x, of w's matrices and of the output
+    start on 16-byte boundaries (a bf16 LoRA of rank 4, say, does not; the fallback takes it)."""
+    size = x.element_size()
+    return (x.stride(-1) == 1 and x.stride(0) * size % 16 == 0 and x.data_ptr() % 16 == 0
+            and w.shape[-1] * size % 16 == 0 and w.shape[-2] * size % 16 == 0)
+
+
+def expert_matmul(x: torch.Tensor, w: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+    """``x[i] @ w[expert[i]].T`` for every pair i: x (N, in), w (E, out, in) -> (N, out), in x's dtype."""
+    w = w.to(x.dtype)
+    if pairs.offsets is not None and _kernel_layout(x, w):
+        return F.grouped_mm(x, w.transpose(1, 2), offs=pairs.offsets)  # (N, out)
+    num_pairs, (num_experts, out, inp) = x.shape[0], w.shape
+    if inp <= out:  # narrow input (LoRA B): each row placed in its expert's block, one (N, E*in) @ (E*in, out)
+        index = pairs.expert[:, None, None].expand(num_pairs, 1, inp)  # (N, 1, in)
+        spread = x.new_zeros(num_pairs, num_experts, inp).scatter(1, index, x[:, None, :])  # (N, E, in)
+        return spread.reshape(num_pairs, num_experts * inp) @ w.transpose(1, 2).reshape(num_experts * inp, out)
+    full = x @ w.reshape(num_experts * out, inp).t()  # (N, E*out) narrow output (LoRA A): every expert's product
+    index = pairs.expert[:, None, None].expand(num_pairs, 1, out)  # (N, 1, out)
+    return full.view(num_pairs, num_experts, out).gather(1, index).squeeze(1)  # (N, out) each row's own expert
+
+
+def expert_matmul_reference(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """:func:`expert_matmul` as a loop over experts, each multiplying its own rows (the reference)."""
+    w = w.to(x.dtype)
+    out = x.new_zeros(x.shape[0], w.shape[1])  # (N, out)
+    for e in range(w.shape[0]):
+        rows = expert == e  # (N,)
+        out = torch.where(rows[:, None], x @ w[e].t(), out)
+    return out
+
+
+def token_inputs_matmul(x: torch.Tensor, a: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+    """``x[token[i]] @ a[expert[i]].T`` for every pair i, x (T, in) per token, a (E, r, in) -> (N, r).
+
+    Grouped: the pairs' rows gathered and multiplied once each. Fallback: the T tokens against all E experts
+    (T*E products of width r instead of N*E), then each pair's block picked out.
     """
-
-    @staticmethod
-    def forward(ctx, up, gate, weight, token, counts, num_tokens, act, mask, scale, a, b):  # noqa: ANN001, ANN205
-        with torch.autocast(up.device.type, enabled=False), torch.no_grad():
-            act_gate = act(gate) if gate is not None else None
-            h = act_gate * up if gate is not None else act(up)  # (N, I)
-            mixed = up.new_zeros(num_tokens, up.shape[1]).index_add_(0, token, h * weight)  # (T, I)
-            down = z = None
-            if a is not None:
-                hk = h * mask if mask is not None else h  # (N, I)
-                z = up.new_empty(up.shape[0], a.shape[1])  # (N, r)
-                delta = up.new_empty(up.shape[0], b.shape[1])  # (N, H)
-                for e, rows in _expert_rows(counts):
-                    torch.mm(hk[rows], a[e].t(), out=z[rows])  # (n_e, r)
-                    torch.mm(z[rows], b[e].t(), out=delta[rows])  # (n_e, H)
-                down = up.new_zeros(num_tokens, b.shape[1]).index_add_(0, token, delta.mul_(weight * scale))
-        ctx.save_for_backward(up, gate, weight, token, mask, z, a, b)
-        ctx.counts, ctx.act, ctx.scale = counts, act, scale
-        return mixed, down
-
-    @staticmethod
-    def backward(ctx, grad_mixed, grad_down):  # noqa: ANN001, ANN205
-        saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no second unpack
-        with torch.autocast(saved[0].device.type, enabled=False):
-            return MixPairs._backward(ctx, saved, grad_mixed, grad_down)
-
-    @staticmethod
-    def _backward(ctx, saved, grad_mixed, grad_down):  # noqa: ANN001, ANN205
-        up, gate, weight, token, mask, z, a, b = saved
-        counts, act, scale = ctx.counts, ctx.act, ctx.scale
-        pre = (gate if gate is not None else up).detach().requires_grad_(True)
-        with torch.enable_grad():
-            act_pre = act(pre)  # (N, I) recomputed activation of the gate (or of up)
-        h = act_pre.detach() * up if gate is not None else act_pre.detach()  # (N, I)
-        grad_h = up.new_zeros(up.shape)
-        grad_w = weight.new_zeros(weight.shape)  # (N, 1)
-        if grad_mixed is not None:
-            gm = grad_mixed.to(up.dtype).index_select(0, token)  # (N, I)
-            grad_w += (gm * h).sum(-1, keepdim=True)
-            grad_h += gm * weight
-        grad_a = grad_b = None
-        if a is not None and grad_down is not None:
-            gd = grad_down.to(up.dtype).index_select(0, token)  # (N, H)
-            gdb = up.new_empty(z.shape)  # (N, r) gd B_e
-            grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
-            hk = h * mask if mask is not None else h  # (N, I)
-            grad_hk = up.new_empty(up.shape)
-            for e, rows in _expert_rows(counts):
-                torch.mm(gd[rows], b[e], out=gdb[rows])  # (n_e, r)
-                ws = weight[rows] * scale  # (n_e, 1) each pair's routing weight times the LoRA scale
-                gz = gdb[rows] * ws  # (n_e, r) gradient of z
-                torch.mm((gd[rows] * ws).t(), z[rows], out=grad_b[e])  # (H, r)
-                torch.mm(gz.t(), hk[rows], out=grad_a[e])  # (r, I)
-                torch.mm(gz, a[e], out=grad_hk[rows])  # (n_e, I)
-            grad_w += scale * (z * gdb).sum(-1, keepdim=True)
-            grad_h += grad_hk * mask if mask is not None else grad_hk
-        if gate is not None:
-            grad_up = grad_h * act_pre.detach()
-            (grad_gate,) = torch.autograd.grad(act_pre, pre, grad_h * up)
-        else:
-            grad_gate = None
-            (grad_up,) = torch.autograd.grad(act_pre, pre, grad_h)
-        return grad_up, grad_gate, grad_w, None, None, None, None, None, None, grad_a, grad_b
-
-
-@torch.compiler.disable(reason="per-expert row slices of a data-dependent size; the layer breaks the graph here anyway")
-def mix_pairs(
-    up: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, token: torch.Tensor, counts: list[int],
-    num_tokens: int, act: torch.nn.Module, mask: torch.Tensor | None = None, scale: float = 1.0,
-    a: torch.Tensor | None = None, b: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:class:`MixPairs` with every tensor cast to ``up``'s dtype (the compute dtype)."""
-    dtype = up.dtype
-    gate = gate.to(dtype) if gate is not None else None
-    a = a.to(dtype) if a is not None else None
-    b = b.to(dtype) if b is not None else None
-    return MixPairs.apply(up, gate, weight.to(dtype), token, counts, num_tokens, act, mask, scale, a, b)
+    a = a.to(x.dtype)
+    if pairs.offsets is not None and _kernel_layout(x, a):
+        return F.grouped_mm(x.index_select(0, pairs.token), a.transpose(1, 2), offs=pairs.offsets)  # (N, r)
+    num_experts, rank, inp = a.shape
+    full = (x @ a.reshape(num_experts * rank, inp).t()).view(x.shape[0], num_experts, rank)  # (T, E, r)
+    return full[pairs.token, pairs.expert]  # (N, r)

@@ -18,8 +18,10 @@ def _masked_mean(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor
 
 
 def tokens_per_expert(indices: torch.Tensor, mask: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Count of valid (token, slot) assignments each expert received: (E,) long."""
-    return torch.bincount(indices[mask], minlength=num_experts)
+    """Count of valid (token, slot) assignments each expert received: (E,) long, computed on the device (a
+    scatter of the slot mask: no ``nonzero`` or ``bincount``, whose output sizes the host would have to read)."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=indices.device)
+    return counts.scatter_add(0, indices.reshape(-1), mask.reshape(-1).long())  # (E,)
 
 
 def load_balance_loss(

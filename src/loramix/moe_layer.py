@@ -1,14 +1,17 @@
 """MixLoraFFN: a frozen FFN plus routed LoRA experts, with a fast path and a plain reference path.
 
-Fast path (``mixlora`` experts), for T tokens and N = valid (token, expert) pairs:
+Fast path (training and prefill), for T tokens with K slots each: N = T*K (token, slot) pairs, a number the
+shapes fix, so nothing is read back to the host and ``torch.compile(fullgraph=True)`` traces the layer whole:
   1. the frozen gate/up projections run once over all T tokens;
-  2. pairs are sorted by expert, so each expert's LoRA runs on one contiguous slice (a loop over
-     experts, never over tokens; ``loramix.grouped`` writes the slices in place, with its own backward);
+  2. each pair adds its expert's LoRA to its token's rows: one grouped GEMM per projection over the pairs
+     sorted by expert (``loramix.grouped``; a dense fallback where torch has no grouped kernel). Unused slots
+     keep weight 0 and no delta; a token no expert took carries the frozen FFN on its first slot;
   3. the frozen down projection is linear, so it runs once per token on the routing-weighted sum of
      the chosen experts' activations; each expert's own down-LoRA is added on top.
+  In training the pairs' activations are recomputed in backward from their gate/up pre-activations
+  (``recompute_experts``, activation checkpointing of step 3), so the layer keeps two (N, I) tensors.
 Pairwise path (inference on a few tokens, i.e. decoding): every (token, slot) pair gathers its expert's
-LoRA weights and all pairs run as one batched matmul, with no sort and no loop over experts; the Python
-and dispatch overhead of the grouped path dominates a one-token step.
+LoRA weights and all pairs run as one batched matmul; for a one-token step that beats sorting.
 The reference path computes every expert's full FFN for every token and mixes the outputs; tests
 check that all paths agree.
 """
@@ -20,12 +23,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import MixLoraConfig
-from .dropout import FastDropout, dropout_keep_mask
-from .experts import AdapterExperts, ExpertLoRA, FrozenFFN, pairs_by_expert
+from .dropout import FastDropout
+from .experts import AdapterExperts, ExpertLoRA, FrozenFFN
 from .ffn_spec import FFNSpec, linear_shape
-from .grouped import grouped_lora, mix_pairs
+from .grouped import Pairs, expert_matmul, grouped_mm_supported, routing_pairs, token_inputs_matmul
 from .precision import compute_dtype
 from .routers import Routing, build_router
 
@@ -129,76 +133,61 @@ class MixLoraFFN(FrozenFFN):
     def mixlora_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         num_tokens = x.shape[0]
         dtype = compute_dtype(x)  # the autocast dtype under torch.autocast, else x's
-        token, weight, counts = pairs_by_expert(routing)  # (N,), (N,), E ints
-        weight = weight.to(dtype)[:, None]  # (N, 1)
+        pairs = routing_pairs(routing, self.num_experts, grouped_mm_supported(dtype, x.device))  # N = T*K pairs
         x_kept, rescale = self.mixlora_dropout.unscaled(x)  # (T, H) one mask per token: half the RNG work
         up, gate = self.frozen_projections(x, dtype)  # (T, I) each, frozen projections once per token
-        pair_up, pair_gate = self._pair_projections(x_kept, up, gate, token, counts, rescale)  # (N, I) each
-        args = (pair_up, pair_gate, token, weight, counts, num_tokens)
+        pair_up, pair_gate = self._pair_projections(x_kept.to(dtype), up, gate, pairs, rescale)  # (N, I) each
+        weight = pairs.weight.to(dtype)[:, None]  # (N, 1)
         if self.recompute_experts and self.training and torch.is_grad_enabled():
-            # backward keeps the pairs' gate/up pre-activations and recomputes the activations from them
-            mixed, down_delta = self._mix_pairs_recomputed(*args)
+            # backward keeps the pairs' gate/up pre-activations and recomputes the rest (the same values: the
+            # RNG state is replayed, so the dropout masks are the same)
+            mixed, down_delta = checkpoint(self._mix_pairs, pair_up, pair_gate, pairs, weight, num_tokens,
+                                           use_reentrant=False)
         else:
-            mixed, down_delta = self._mix_pairs(*args)
-        coverage = torch.zeros(num_tokens, dtype=weight.dtype, device=x.device).index_add(0, token, weight[:, 0])
-        dropped = ~routing.mask.any(dim=-1)  # (T,) tokens no expert took: frozen FFN
-        if dropped.any():
-            idx = dropped.nonzero().squeeze(-1)
-            base_gate = gate.index_select(0, idx) if gate is not None else None  # (D, I) already computed
-            mixed = mixed.index_add(0, idx, self.activation(up.index_select(0, idx), base_gate))
-            coverage = coverage.index_add(0, idx, torch.ones_like(idx, dtype=coverage.dtype))
+            mixed, down_delta = self._mix_pairs(pair_up, pair_gate, pairs, weight, num_tokens)
+        coverage = torch.zeros(num_tokens, dtype=dtype, device=x.device).index_add(0, pairs.token, weight[:, 0])
         out = self.project_down(mixed, coverage, dtype)  # (T, H) frozen down projection once per token
         if down_delta is not None:
             out = out + down_delta
         return self.finish(out)
 
     def _pair_projections(
-        self, x_kept: torch.Tensor, up: torch.Tensor, gate: torch.Tensor | None, token: torch.Tensor,
-        counts: list[int], rescale: float,
+        self, x_kept: torch.Tensor, up: torch.Tensor, gate: torch.Tensor | None, pairs: Pairs, rescale: float,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each pair's gate/up pre-activations: the frozen rows (T, I) of its token plus its expert's LoRA on the
-        dropout-masked input x_kept (T, H); token (N,) and counts describe the pairs sorted by expert."""
+        """Each pair's gate/up pre-activations (N, I): its token's frozen rows of up/gate (T, I) plus its expert's
+        LoRA of the dropout-masked input x_kept (T, H); gate and up share one pass over their stacked A."""
         frozen = {"up": up} if gate is None else {"up": up, "gate": gate}
+        rows = {role: t.index_select(0, pairs.token) for role, t in frozen.items()}  # (N, I) each
         adapted = [role for role in ("gate", "up") if role in frozen and role in self.targets]
-        pairs = {role: frozen[role].index_select(0, token) for role in frozen if role not in adapted}  # (N, I)
-        if adapted:  # gathered frozen rows + each pair's expert LoRA, gate and up sharing one A pass
-            xd = x_kept.index_select(0, token)  # (N, H); 1/(1-p) goes on the rank-r products
+        if adapted:
             lora = [self.mixlora_experts[role] for role in adapted]
-            outs = grouped_lora(xd, [e.lora_A for e in lora], [e.lora_B for e in lora], counts,
-                                lora[0].scaling * rescale, token, [frozen[role] for role in adapted])
-            pairs.update(zip(adapted, outs, strict=True))  # (N, I) each
-        return pairs["up"], pairs.get("gate")
-
-    def _mix_pairs_recomputed(
-        self, pair_up: torch.Tensor, pair_gate: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,
-        counts: list[int], num_tokens: int,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`_mix_pairs` through :class:`loramix.grouped.MixPairs`, whose backward recomputes the activations
-        from the pre-activations (the same values; the dropout mask is drawn here and kept as uint8)."""
-        if "down" not in self.targets:
-            return mix_pairs(pair_up, pair_gate, weight, token, counts, num_tokens, self.act)
-        down = self.mixlora_experts["down"]
-        mask, rescale = dropout_keep_mask(pair_up, self.mixlora_dropout.p, self.mixlora_dropout.training)
-        return mix_pairs(pair_up, pair_gate, weight, token, counts, num_tokens, self.act, mask,
-                         down.scaling * rescale, down.lora_A, down.lora_B)
+            a = torch.cat([e.lora_A for e in lora], dim=1) if len(lora) > 1 else lora[0].lora_A  # (E, R, H)
+            z = token_inputs_matmul(x_kept, a, pairs)  # (N, R) unscaled rank-R products
+            scale = pairs.active.to(z.dtype)[:, None] * (lora[0].scaling * rescale)  # (N, 1): 0 for unused slots
+            z = z * scale
+            offset = 0
+            for role, e in zip(adapted, lora, strict=True):
+                r = e.lora_B.shape[-1]
+                rows[role] = rows[role] + expert_matmul(z[:, offset : offset + r], e.lora_B, pairs)  # (N, I)
+                offset += r
+        return rows["up"], rows.get("gate")
 
     def _mix_pairs(
-        self, pair_up: torch.Tensor, pair_gate: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,
-        counts: list[int], num_tokens: int,
+        self, pair_up: torch.Tensor, pair_gate: torch.Tensor | None, pairs: Pairs, weight: torch.Tensor,
+        num_tokens: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The pairs' activations mixed per token: the routing-weighted sum of the activations (T, I) and of the
         experts' down-LoRA deltas (T, H), or None without down LoRA; weight (N, 1)."""
         h = self.activation(pair_up, pair_gate)  # (N, I) each pair's expert activation
-        mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
-        mixed.index_add_(0, token, h * weight)  # (T, I) routing-weighted sum per token (fresh buffer: in place)
+        mixed = h.new_zeros(num_tokens, h.shape[-1]).index_add(0, pairs.token, h * weight)  # (T, I)
         if "down" not in self.targets:
             return mixed, None
-        h_kept, rescale = self.mixlora_dropout.unscaled(h)  # (N, I); 1/(1-p) goes on the (N, r) product
         down = self.mixlora_experts["down"]
-        (delta,) = grouped_lora(h_kept, [down.lora_A], [down.lora_B], counts, down.scaling * rescale)  # (N, H)
-        down_delta = torch.zeros(num_tokens, delta.shape[-1], dtype=delta.dtype, device=delta.device)
-        down_delta.index_add_(0, token, delta * weight)  # (T, H)
-        return mixed, down_delta
+        h_kept, rescale = self.mixlora_dropout.unscaled(h)  # (N, I); 1/(1-p) goes on the (N, r) product
+        z = expert_matmul(h_kept, down.lora_A, pairs)  # (N, r)
+        z = z * (weight * pairs.active.to(weight.dtype)[:, None] * (down.scaling * rescale))  # weighted, scaled
+        delta = expert_matmul(z, down.lora_B, pairs)  # (N, H)
+        return mixed, delta.new_zeros(num_tokens, delta.shape[-1]).index_add(0, pairs.token, delta)  # (T, H)
 
     def _pair_delta(self, role: str, inp: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """LoRA delta of ``role`` for each pair: input (N, in), expert ids (N,) -> (N, out)."""
@@ -260,9 +249,13 @@ class MixLoraFFN(FrozenFFN):
 
     def adapter_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         dtype = compute_dtype(x)
-        token, weight, counts = pairs_by_expert(routing)
-        z = self.mixlora_adapters.grouped(self.mixlora_dropout(x.index_select(0, token)), counts).to(dtype)  # (N, H)
-        mix = torch.zeros_like(x, dtype=dtype).index_add(0, token, z * weight.to(dtype)[:, None])  # (T, H)
+        pairs = routing_pairs(routing, self.num_experts, grouped_mm_supported(dtype, x.device))  # N = T*K pairs
+        adapters = self.mixlora_adapters
+        xd = self.mixlora_dropout(x.index_select(0, pairs.token)).to(dtype)  # (N, H) one mask per pair
+        z = adapters.act(expert_matmul(xd, adapters.lora_A, pairs))  # (N, r)
+        z = z * (pairs.weight * pairs.active).to(dtype)[:, None]  # (N, r) routing-weighted, 0 for unused slots
+        delta = expert_matmul(z, adapters.lora_B, pairs)  # (N, H)
+        mix = delta.new_zeros(x.shape[0], delta.shape[-1]).index_add(0, pairs.token, delta)  # (T, H)
         return self.base(x).to(dtype) + self.mixlora_scale.to(dtype) * mix
 
     def adapter_reference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -72,7 +72,7 @@ class Router(nn.Module):
         same bias.
         """
         load = self.balance_pending
-        if self.bias_rate > 0 and load.sum() > 0:
+        if self.bias_rate > 0:  # a step with no assignments (load all 0) leaves the bias as it is: sign(0) = 0
             self.balance_bias += self.bias_rate * torch.sign(load.mean() - load)
         load.zero_()
 
@@ -150,7 +150,8 @@ class SwitchRouter(Router):
         top_prob = probs.gather(-1, top_idx[:, None]).squeeze(-1)  # (T,)
         # capacity = max(1, ceil(factor * real tokens / E)), kept a tensor: no host sync, no graph break
         capacity = (token_mask.sum().double() * self.capacity_factor / self.num_experts).ceil().clamp(min=1)
-        one_hot = F.one_hot(top_idx, self.num_experts) * token_mask[:, None]  # (T, E)
+        experts = torch.arange(self.num_experts, device=logits.device)  # (E,)
+        one_hot = ((top_idx[:, None] == experts) & token_mask[:, None]).long()  # (T, E), no F.one_hot: it reads the ids
         position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # (T,) 1-based slot in its expert
         keep = (position >= 1) & (position <= capacity)  # (T,)
         weight = top_prob - top_prob.detach() + 1.0  # value 1, gradient of the probability

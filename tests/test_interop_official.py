@@ -302,3 +302,41 @@ def test_peft_adapter_pickle_is_refused_by_the_cli_in_one_line(tmp_path, capsys)
     assert rc == 2 and "Traceback" not in err and "weights_only" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("loramix: error: ") and "adapter_model.bin" in last and "refused" in last, last
+
+
+def test_checkpoint_load_adapter_reads_the_official_format_in_a_fresh_process():
+    """The official format is registered with checkpoint.load_adapter by `import loramix` alone: a process that
+    imports only loramix.checkpoint (never loramix.interop) still loads an official directory."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from loramix.checkpoint import load_adapter\n"
+        f"base = AutoModelForCausalLM.from_pretrained({str(FIXTURE / 'base')!r}).eval()\n"
+        f"model = load_adapter(base, {str(FIXTURE / 'adapter_all_top2')!r})\n"
+        "print(sum(1 for n, _ in model.named_parameters() if 'mixlora_' in n))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) > 0
+
+
+def test_a_registered_format_is_dispatched_before_the_loramix_format(tmp_path):
+    from loramix.checkpoint import ADAPTER_FORMATS, AdapterFormat, load_adapter, register_adapter_format
+
+    seen = []
+    fmt = AdapterFormat("test_format", lambda d: (Path(d) / "test.marker").is_file(),
+                        lambda base, d: seen.append(Path(d)) or base)
+    (tmp_path / "test.marker").write_text("x")
+    saved = list(ADAPTER_FORMATS)
+    try:
+        register_adapter_format(fmt)
+        register_adapter_format(fmt)  # registering again replaces, never duplicates
+        assert [f.name for f in ADAPTER_FORMATS].count("test_format") == 1
+        base = base_model().train()
+        model = load_adapter(base, tmp_path)  # trainable=False: the loaded model comes back frozen
+        assert model is base and seen == [tmp_path] and not any(p.requires_grad for p in model.parameters())
+    finally:
+        ADAPTER_FORMATS[:] = saved

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from helpers.tiny_models import decoder_mlps, perturb_adapters, random_batch, tiny_model
-from loramix import MixLoraConfig, inject
+from helpers.tiny_models import ROUTER_NAMES, decoder_mlps, perturb_adapters, random_batch, tiny_model
+from loramix import MixLoraConfig, config, inject, routers
 from loramix.ffn_spec import check_targets, detect_ffn
 from loramix.injection import get_state
 from loramix.moe_layer import MixLoraFFN
@@ -187,7 +187,7 @@ def test_dense_mixes_every_expert_with_the_softmax_weights() -> None:
     assert r.indices.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("rule", ["topk", "noisy_topk", "switch", "dense", "top_p"])
+@pytest.mark.parametrize("rule", ROUTER_NAMES)
 def test_padding_reaches_no_expert(rule: str) -> None:
     router = make_router(rule, capacity_factor=4.0).eval()
     r = router(logits_for([[0.1, 0.2, 0.3, 0.4]] * 3), torch.tensor([True, False, True]))
@@ -277,7 +277,7 @@ def _lm_only_model(router: str) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("router", ["switch", "topk", "noisy_topk", "top_p", "dense"])
+@pytest.mark.parametrize("router", ROUTER_NAMES)
 def test_router_learns_from_the_lm_loss_alone(router: str) -> None:
     model = _lm_only_model(router)
     ids, mask = random_batch(batch=2, seq=12)
@@ -293,3 +293,16 @@ def test_router_learns_from_the_lm_loss_alone(router: str) -> None:
         if router == "noisy_topk":  # the learned noise scale gets one too
             noise_grad = layer.mixlora_router.noise.weight.grad
             assert noise_grad is not None and noise_grad.abs().sum() > 0
+
+
+# --- the registry ------------------------------------------------------------------------------------
+def test_every_router_class_is_registered_and_documented() -> None:
+    """One registry (loramix.config.ROUTERS): every Router class in routers.py has a name in it, and the
+    ``router`` field's help (the CLI's --router and docs/configuration.md) lists exactly its names."""
+    from loramix.cli.reference import configuration_markdown
+
+    classes = {c for c in vars(routers).values() if isinstance(c, type) and issubclass(c, routers.Router)}
+    assert set(routers.ROUTERS.values()) == classes - {routers.Router}
+    row = next(line for line in configuration_markdown().splitlines() if line.startswith("| `router` |"))
+    listed = row.split("One of", 1)[1].split(".")[0]
+    assert [n.strip() for n in listed.split(",")] == list(config.ROUTERS)

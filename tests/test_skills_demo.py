@@ -1,4 +1,4 @@
-"""The real-data skills demo's helpers (loramix.skills.demo) on a tiny random llama and fake staged data."""
+"""The real-data skills demo (bench.skills_demo, experiment code beside the package) on a tiny llama, fake data."""
 
 from __future__ import annotations
 
@@ -7,14 +7,10 @@ import json
 import pytest
 import torch
 
-from helpers.tiny_lm import save_tiny_lm
-from loramix import load_adapter
-from loramix.evaluation import encode_pair, loglikelihoods
-from loramix.generation import render_chat
-from loramix.models import load_base_model
-from loramix.skills import SkillBlend, SkillLibrary, skills_add
-from loramix.skills.demo import (
+from bench.skills_demo import devset, heldout
+from bench.skills_demo.demo import (
     GATE_VARIANTS,
+    SEED_INSTRUCTIONS,
     EmbeddingCache,
     boolq_question,
     choice_logliks,
@@ -24,8 +20,13 @@ from loramix.skills.demo import (
     prepare,
     rouge_l,
 )
+from helpers.tiny_lm import save_tiny_lm
+from loramix import load_adapter
+from loramix.evaluation import encode_pair, loglikelihoods
+from loramix.generation import render_chat
+from loramix.models import load_base_model
+from loramix.skills import SkillBlend, SkillLibrary, skills_add
 from loramix.skills.gate import embed_prompts
-from loramix.skills.heldout import MIXED_FREE
 
 TRAIN = dict(device="cpu", max_steps=3, batch_size=8, learning_rate=2e-2, val_size=0, r=4, attn_r=4, seed=1,
              logging_steps=1, adapter="lora")
@@ -139,7 +140,7 @@ def test_evaluate_reports_routing_and_scores(demo):
             assert rec["n"] == 6 and sum(rec["routed_to"].values()) == 6 and 0 <= rec["accuracy"] <= 1, name
     mixed = res["routing"]["mixed"]  # only the held-out mixed prompts asking for sentiment + summary
     assert set(mixed["by_pair"]) == {"sentiment+summary"} and 0 <= mixed["both_weighted_share"] <= 1
-    assert mixed["n"] == 6 + 6 + sum(1 for a, _ in MIXED_FREE if set(a) == {"sentiment", "summary"})
+    assert mixed["n"] == 6 + 6 + sum(1 for a, _ in heldout.MIXED_FREE if set(a) == {"sentiment", "summary"})
     assert res["routing"]["single_free"]["n"] == 8 and res["score_prompts"] == "reworded"
     for name, rec in res["scores"].items():
         for key in ("base", "own_adapter", "blend_top1", "blend_soft"):
@@ -171,3 +172,32 @@ def test_compare_gates_reports_every_variant(demo, tmp_path):
     assert dev_items([{"i": i} for i in range(10)], 3) == [{"i": 9}, {"i": 8}, {"i": 7}]  # from the end
     again = compare_gates(str(demo["dir"] / "data"), small=True, cache=str(cache), log=lambda s: None)
     assert again["variants"] == res["variants"]  # the cached embeddings give the same figures
+
+
+def test_held_out_prompts_are_not_in_the_training_phrasings():
+    def norm(t: str) -> str:
+        return " ".join(t.replace("{text}", " ").lower().split()).strip(" ?.:\"-")
+
+    seeds = {norm(s) for ss in SEED_INSTRUCTIONS.values() for s in ss}
+    held = [t for ts in heldout.REWORDED.values() for t in ts] + [t for _, _, t in heldout.MIXED]
+    held += [p for _, p in heldout.MIXED_FREE] + [p for _, p in heldout.SINGLE_FREE]
+    assert not {norm(h) for h in held} & seeds
+    # only the shortest, most generic seeds ("summarize this", "answer true or false") occur inside them
+    inside = {s for s in seeds for h in held if s in norm(h)}
+    assert inside == {"summarize this", "classify the sentiment", "answer true or false"}, inside
+
+
+def test_development_prompts_share_no_wording_with_the_held_out_set_or_the_seeds():
+    def norm(t: str) -> str:
+        return " ".join(t.replace("{text}", " ").lower().split()).strip(" ?.:\"-")
+
+    def texts(reworded, mixed, free) -> set[str]:
+        out = [t for ts in reworded.values() for t in ts] + [t for _, _, t in mixed] + [p for _, p in free]
+        return {norm(t) for t in out}
+
+    dev = texts(devset.DEV_REWORDED, devset.DEV_MIXED, devset.DEV_MIXED_FREE)
+    held = texts(heldout.REWORDED, heldout.MIXED, heldout.MIXED_FREE) | {norm(p) for _, p in heldout.SINGLE_FREE}
+    seeds = {norm(s) for ss in SEED_INSTRUCTIONS.values() for s in ss}
+    assert len(dev) == 6 * 3 + len(devset.DEV_MIXED) + len(devset.DEV_MIXED_FREE)
+    assert not dev & held and not dev & seeds
+    assert not {s for s in seeds | held for d in dev if len(s) > 20 and s in d}

@@ -1,5 +1,6 @@
 """loramix: Mixture-of-LoRA-Experts fine-tuning for Hugging Face causal language models."""
 
+from . import interop  # noqa: F401  registers the official mixlora format with load_adapter
 from ._version import __version__
 from .allocator import tune_malloc
 from .checkpoint import AdapterLoadError, load_adapter, save_adapter

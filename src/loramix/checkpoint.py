@@ -11,6 +11,8 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._version import __version__
+from .adapter_tensors import TRAINABLE_MARKERS as TRAINABLE_MARKERS  # the rule of what an adapter holds
+from .adapter_tensors import base_weights_digest, is_trainable_name
 from .config import ConfigError, MixLoraConfig
 from .injection import STATE_ATTR, architecture_fingerprint, get_state, inject, unload
 
@@ -44,6 +48,27 @@ class AdapterLoadError(ValueError):
     """An adapter directory cannot be loaded onto this base model; nothing was changed."""
 
 
+@dataclass(frozen=True)
+class AdapterFormat:
+    """Another implementation's adapter format that :func:`load_adapter` reads: ``detect(directory)`` says
+    whether a directory is in this format; ``load(base_model, directory)`` injects it into ``base_model`` and
+    returns the adapted model. Readers register themselves with :func:`register_adapter_format` (the official
+    ``mixlora`` format is registered by ``loramix.interop``, which ``import loramix`` imports)."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    load: Callable[[nn.Module, Path], nn.Module]
+
+
+ADAPTER_FORMATS: list[AdapterFormat] = []
+"""The registered foreign formats, asked in order before a directory is read as a loramix checkpoint."""
+
+
+def register_adapter_format(fmt: AdapterFormat) -> None:
+    """Let :func:`load_adapter` read ``fmt`` (a format registered again under its name replaces the old one)."""
+    ADAPTER_FORMATS[:] = [f for f in ADAPTER_FORMATS if f.name != fmt.name] + [fmt]
+
+
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -53,18 +78,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-TRAINABLE_MARKERS = ("lora_", "mixlora_")
-"""The rule for what an adapter checkpoint holds: every tensor whose name contains one of these, i.e. PEFT's
-attention LoRA (``lora_A``/``lora_B``) and each MoE layer's ``mixlora_*`` modules (router weight and balance
-buffers, expert LoRA, adapter scale). The same names are the trainable parameters; the frozen base is never
-saved."""
 OPTIONAL_BUFFERS = (".balance_bias", ".balance_pending")
 """Router buffers a checkpoint may lack (written as zeros on load): adapters saved without the balance bias."""
-
-
-def is_trainable_name(name: str) -> bool:
-    """True for an adapter tensor (see ``TRAINABLE_MARKERS``): trained, saved and loaded by loramix."""
-    return any(marker in name for marker in TRAINABLE_MARKERS)
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -198,16 +213,6 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def is_official_mixlora(directory: str | Path) -> bool:
-    """True for an adapter directory in the official MixLoRA format (``peft_type: MIXLORA``)."""
-    path = Path(directory) / CONFIG_NAME
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(meta, dict) and str(meta.get("peft_type", "")).upper() == "MIXLORA"
-
-
 def pickle_refused(path: str | Path, error: BaseException) -> AdapterLoadError:
     """The error for a pickled weights file that PyTorch's safe (tensors-only) loading refused: it holds
     Python objects other than tensors. Such a file is never unpickled fully: it could run arbitrary code."""
@@ -235,28 +240,6 @@ def _read_weights(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tens
         return load_file(path)
     except (SafetensorError, OSError) as e:
         raise AdapterLoadError(f"{path} is not a readable safetensors file: {e}") from e
-
-
-@torch.no_grad()
-def base_weights_digest(model: nn.Module, sample: int = 4096) -> dict[str, Any]:
-    """A cheap digest of the frozen base weights, to tell two bases of one architecture apart.
-
-    Every floating-point parameter that is not an adapter's contributes its shape and ``sample`` evenly
-    spaced values cast to bfloat16 (so float32 and bfloat16 loads of one checkpoint agree). The per-tensor
-    hashes are sorted before hashing, so the digest does not depend on module names: it is the same for
-    the bare base and for the base with adapters injected. ``tensors`` counts what was hashed (a quantized
-    base hashes fewer tensors and is not comparable).
-    """
-    hashes = []
-    for name, p in model.named_parameters():
-        if is_trainable_name(name) or not p.is_floating_point():
-            continue
-        flat = p.detach().reshape(-1)
-        picked = flat[:: max(1, flat.numel() // sample)][:sample]
-        h = hashlib.sha256(str(tuple(p.shape)).encode())
-        h.update(picked.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-        hashes.append(h.hexdigest())
-    return {"tensors": len(hashes), "sample_sha256": hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()}
 
 
 def _model_name(model: nn.Module) -> str | None:
@@ -319,10 +302,9 @@ def load_adapter(
     """
     directory = Path(directory)
     _check_not_adapted(base_model, directory)
-    if is_official_mixlora(directory):  # written by the official `mixlora` package / MoE-PEFT
-        from .interop import load_official_mixlora
-
-        model = load_official_mixlora(base_model, directory)
+    foreign = next((fmt for fmt in ADAPTER_FORMATS if fmt.detect(directory)), None)
+    if foreign is not None:  # another implementation's format (e.g. the official `mixlora` package)
+        model = foreign.load(base_model, directory)
         if not trainable:
             for p in model.parameters():
                 p.requires_grad_(False)

@@ -8,7 +8,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ROUTERS = ("topk", "noisy_topk", "switch", "dense", "top_p")
+ROUTERS: dict[str, str] = {
+    "topk": "TopKRouter",
+    "noisy_topk": "NoisyTopKRouter",
+    "switch": "SwitchRouter",
+    "dense": "DenseRouter",
+    "top_p": "TopPRouter",
+}
+"""The router registry: each ``MixLoraConfig.router`` name and the class in :mod:`loramix.routers` that
+implements it. Config validation, the CLI, ``routers.ROUTERS`` (name -> class) and the tests all read it; it
+lives here, beside the config, so validation needs no torch. Adding a router: its class in ``routers.py``,
+one line here, and its name in ``MixLoraConfig.router``'s docstring (the ``--router`` help)."""
 EXPERT_TYPES = ("mixlora", "adapter")
 FFN_ROLES = ("gate", "up", "down")
 _FLOAT_FIELDS = (

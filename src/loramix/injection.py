@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_tensors import base_weights_digest, is_trainable_name
 from .config import MixLoraConfig
 from .dropout import use_fast_dropout
 from .ffn_spec import check_targets, detect_ffn
@@ -43,7 +44,7 @@ class LoramixState:
     hooks: list[Any] = field(default_factory=list)
     added_peft_config: bool = False  # PEFT set model.peft_config; unload removes it
     marked_adapted: bool = False  # inject set _hf_peft_config_loaded on a quantized base; unload clears it
-    base_weights: dict[str, Any] | None = None  # checkpoint.base_weights_digest of the base, taken at inject
+    base_weights: dict[str, Any] | None = None  # adapter_tensors.base_weights_digest of the base, taken at inject
 
 
 def get_state(model: nn.Module) -> LoramixState:
@@ -110,8 +111,6 @@ def architecture_fingerprint(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "n_embd", "n_layer")
     info = {k: getattr(cfg, k) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
-    from .checkpoint import is_trainable_name  # checkpoint's rule of adapter tensors (it imports this module)
-
     # logical shapes: an adapter trained on a 4-bit base (packed weights) fits the unquantized base too
     names = sorted(f"{n}:{logical_shape(p)}" for n, p in model.named_parameters() if not is_trainable_name(n))
     info["params_sha256"] = hashlib.sha256("\n".join(names).encode()).hexdigest()
@@ -142,8 +141,6 @@ def inject(model: nn.Module, config: MixLoraConfig) -> nn.Module:
         attn_targets=attn_targets,
         original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
     )
-    from .checkpoint import base_weights_digest  # (checkpoint imports this module)
-
     # taken now, while every rank holds whole weights: saving from one rank of a sharded (FSDP) model must
     # not read the other ranks' shards
     state.base_weights = base_weights_digest(model)
@@ -167,8 +164,6 @@ def inject(model: nn.Module, config: MixLoraConfig) -> nn.Module:
         state.moe_layers[name] = layer
     model.train(model.training)  # new modules follow the model's mode (an eval model stays deterministic)
     # PEFT creates attention LoRA in the base weight's dtype: keep every trainable in float32 unless asked
-    from .checkpoint import is_trainable_name  # checkpoint's rule of adapter tensors (it imports this module)
-
     trainable = [n for n, p in model.named_parameters() if is_trainable_name(n)]
     cast_trainable(model, trainable, config.adapter_dtype, model_dtype)
     if getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False):

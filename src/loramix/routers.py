@@ -2,7 +2,7 @@
 
 Every router returns a :class:`Routing` of fixed-width ``(T, K)`` tensors plus a validity mask, so the
 dispatch code never needs to know which rule picked the experts. Routers are registered by name in
-``ROUTERS`` and built with :func:`build_router`.
+``loramix.config.ROUTERS`` (read here as ``ROUTERS``) and built with :func:`build_router`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import config
 from .config import MixLoraConfig
 
 
@@ -185,13 +186,8 @@ class TopPRouter(Router):
         return Routing(weights, indices, mask, logits, probs)
 
 
-ROUTERS: dict[str, type[Router]] = {
-    "topk": TopKRouter,
-    "noisy_topk": NoisyTopKRouter,
-    "switch": SwitchRouter,
-    "dense": DenseRouter,
-    "top_p": TopPRouter,
-}
+ROUTERS: dict[str, type[Router]] = {name: globals()[cls] for name, cls in config.ROUTERS.items()}
+"""Name -> router class, from the one registry ``loramix.config.ROUTERS`` (name -> class name in this module)."""
 
 
 def build_router(hidden_size: int, num_experts: int, config: MixLoraConfig) -> Router:

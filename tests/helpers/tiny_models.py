@@ -13,12 +13,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig, Qwen2Config
 
+from loramix import config
+
 torch.set_num_threads(int(os.environ.get("LORAMIX_TEST_THREADS", "1")))
 
 VOCAB = 128
 ARCHS = ["llama", "qwen2", "gemma", "gpt2"]
-ROUTER_NAMES = ["topk", "noisy_topk", "switch", "dense", "top_p"]
-EXPERT_TYPES = ["mixlora", "adapter"]
+ROUTER_NAMES = list(config.ROUTERS)  # every registered router (the registry in loramix.config)
+EXPERT_TYPES = list(config.EXPERT_TYPES)
 
 
 def tiny_config(arch: str, **overrides: Any):

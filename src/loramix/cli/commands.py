@@ -120,7 +120,7 @@ def chat_command(
 
 
 def eval_command(
-    tasks: list[str],
+    tasks: list[str] | None = None,
     model: str | None = None,
     adapter: str | None = None,
     data_dir: str | None = None,
@@ -132,9 +132,11 @@ def eval_command(
     stride: int | None = None,
     max_new_tokens: int = 256,
     strict_base: bool = False,
+    harness_tasks: list[str] | None = None,
+    harness_include: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate perplexity (wikitext2), multiple-choice accuracy (ARC-Easy, ARC-Challenge, boolq, openbookqa)
-    or math exact match; prints a markdown table.
+    """Evaluate perplexity (wikitext2), multiple-choice accuracy (ARC-Easy, ARC-Challenge, boolq, openbookqa),
+    math exact match, or any lm-evaluation-harness task; prints a markdown table.
 
     Args:
         tasks: task names as a YAML list, e.g. "[wikitext2, ARC-Easy, boolq]".
@@ -149,20 +151,40 @@ def eval_command(
         stride: perplexity: tokens between window starts (default: half the window).
         max_new_tokens: length limit of the replies scored by the math tasks.
         strict_base: refuse an adapter trained on a base with different weights (default: a warning).
+        harness_tasks: lm-evaluation-harness tasks as a YAML list, e.g. "[arc_easy, hellaswag]" (needs the
+            lmeval extra: pip install 'loramix[lmeval]'); --limit applies to them too.
+        harness_include: a directory of your own lm-eval task YAMLs, for harness_tasks.
     """
     from ..evaluation import check_eval_options, evaluate, results_table
     from ..generation import load_for_inference
 
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    if not tasks:
-        raise ValueError("tasks: name at least one task, e.g. --tasks \"[wikitext2, boolq]\"")
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks or [])
+    harness_tasks = [harness_tasks] if isinstance(harness_tasks, str) else list(harness_tasks or [])
+    if not tasks and not harness_tasks:
+        raise ValueError("--tasks: name at least one task, e.g. --tasks \"[wikitext2, boolq]\" (or lm-eval tasks "
+                         "with --harness-tasks)")
     check_eval_options(tasks, limit=limit, batch_size=batch_size, max_length=max_length, stride=stride,
                        max_new_tokens=max_new_tokens)  # before the model loads
+    manager = None
+    if harness_tasks:
+        from ..harness import harness_task_manager
+
+        manager = harness_task_manager(harness_tasks, harness_include)  # lm-eval installed, names known
     model_obj, tokenizer = load_for_inference(model, adapter, device=device, strict_base=strict_base)
-    results = evaluate(model_obj, tokenizer, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
-                       max_length=max_length, stride=stride, max_new_tokens=max_new_tokens)
+    results: dict[str, Any] = {"tasks": {}}
+    if tasks:
+        results = evaluate(model_obj, tokenizer, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                           max_length=max_length, stride=stride, max_new_tokens=max_new_tokens)
     results.update(model=model or "default", adapter=adapter)
-    print(results_table(results))
+    if tasks:
+        print(results_table(results))
+    if harness_tasks:
+        from ..harness import harness_scores, harness_table, lm_eval_model, run_harness
+
+        lm = lm_eval_model(model=model_obj, tokenizer=tokenizer, batch_size=batch_size)
+        out = run_harness(lm, harness_tasks, task_manager=manager, limit=limit)
+        results["harness"] = {"tasks": harness_scores(out), "n": out.get("n-samples", {})}
+        print(harness_table(out))
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2, default=str))
     return results

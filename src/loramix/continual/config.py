@@ -121,7 +121,7 @@ class ContinualConfig:
     """An expert that stops training (a newer skill is detected, or the stream ends) keeps the weights of its
     lowest validation loss, the untrained expert (the model without it) included, instead of its last ones;
     evaluations and the saved model use those weights. Only as good as the validation set: with val_size 4 the
-    choice is noisy (docs/continual.md, design choices)."""
+    choice is noisy (docs/reports/continual.md, the learning budget)."""
 
     # --- optimisation ----------------------------------------------------------------------------------
     batch_size: int = 4

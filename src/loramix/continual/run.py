@@ -23,15 +23,23 @@ from typing import Any
 
 import torch
 
-from ..evaluation import encode_pair, scoring_limit
-from ..models import model_device
 from .config import ContinualConfig, resolve_config
 from .experts import ExpertBank
 from .learner import ContinualLearner, batch_tensors, target_loss, write_jsonl
 from .metrics import boundary_detection, plot_accuracy_matrix, save_json, summarize, summarize_by_score
 from .novelty import NoveltyDetector, build_embedder
 from .routing import HybridRouter
-from .scoring import SCORE_HIGHER_IS_BETTER, TaskEval, prepare_eval, score_task, task_score
+from .scoring import (
+    SCORE_HIGHER_IS_BETTER,
+    TaskEval,
+    prepare_eval,
+    routed_multiple_choice,
+    score_task,
+    task_score,
+)
+from .scoring import (
+    routed_loglikelihoods as routed_loglikelihoods,  # importable from here as before
+)
 from .stream import EncodedExample, Stream, Task, build_stream, load_tasks
 
 logger = logging.getLogger(__name__)
@@ -40,108 +48,6 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 # scoring
 # --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def routed_loglikelihoods(
-    model: Any,
-    tokenizer: Any,
-    requests: Sequence[tuple[list[int], list[int]]],
-    weights: torch.Tensor | None,
-    bank: ExpertBank | None,
-    *,
-    batch_size: int = 8,
-) -> list[float]:
-    """Summed log-probability of each ``(context_ids, continuation_ids)`` request, request ``i`` routed
-    with ``weights[i]`` (``weights=None``: the model as it is); batched like
-    ``loramix.evaluation.loglikelihoods``: longest first, right padded, left-truncated to the model's
-    context size.
-
-    Requests whose model input is the same -- ``(context + continuation)[:-1]`` after truncation, with
-    continuations of the same length and the same routing -- share one forward: the logits that score a
-    continuation never see its last token, so the choices of a multiple-choice item that differ only in
-    their last token (``answer1`` / ``answer2``, ``true`` / ``false``) cost one forward instead of one each.
-    """
-    if weights is not None and bank is None:
-        raise ValueError("routing weights need the ExpertBank they route")
-    limit = scoring_limit(model)
-    device = model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    keys: dict[tuple, int] = {}
-    uniq: list[tuple[list[int], int, int]] = []  # (input row, continuation length, a request with it)
-    owner: list[int] = []  # request -> its unique input
-    for i, (ctx, cont) in enumerate(requests):
-        if not cont:
-            raise ValueError(f"request {i}: the continuation is empty after tokenization")
-        row = (list(ctx) + list(cont))[-(limit + 1) :][:-1]
-        route = tuple(weights[i].tolist()) if weights is not None else None
-        key = (tuple(row), len(cont), route)
-        if key not in keys:
-            keys[key] = len(uniq)
-            uniq.append((row, len(cont), i))
-        owner.append(keys[key])
-    members: list[list[int]] = [[] for _ in uniq]
-    for i, u in enumerate(owner):
-        members[u].append(i)
-    order = sorted(range(len(uniq)), key=lambda u: -(len(uniq[u][0]) + 1))
-    out = [0.0] * len(requests)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            rows = [uniq[u][0] for u in idx]
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, r in enumerate(rows):
-                input_ids[j, : len(r)] = torch.tensor(r)
-                mask[j, : len(r)] = 1
-            route = (bank.route(weights[[uniq[u][2] for u in idx]]) if weights is not None and bank is not None
-                     else contextlib.nullcontext())
-            with route:
-                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-            for j, u in enumerate(idx):
-                r, n = rows[j], uniq[u][1]
-                logp = torch.log_softmax(logits[j, len(r) - n : len(r)].float(), dim=-1)  # (n, V)
-                for i in members[u]:
-                    cont = torch.tensor(list(requests[i][1]), device=logp.device)
-                    out[i] = float(logp.gather(1, cont[:, None]).sum())
-    finally:
-        model.train(was_training)
-    return out
-
-
-def routed_multiple_choice(
-    model: Any,
-    tokenizer: Any,
-    items: Sequence[dict[str, Any]],
-    weights: torch.Tensor | None,
-    bank: ExpertBank | None,
-    *,
-    batch_size: int = 8,
-) -> dict[str, Any]:
-    """``loramix.evaluation.score_multiple_choice`` with item ``k`` routed by ``weights[k]`` (``None``: the
-    model as it is): the same requests (``encode_pair``, `` `` + choice) and the same ``acc`` /
-    ``acc_norm`` definitions; choices that share the model input share its forward."""
-    requests, owner = [], []
-    for k, item in enumerate(items):
-        for c, choice in enumerate(item["choices"]):
-            requests.append(encode_pair(tokenizer, item["context"], " " + choice,
-                                        add_special_tokens=item.get("add_special_tokens", False)))
-            owner.append((k, c))
-    per_request = weights[[k for k, _ in owner]] if weights is not None else None
-    scores = routed_loglikelihoods(model, tokenizer, requests, per_request, bank, batch_size=batch_size)
-    per_item: list[list[float]] = [[0.0] * len(it["choices"]) for it in items]
-    for (k, c), ll in zip(owner, scores, strict=True):
-        per_item[k][c] = ll
-    correct = correct_norm = 0
-    for item, lls in zip(items, per_item, strict=True):
-        norm = [ll / max(len(ch), 1) for ll, ch in zip(lls, item["choices"], strict=True)]
-        correct += max(range(len(lls)), key=lambda c: lls[c]) == item["gold"]
-        correct_norm += max(range(len(norm)), key=lambda c: norm[c]) == item["gold"]
-    n = len(items)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n, "loglikelihoods": per_item}
-
-
 def score_routed(
     model: Any,
     tokenizer: Any,

@@ -2,7 +2,7 @@
 
 Each stream entry is read with the same loader and the same format detection as ``loramix train``
 (``loramix.data``: ``prompt_response``, ``instruction``, ``messages``), and every row becomes an
-:class:`~loramix.continual.stream.Example` of one of three kinds, which decides how the task is scored:
+:class:`~loramix.continual.tasks.Example` of one of three kinds, which decides how the task is scored:
 
 * **multiple choice** (scored by accuracy): a row with a list of candidates (``choices``, ``options``,
   ``endings`` or ``candidates``) and the gold one (``answer``, ``label``, ``gold`` or ``target``: an index, a
@@ -27,7 +27,7 @@ from typing import Any
 
 from ..data import DataConfig, DataError, load_data_source, record_to_messages, resolve_format
 from ..evaluation import answer_candidates
-from .stream import Example, Task
+from .tasks import Example, Task
 
 CHOICE_FIELDS = ("choices", "options", "endings", "candidates")
 GOLD_FIELDS = ("answer", "label", "gold", "target", "answerkey")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,11 @@ from ..evaluation import (
     resolve_data_dir,
 )
 from ..generation import render_chat
+from .sources import StreamError, is_local, load_file_task, task_name
+from .tasks import EncodedExample as EncodedExample  # the task types, importable from here as before
+from .tasks import Example as Example
+from .tasks import Stream as Stream
+from .tasks import Task as Task
 
 SST2_INSTRUCTION = (
     "Please classify the sentiment of the following movie review as positive or negative, review: {sentence}"
@@ -36,68 +40,6 @@ SST2_INSTRUCTION = (
 SYNTHETIC_ALPHABETS = ("abcdefgh", "01234567", "KLMNOPQR", "!#$%&*+=", "stuvwxyz", "ABCDEFGH")
 SYNTHETIC_CHOICES = ("ant", "bee", "cow")  # equal length: summed log-likelihoods compare fairly
 COMMONSENSE_DIR = "llm_adapters_commonsense"
-
-
-@dataclass
-class Example:
-    """One example; ``task`` is used only by the evaluation harness, never the learner.
-
-    Multiple choice: ``choices`` and the ``gold`` index. Otherwise ``choices`` is empty and ``response`` is
-    the target (after ``messages``, the conversation up to it; None = one user turn holding ``prompt``);
-    ``tests`` (assert statements, run after ``setup``) make the task scored by pass@1. ``prompt`` is what
-    the novelty detector embeds.
-    """
-
-    prompt: str
-    choices: list[str]
-    gold: int
-    task: str = ""
-    response: str | None = None
-    messages: list[dict[str, str]] | None = None
-    tests: list[str] | None = None
-    setup: str = ""
-
-    @property
-    def kind(self) -> str:
-        """``mc`` (multiple choice), ``tests`` (code with tests) or ``text`` (free response)."""
-        return "mc" if self.choices else "tests" if self.tests else "text"
-
-
-@dataclass
-class Task:
-    name: str
-    train: list[Example]
-    test: list[Example]
-    split_from_test: bool = False
-    """True when the data has no training file: train and test are disjoint subsets of its test file."""
-    held_out: bool = False
-    """True when the test set was held out of the task's data file (no test file was given)."""
-
-    @property
-    def kind(self) -> str:
-        """How the task is scored: ``mc`` (accuracy), ``tests`` (pass@1) or ``text`` (response loss)."""
-        return self.test[0].kind if self.test else self.train[0].kind
-
-
-@dataclass
-class EncodedExample:
-    """A training example as token ids: ``context_ids + target_ids``, loss on the target only."""
-
-    index: int  # position in the stream
-    prompt: str
-    context_ids: list[int]
-    target_ids: list[int]
-    task: int = -1  # true task (metrics only)
-    embedding: Any = None  # filled by the learner / harness
-
-
-@dataclass
-class Stream:
-    """The concatenated training stream and where each task starts in it."""
-
-    examples: list[EncodedExample]
-    boundaries: list[int]  # stream index of every task's first example
-    task_names: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,8 +204,6 @@ def load_tasks(
     ``test_data``: test files / hub ids aligned with ``names`` (an empty entry = hold out ``test_per_task``
     rows of that task's data; built-in tasks bring their own test sets). ``min_train``: training rows a
     held-out split must leave."""
-    from .sources import StreamError, is_local, load_file_task, task_name
-
     names = [n for n in split_entries(names) if n]
     if not names:
         raise ValueError("no tasks given")

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import is_trainable_name, pickle_refused
+from ..adapter_tensors import is_trainable_name
+from ..checkpoint import pickle_refused
 from ..config import FFN_ROLES, ConfigError, MixLoraConfig
 from ..ffn_spec import FFNNotSupportedError, FFNSpec, detect_ffn
 from ..injection import inject
@@ -409,6 +410,16 @@ def convert_official_weights(
             f"no official tensor for loramix parameters {missing[:3]} ({len(missing)} total)"
         )
     return out
+
+
+def is_official_mixlora(directory: str | Path) -> bool:
+    """True for an adapter directory in the official MixLoRA format (``peft_type: MIXLORA``)."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("peft_type", "")).upper() == "MIXLORA"
 
 
 def load_official_mixlora(

@@ -199,7 +199,7 @@ class GateConfig:
     = scores / their sum; ``softmax``: one distribution over the skills."""
     temperature: float = 1.5
     """Temperature of the logits (lower = sharper). The default was chosen on the development prompt set
-    (loramix.skills.devset; docs/skills.md)."""
+    (docs/reports/skills.md)."""
     threshold: float = 0.0
     """If the top skill's score is below this, the prompt falls back (see ``fallback``)."""
     fallback: str = "soft"

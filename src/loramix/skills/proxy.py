@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .library import SkillLibraryError
-from .serve import ROUTE_MODEL, prompt_from_messages
+from .request import ROUTE_MODEL, prompt_from_messages
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:

@@ -1,6 +1,6 @@
-"""A development set of reworded and mixed prompts for choosing between gate designs (docs/skills.md).
+"""A development set of reworded and mixed prompts for choosing between gate designs (docs/reports/skills.md).
 
-Gate designs are compared on this set; :mod:`loramix.skills.heldout` is kept for the final measurement of the
+Gate designs are compared on this set; :mod:`bench.skills_demo.heldout` is kept for the final measurement of the
 chosen design. The two sets are written independently: no instruction here appears in the held-out set or in
 the training phrasings (``tests/test_skills_gate.py`` checks both). The ``{text}`` slots are filled with test
 items from the END of each skill's shuffled test split (``demo.dev_items``), while the held-out measurements

@@ -1,4 +1,4 @@
-"""Real-data demonstration of skill blending (docs/skills.md, "Demo"): data preparation and scoring.
+"""Real-data demonstration of skill blending (docs/reports/skills.md): data preparation and scoring.
 
 Three skills from the staged data under ``$LORAMIX_DATA_DIR``:
 
@@ -9,14 +9,14 @@ Three skills from the staged data under ``$LORAMIX_DATA_DIR``:
 
 Usage::
 
-    python -m loramix.skills.demo prepare OUT_DIR                # writes <skill>_{train,test}.jsonl
-    python -m loramix.skills.demo instructions SKILL             # its seed phrasings, JSON
-    python -m loramix.skills.demo evaluate LIBRARY OUT_DIR --json results.json [--routing-only]
+    python -m bench.skills_demo.demo prepare OUT_DIR                # writes <skill>_{train,test}.jsonl
+    python -m bench.skills_demo.demo instructions SKILL             # its seed phrasings, JSON
+    python -m bench.skills_demo.demo evaluate LIBRARY OUT_DIR --json results.json [--routing-only]
 
 ``evaluate`` loads every skill of the library onto one base (``SkillBlend``) and reports
 
 * gate accuracy on held-out prompts (the test splits, never seen by the gate), in the training prompt
-  template and reworded with the instructions of :mod:`loramix.skills.heldout` (written by hand, never used for
+  template and reworded with the instructions of :mod:`bench.skills_demo.heldout` (written by hand, never used for
   training), and on its free-form single-skill prompts;
 * on its mixed prompts (two skills asked for at once), the share where both get a weight of at least 0.25;
 * each skill's score through the blend (gate routing, ``top1`` and ``soft``) beside the same skill's adapter
@@ -48,7 +48,7 @@ SENTIMENT_PROMPT = "Classify the sentiment of this movie review as positive or n
 SUMMARY_PROMPT = "Summarize this dialogue:\n{text}"
 # Seed phrasings of each skill's request, given to `skills add --instructions` (the gate is trained on these and on
 # the data's own template, in many layouts: loramix.skills.phrasings). Written without looking at the held-out
-# wordings of loramix.skills.heldout; tests/test_skills_demo.py checks that none of those appears here.
+# wordings of bench.skills_demo.heldout; tests/test_skills_demo.py checks that none of those appears here.
 SEED_INSTRUCTIONS = {
     "sentiment": ["Is this review positive or negative?", "What is the sentiment of this text?",
                   "Classify the sentiment", "Tell me whether the opinion here is positive or negative",
@@ -178,8 +178,8 @@ def choice_logliks(blend: Any, prompts: list[str], choices: list[list[str]], wei
 
     Choices of one item whose model inputs coincide (they differ only in their last token) share a forward.
     """
-    from ..evaluation import encode_pair
-    from ..generation import render_chat
+    from loramix.evaluation import encode_pair
+    from loramix.generation import render_chat
 
     tok = blend.tokenizer
     n = len(prompts)
@@ -231,7 +231,7 @@ def summary_rouge(blend: Any, items: list[dict[str, Any]], weights: torch.Tensor
 # evaluate
 # --------------------------------------------------------------------------------------------------
 def reworded(skill: str, items: list[dict[str, Any]]) -> list[str]:
-    """The held-out reworded prompts of ``items`` (loramix.skills.heldout.REWORDED, rotated)."""
+    """The held-out reworded prompts of ``items`` (bench.skills_demo.heldout.REWORDED, rotated)."""
     templates = REWORDED[skill]
     return [templates[i % len(templates)].format(text=it["raw"]) for i, it in enumerate(items)]
 
@@ -274,7 +274,7 @@ class EmbeddingCache:
 
     def embed(self, spec: dict[str, Any], prompts: list[str], **kwargs: Any) -> tuple[torch.Tensor, int]:
         """(embeddings, number of prompts actually embedded now)."""
-        from .gate import embed_prompts
+        from loramix.skills.gate import embed_prompts
 
         keys = [self.key(spec, p) for p in prompts]
         todo = sorted({k: p for k, p in zip(keys, prompts, strict=True) if k not in self.store}.items())
@@ -306,10 +306,10 @@ def evaluate(library: str, data_dir: str, *, route_limit: dict[str, int] | int =
     identical to ``own_adapter``'s, so only the misrouted items are run again (the scores of the others are
     the own-adapter ones; tests/test_skills.py checks that one-hot weights reproduce the adapter alone).
     """
-    from .api import gate_weights, load_gate
-    from .blend import SkillBlend
-    from .gate import apply_policy
-    from .library import SkillLibrary
+    from loramix.skills.api import gate_weights, load_gate
+    from loramix.skills.blend import SkillBlend
+    from loramix.skills.gate import apply_policy
+    from loramix.skills.library import SkillLibrary
 
     score_limit = score_limit or {}
     embed_cache = EmbeddingCache(cache)
@@ -500,8 +500,8 @@ def compare_gates(data_dir: str, *, embedder: str = "minilm", small: bool = Fals
 
     from safetensors.torch import load_file, save_file
 
-    from .gate import Gate, GateConfig, embed_prompts, embedder_spec, train_gate
-    from .phrasings import compose, split_template, template_instruction, vary
+    from loramix.skills.gate import Gate, GateConfig, embed_prompts, embedder_spec, train_gate
+    from loramix.skills.phrasings import compose, split_template, template_instruction, vary
 
     d = Path(data_dir)
     nt, nv, nm = (60, 120, 60) if small else (150, 300, 150)
@@ -533,7 +533,7 @@ def compare_gates(data_dir: str, *, embedder: str = "minilm", small: bool = Fals
         if keys[k] in emb:
             continue
         if spec["kind"] == "base" and base is None:
-            from ..models import load_base_model
+            from loramix.models import load_base_model
 
             base, tok = load_base_model(None, device="cpu")
         emb[keys[k]] = embed_prompts(spec, v, base=base, tokenizer=tok)
@@ -613,7 +613,7 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m loramix.skills.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.skills_demo.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="write the demo's train/test JSONL files")
@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--embedder", default="minilm", help="minilm, base or a sentence-encoder directory")
     c.add_argument("--small", action="store_true", help="fewer prompts (for the slower base embedder)")
     c.add_argument("--prompt-set", choices=("heldout", "dev"), default="heldout",
-                   help="score on the held-out set or on the development set (loramix.skills.devset)")
+                   help="score on the held-out set or on the development set (bench.skills_demo.devset)")
     c.add_argument("--ends", type=int, default=0, help="embedder end pooling: tokens at each end (0 = mean only)")
     c.add_argument("--variants", default=None, help="GATE_VARIANTS names separated by ';' (default: all)")
     c.add_argument("--cache", default=None, help="a safetensors file keeping the embeddings")

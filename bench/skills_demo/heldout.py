@@ -1,4 +1,4 @@
-"""A held-out set of reworded and mixed prompts for measuring the skill gate (docs/skills.md, "Evaluation").
+"""A held-out set of reworded and mixed prompts for measuring the skill gate (docs/reports/skills.md).
 
 Written by hand before any gate design or tuning was tried, and never used to train a gate: the gate's training
 phrasings live in :mod:`loramix.skills.phrasings`, and ``tests/test_skills_demo.py`` checks that no wording of
@@ -11,7 +11,7 @@ this file appears there. The set covers the three demo skills (``sentiment``: SS
   question without its question mark); item ``i`` takes instruction ``i % 10``.
 * ``MIXED``: instructions that ask for two skills at once, filled with test-split text of the ``source`` skill;
   item ``i`` of a source takes that source's instruction ``i % n``.
-* ``MIXED_FREE``: complete prompts written with their own text (the four examples of the feature request among
+* ``MIXED_FREE``: complete prompts written with their own text (the four example requests of the report among
   them), each with the skills it asks for.
 * ``SINGLE_FREE``: complete single-skill prompts in everyday wording about other domains (emails, app reviews,
   meetings, general knowledge).

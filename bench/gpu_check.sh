@@ -41,19 +41,19 @@ else
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 fi
 status=0
-timeout $((70 * SLOW)) python -m pytest -q -p no:cacheprovider -o addopts="" "${SELECT[@]}" tests/test_precision.py \
+timeout $((60 * SLOW)) python -m pytest -q -p no:cacheprovider -o addopts="" "${SELECT[@]}" tests/test_precision.py \
   tests/test_trainers.py tests/test_launches.py 2>&1 | tail -25 | tee "$OUT/tests.log" || status=1
 grep -q " failed\|error" "$OUT/tests.log" && status=1
 if python -c "import bitsandbytes" 2>/dev/null; then
-  timeout $((30 * SLOW)) python -m pytest -q -p no:cacheprovider -o addopts="" "${SELECT[@]}" tests/test_quantize.py 2>&1 \
+  timeout $((20 * SLOW)) python -m pytest -q -p no:cacheprovider -o addopts="" "${SELECT[@]}" tests/test_quantize.py 2>&1 \
     | tail -15 | tee "$OUT/quantize.log" || status=1
 else
   echo "bitsandbytes not importable: 4-bit tests skipped" | tee "$OUT/quantize.log"
 fi
-timeout $((110 * SLOW)) python -m bench.gpu_check --out "$OUT" "${FLAGS[@]}" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+timeout $((90 * SLOW)) python -m bench.gpu_check --out "$OUT" "${FLAGS[@]}" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 if [ -d "$CARRY/data" ]; then
-  timeout $((260 * SLOW)) python -m bench.gpu_quality --carry "$CARRY" --out "$OUT" "${FLAGS[@]}" 2>&1 \
+  timeout $((300 * SLOW)) python -m bench.gpu_quality --carry "$CARRY" --out "$OUT" "${FLAGS[@]}" 2>&1 \
     | grep -v Warning | tail -20 | tee "$OUT/quality.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 else

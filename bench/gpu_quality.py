@@ -85,7 +85,7 @@ def quality(model: str | None, data_dir: str, out: Path, seconds: float, dry_run
 
     options = dict(precision="fp32" if dry_run else "bf16", batch_size=2 if dry_run else 16,
                    max_length=128 if dry_run else 256, learning_rate=2e-4, val_size=0, eval_steps=10**6,
-                   save_total_limit=1, num_experts=8, top_k=2, r=16, attn_r=16, plots=False, seed=42,
+                   save_total_limit=1, num_experts=8, top_k=2, r=16, attn_r=16, seed=42,
                    limit=32 if dry_run else None)
     started = time.perf_counter()
     result = compare(data, model=model, tasks=TRAIN_SETS, output_dir=out / "quality", max_steps=10**6,

@@ -5,10 +5,10 @@
 #   2. the 4-bit tests if bitsandbytes is importable;
 #   3. python -m bench.gpu_check on a randomly initialised model of Llama-3.2-1B's shape: host syncs of a training
 #      and a decoding step against the base model's (must be equal: loramix adds none), the training bench (step
-#      and peak memory as ratios to PEFT LoRA, float32 and bf16), the bf16 step eager and compiled against PEFT
+#      and peak memory as ratios to PEFT LoRA, bf16), the bf16 step eager and compiled against PEFT
 #      LoRA, and a 4-bit smoke run;
 #   4. python -m bench.gpu_quality: LoRA against MixLoRA at matched trainable parameters on the packaged
-#      SmolLM2-135M, 100 s of bf16 training each (--seconds) on the four commonsense training sets, the four test sets
+#      SmolLM2-135M, 80 s of bf16 training each (python -m bench.gpu_quality --seconds 150 on its own) on the four commonsense training sets, the four test sets
 #      scored in full with 95 % intervals -> $OUT/quality.json. Needs bench/.carry/ (bash bench/gpu_carry.sh
 #      DATA_DIR makes it: the GGUF in two halves that travel in two calls, and the data); skipped without it.
 # Needs torch, transformers, peft, safetensors and accelerate, plus pytest. Without internet, fetch pytest here
@@ -50,10 +50,10 @@ if python -c "import bitsandbytes" 2>/dev/null; then
 else
   echo "bitsandbytes not importable: 4-bit tests skipped" | tee "$OUT/quantize.log"
 fi
-timeout $((90 * SLOW)) python -m bench.gpu_check --out "$OUT" "${FLAGS[@]}" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+timeout $((150 * SLOW)) python -m bench.gpu_check --out "$OUT" "${FLAGS[@]}" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 if [ -d "$CARRY/data" ]; then
-  timeout $((300 * SLOW)) python -m bench.gpu_quality --carry "$CARRY" --out "$OUT" "${FLAGS[@]}" 2>&1 \
+  timeout $((240 * SLOW)) python -m bench.gpu_quality --carry "$CARRY" --out "$OUT" "${FLAGS[@]}" 2>&1 \
     | grep -v Warning | tail -20 | tee "$OUT/quality.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 else

@@ -1,7 +1,7 @@
 """GPU check, part 3: LoRA against MixLoRA at matched trainable parameters on the packaged SmolLM2-135M.
 
 Both adapters train on the four LLM-Adapters commonsense training sets (BoolQ, ARC-Easy, ARC-Challenge,
-OpenBookQA: 17.7k rows) in bf16 for as many steps as fit ``--seconds`` each (100 s by default, so that
+OpenBookQA: 17.7k rows) in bf16 for as many steps as fit ``--seconds`` each (80 s by default, so that
 bench/gpu_check.sh stays under 8 minutes; ``--seconds 150`` on its own), with
 the same batch, learning rate, sequence length and seed; LoRA's rank is the one whose trainable parameter count
 is closest to MixLoRA's (``loramix compare --lora-rank match``). The base model and both adapters are then
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--carry", default=str(CARRY), help="folder of the GGUF parts and data/ (bench/gpu_carry.sh)")
     parser.add_argument("--data-dir", default=None, help="holds llm_adapters_commonsense/ (default <carry>/data)")
     parser.add_argument("--out", default="runs/gpu_check", help="quality.json and the runs go here")
-    parser.add_argument("--seconds", type=float, default=100.0, help="training wall time per method")
+    parser.add_argument("--seconds", type=float, default=80.0, help="training wall time per method")
     parser.add_argument("--dry-run", action="store_true", help="tiny settings on CPU (checks the script)")
     args = parser.parse_args(argv)
     seconds = min(args.seconds, 5.0) if args.dry_run else args.seconds

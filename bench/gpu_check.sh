@@ -8,8 +8,8 @@
 #      and peak memory as ratios to PEFT LoRA, bf16), the bf16 step eager and compiled against PEFT
 #      LoRA, and a 4-bit smoke run;
 #   4. python -m bench.gpu_quality: LoRA against MixLoRA at matched trainable parameters on the packaged
-#      SmolLM2-135M, 80 s of bf16 training each (python -m bench.gpu_quality --seconds 150 on its own) on the four commonsense training sets, the four test sets
-#      scored in full with 95 % intervals -> $OUT/quality.json. Needs bench/.carry/ (bash bench/gpu_carry.sh
+#      SmolLM2-135M, 80 s of bf16 training each on the four commonsense training sets (--seconds 150 when run
+#      on its own), the four test sets scored in full with 95 % intervals -> $OUT/quality.json. Needs bench/.carry/ (bash bench/gpu_carry.sh
 #      DATA_DIR makes it: the GGUF in two halves that travel in two calls, and the data); skipped without it.
 # Needs torch, transformers, peft, safetensors and accelerate, plus pytest. Without internet, fetch pytest here
 #   pip download --no-deps -d bench/.wheels pytest==9.2.0 iniconfig==2.3.1 pluggy==1.7.0 pygments==2.21.0

@@ -106,3 +106,69 @@ def test_grouped_kernel_is_chosen_only_where_it_runs(monkeypatch) -> None:
         True, True, True, False]
     monkeypatch.setattr(grouped, "USE_GROUPED_MM", False)
     assert not grouped_mm_supported(torch.bfloat16, cpu)
+
+
+@pytest.mark.parametrize("sort", [True, False])
+@pytest.mark.parametrize(("out", "inp"), [(4, 8), (8, 4)])
+def test_expert_weight_grad_sums_each_experts_pairs(sort: bool, out: int, inp: int) -> None:
+    counts = [3, 0, 5, 2]
+    expert = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    g = torch.Generator().manual_seed(0)
+    grad, x = torch.randn(len(expert), out, generator=g), torch.randn(len(expert), inp, generator=g)
+    got = grouped.expert_weight_grad(grad, x, _pairs(expert, 4, sort), 4)
+    want = torch.stack([grad[expert == e].t() @ x[expert == e] for e in range(4)])
+    torch.testing.assert_close(got, want)
+
+
+def _mix_reference(up, gate, weight, active, token, expert, num_tokens, act, mask, scale, a, b):
+    """MixPairs' maths in plain autograd ops, one pair at a time for the down LoRA."""
+    h = act(gate) * up if gate is not None else act(up)
+    mixed = torch.zeros(num_tokens, h.shape[1], dtype=h.dtype).index_add(0, token, h * weight)
+    if a is None:
+        return mixed, None
+    hk = h * mask if mask is not None else h
+    wd = weight * active[:, None].to(weight.dtype)
+    delta = torch.stack([(hk[i] @ a[expert[i]].t()) * wd[i] * scale @ b[expert[i]].t() for i in range(len(token))])
+    return mixed, torch.zeros(num_tokens, b.shape[1], dtype=h.dtype).index_add(0, token, delta)
+
+
+@pytest.mark.parametrize("use_grouped", [True, False])
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("down", [True, False])
+@pytest.mark.parametrize("gated", [True, False])
+def test_mix_pairs_matches_autograd(gated: bool, down: bool, masked: bool, use_grouped: bool, monkeypatch) -> None:
+    """MixPairs (pre-activations kept, activations recomputed in backward, grouped or fallback products) against
+    the same maths in autograd ops, values and every gradient; an unused slot gets no down delta."""
+    monkeypatch.setattr(grouped, "USE_GROUPED_MM", use_grouped)
+    g = torch.Generator().manual_seed(0)
+    num_tokens, k, width, hidden, r, experts = 5, 2, 8, 4, 4, 3
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).requires_grad_(True)
+
+    indices = torch.randint(0, experts, (num_tokens, k), generator=g)
+    mask_slots = torch.ones(num_tokens, k, dtype=torch.bool)
+    mask_slots[1, 1] = False  # an unused slot
+    mask_slots[3] = False  # a token no expert took
+    weights = torch.rand(num_tokens, k, generator=g).tolist()
+    routing = _routing(indices.tolist(), mask_slots.tolist(), weights, experts)
+    pairs = routing_pairs(routing, experts, grouped=grouped_mm_supported(torch.float32, torch.device("cpu")))
+    n = num_tokens * k
+    up, gate = rand(n, width), rand(n, width) if gated else None
+    weight = pairs.weight[:, None].clone().requires_grad_(True)
+    a, b = (rand(experts, r, width), rand(experts, hidden, r)) if down else (None, None)
+    mask = (torch.rand(n, width, generator=g) > 0.3).to(torch.uint8) if masked else None
+    act = torch.nn.SiLU()
+    inputs = [t for t in (up, gate, weight, a, b) if t is not None]
+    got = grouped.mix_pairs(up, gate, weight, pairs, num_tokens, act, mask, 0.7, a, b)
+    want = _mix_reference(up, gate, weight, pairs.active, pairs.token, pairs.expert, num_tokens, act, mask, 0.7, a, b)
+    probes = [torch.randn(t.shape, generator=g) for t in want if t is not None]
+    for x, y in zip(got, want, strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    loss = lambda outs: sum((o * p).sum() for o, p in zip([o for o in outs if o is not None], probes, strict=True))  # noqa: E731
+    got_grads = torch.autograd.grad(loss(got), inputs)
+    want_grads = torch.autograd.grad(loss(want), inputs)
+    for x, y in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)

@@ -132,3 +132,109 @@ def token_inputs_matmul(x: torch.Tensor, a: torch.Tensor, pairs: Pairs) -> torch
     num_experts, rank, inp = a.shape
     full = (x @ a.reshape(num_experts * rank, inp).t()).view(x.shape[0], num_experts, rank)  # (T, E, r)
     return full[pairs.token, pairs.expert]  # (N, r)
+
+
+def expert_weight_grad(grad: torch.Tensor, x: torch.Tensor, pairs: Pairs, num_experts: int) -> torch.Tensor:
+    """The gradient of every expert's matrix in ``out = expert_matmul(x, w)``: sum over expert e's pairs of
+    ``grad_i^T x_i``; grad (N, out), x (N, in) -> (E, out, in)."""
+    num_pairs, out, inp = grad.shape[0], grad.shape[1], x.shape[1]
+    if pairs.offsets is not None and _kernel_layout(x, x.new_empty(1, out, inp)):
+        return F.grouped_mm(grad.t(), x, offs=pairs.offsets)  # (E, out, in), N split by the group ends
+    if out <= inp:  # each grad row placed in its expert's block: (E*out, N) @ (N, in)
+        index = pairs.expert[:, None, None].expand(num_pairs, 1, out)  # (N, 1, out)
+        spread = grad.new_zeros(num_pairs, num_experts, out).scatter(1, index, grad[:, None, :])  # (N, E, out)
+        return (spread.reshape(num_pairs, num_experts * out).t() @ x).view(num_experts, out, inp)
+    index = pairs.expert[:, None, None].expand(num_pairs, 1, inp)  # (N, 1, in)
+    spread = x.new_zeros(num_pairs, num_experts, inp).scatter(1, index, x[:, None, :])  # (N, E, in)
+    full = grad.t() @ spread.reshape(num_pairs, num_experts * inp)  # (out, E*in)
+    return full.view(out, num_experts, inp).transpose(0, 1)  # (E, out, in)
+
+
+class MixPairs(torch.autograd.Function):
+    """The pairs' activations mixed per token, keeping only their pre-activations for backward.
+
+    ``mixed, down = MixPairs.apply(up, gate, weight, pairs, num_tokens, act, mask, scale, a, b)``::
+
+        h      = act(gate) * up   (or act(up) without a gate)                            (N, I)
+        mixed  = sum over each token's pairs of weight * h                                (T, I)
+        down   = sum over each token's pairs of weight * scale * ((mask * h) A_e^T) B_e^T (T, H)
+
+    up, gate (N, I) pre-activations; weight (N, 1), 0 for unused slots (their down delta is 0); a (E, r, I) and
+    b (E, H, r) the down LoRA (None: ``down`` is None); mask (N, I) uint8 dropout keep-mask or None; scale
+    includes the dropout's 1/(1-p). Backward recomputes h from the saved pre-activations (elementwise) instead
+    of keeping the activation, its masked copy and the products, which autograd would: several (N, I) tensors
+    per layer. Eager mode only (its backward differentiates the activation with autograd); under
+    ``torch.compile`` the layer checkpoints the same maths instead.
+    """
+
+    @staticmethod
+    def forward(ctx, up, gate, weight, pairs, num_tokens, act, mask, scale, a, b):  # noqa: ANN001, ANN205
+        with torch.autocast(up.device.type, enabled=False), torch.no_grad():
+            h = act(gate) * up if gate is not None else act(up)  # (N, I)
+            mixed = up.new_zeros(num_tokens, up.shape[1]).index_add_(0, pairs.token, h * weight)  # (T, I)
+            down = z = None
+            if a is not None:
+                hk = h * mask if mask is not None else h  # (N, I)
+                z = expert_matmul(hk, a, pairs)  # (N, r) unscaled
+                wd = weight * pairs.active.to(weight.dtype)[:, None]  # (N, 1) no down delta on unused slots
+                delta = expert_matmul(z * (wd * scale), b, pairs)  # (N, H)
+                down = up.new_zeros(num_tokens, b.shape[1]).index_add_(0, pairs.token, delta)  # (T, H)
+        ctx.save_for_backward(up, gate, weight, mask, z, a, b, pairs.token, pairs.expert, pairs.offsets)
+        ctx.act, ctx.scale, ctx.active = act, scale, pairs.active
+        return mixed, down
+
+    @staticmethod
+    def backward(ctx, grad_mixed, grad_down):  # noqa: ANN001, ANN205
+        saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no second unpack
+        with torch.autocast(saved[0].device.type, enabled=False):
+            return MixPairs._backward(ctx, saved, grad_mixed, grad_down)
+
+    @staticmethod
+    def _backward(ctx, saved, grad_mixed, grad_down):  # noqa: ANN001, ANN205
+        up, gate, weight, mask, z, a, b, token, expert, offsets = saved
+        pairs = Pairs(token, expert, weight[:, 0], ctx.active, offsets)
+        act, scale = ctx.act, ctx.scale
+        pre = (gate if gate is not None else up).detach().requires_grad_(True)
+        with torch.enable_grad():
+            act_pre = act(pre)  # (N, I) recomputed activation of the gate (or of up)
+        h = act_pre.detach() * up if gate is not None else act_pre.detach()  # (N, I)
+        grad_h = up.new_zeros(up.shape)
+        grad_w = weight.new_zeros(weight.shape)  # (N, 1)
+        if grad_mixed is not None:
+            gm = grad_mixed.to(up.dtype).index_select(0, token)  # (N, I)
+            grad_w += (gm * h).sum(-1, keepdim=True)
+            grad_h += gm * weight
+        grad_a = grad_b = None
+        if a is not None and grad_down is not None:
+            gd = grad_down.to(up.dtype).index_select(0, token)  # (N, H)
+            hk = h * mask if mask is not None else h  # (N, I)
+            active = ctx.active.to(weight.dtype)[:, None]  # (N, 1)
+            wd = weight * active  # (N, 1)
+            zs = z * (wd * scale)  # (N, r) the products B saw
+            gzs = expert_matmul(gd, b.transpose(1, 2), pairs)  # (N, r) gradient of zs
+            grad_b = expert_weight_grad(gd, zs, pairs, b.shape[0])  # (E, H, r)
+            grad_w += scale * active * (gzs * z).sum(-1, keepdim=True)
+            gz = gzs * (wd * scale)  # (N, r) gradient of z
+            grad_a = expert_weight_grad(gz, hk, pairs, a.shape[0])  # (E, r, I)
+            grad_hk = expert_matmul(gz, a.transpose(1, 2), pairs)  # (N, I)
+            grad_h += grad_hk * mask if mask is not None else grad_hk
+        if gate is not None:
+            grad_up = grad_h * act_pre.detach()
+            (grad_gate,) = torch.autograd.grad(act_pre, pre, grad_h * up)
+        else:
+            grad_gate = None
+            (grad_up,) = torch.autograd.grad(act_pre, pre, grad_h)
+        return grad_up, grad_gate, grad_w, None, None, None, None, None, grad_a, grad_b
+
+
+def mix_pairs(
+    up: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, pairs: Pairs, num_tokens: int,
+    act: torch.nn.Module, mask: torch.Tensor | None = None, scale: float = 1.0, a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:class:`MixPairs` with every tensor cast to ``up``'s dtype (the compute dtype)."""
+    dtype = up.dtype
+    gate = gate.to(dtype) if gate is not None else None
+    a = a.to(dtype) if a is not None else None
+    b = b.to(dtype) if b is not None else None
+    return MixPairs.apply(up, gate, weight.to(dtype), pairs, num_tokens, act, mask, scale, a, b)

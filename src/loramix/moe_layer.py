@@ -9,7 +9,8 @@ shapes fix, so nothing is read back to the host and ``torch.compile(fullgraph=Tr
   3. the frozen down projection is linear, so it runs once per token on the routing-weighted sum of
      the chosen experts' activations; each expert's own down-LoRA is added on top.
   In training the pairs' activations are recomputed in backward from their gate/up pre-activations
-  (``recompute_experts``, activation checkpointing of step 3), so the layer keeps two (N, I) tensors.
+  (``recompute_experts``: ``loramix.grouped.MixPairs``, or activation checkpointing of step 3 under
+  ``torch.compile``), so the layer keeps two (N, I) tensors.
 Pairwise path (inference on a few tokens, i.e. decoding): every (token, slot) pair gathers its expert's
 LoRA weights and all pairs run as one batched matmul; for a one-token step that beats sorting.
 The reference path computes every expert's full FFN for every token and mixes the outputs; tests
@@ -26,10 +27,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import MixLoraConfig
-from .dropout import FastDropout
+from .dropout import FastDropout, dropout_keep_mask
 from .experts import AdapterExperts, ExpertLoRA, FrozenFFN
 from .ffn_spec import FFNSpec, linear_shape
-from .grouped import Pairs, expert_matmul, grouped_mm_supported, routing_pairs, token_inputs_matmul
+from .grouped import Pairs, expert_matmul, grouped_mm_supported, mix_pairs, routing_pairs, token_inputs_matmul
 from .precision import compute_dtype
 from .routers import Routing, build_router
 
@@ -139,10 +140,8 @@ class MixLoraFFN(FrozenFFN):
         pair_up, pair_gate = self._pair_projections(x_kept.to(dtype), up, gate, pairs, rescale)  # (N, I) each
         weight = pairs.weight.to(dtype)[:, None]  # (N, 1)
         if self.recompute_experts and self.training and torch.is_grad_enabled():
-            # backward keeps the pairs' gate/up pre-activations and recomputes the rest (the same values: the
-            # RNG state is replayed, so the dropout masks are the same)
-            mixed, down_delta = checkpoint(self._mix_pairs, pair_up, pair_gate, pairs, weight, num_tokens,
-                                           use_reentrant=False)
+            # backward keeps the pairs' gate/up pre-activations and recomputes the activations from them
+            mixed, down_delta = self._mix_pairs_recomputed(pair_up, pair_gate, pairs, weight, num_tokens)
         else:
             mixed, down_delta = self._mix_pairs(pair_up, pair_gate, pairs, weight, num_tokens)
         coverage = torch.zeros(num_tokens, dtype=dtype, device=x.device).index_add(0, pairs.token, weight[:, 0])
@@ -171,6 +170,23 @@ class MixLoraFFN(FrozenFFN):
                 rows[role] = rows[role] + expert_matmul(z[:, offset : offset + r], e.lora_B, pairs)  # (N, I)
                 offset += r
         return rows["up"], rows.get("gate")
+
+    def _mix_pairs_recomputed(
+        self, pair_up: torch.Tensor, pair_gate: torch.Tensor | None, pairs: Pairs, weight: torch.Tensor,
+        num_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_mix_pairs` keeping only the pairs' pre-activations for backward: in eager mode through
+        :class:`loramix.grouped.MixPairs` (its backward recomputes the activations, an elementwise pass; the
+        dropout mask is drawn here and kept as uint8), under ``torch.compile`` as activation checkpointing of
+        :meth:`_mix_pairs` (the RNG state is replayed, so the dropout masks are the same)."""
+        if torch.compiler.is_compiling():
+            return checkpoint(self._mix_pairs, pair_up, pair_gate, pairs, weight, num_tokens, use_reentrant=False)
+        if "down" not in self.targets:
+            return mix_pairs(pair_up, pair_gate, weight, pairs, num_tokens, self.act)
+        down = self.mixlora_experts["down"]
+        mask, rescale = dropout_keep_mask(pair_up, self.mixlora_dropout.p, self.mixlora_dropout.training)
+        return mix_pairs(pair_up, pair_gate, weight, pairs, num_tokens, self.act, mask, down.scaling * rescale,
+                         down.lora_A, down.lora_B)
 
     def _mix_pairs(
         self, pair_up: torch.Tensor, pair_gate: torch.Tensor | None, pairs: Pairs, weight: torch.Tensor,

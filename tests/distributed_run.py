@@ -82,12 +82,31 @@ class RankCounts(TrainerCallback):
         (folder / f"rank{self.rank}.json").write_text(json.dumps(report))
 
 
+class TermAt(TrainerCallback):
+    """Send SIGTERM to this process alone when step ``step`` begins on rank ``rank`` (a signal that reached
+    one process only, or reached it a step before the others)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        import os
+        import signal
+
+        if args.process_index == self.rank and state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_trainer(args: argparse.Namespace) -> None:
     from loramix.train import train
 
     options = json.loads(args.options)
     counter = RankCounts(Path(options["output_dir"]), args.starve_rank, args.starve_expert)
-    train(callbacks=[counter], **options)
+    callbacks = [counter] + ([TermAt(args.term_rank, args.term_step)] if args.term_rank is not None else [])
+    summary = train(callbacks=callbacks, **options)
+    rank = counter.rank
+    (Path(options["output_dir"]) / "rank_counts" / f"summary{rank}.json").write_text(json.dumps(
+        {k: summary[k] for k in ("steps", "interrupted", "stop_signal")}))
 
 
 def run_loop(args: argparse.Namespace) -> None:
@@ -161,6 +180,8 @@ def main() -> None:
     parser.add_argument("--out", help="loop: output folder")
     parser.add_argument("--starve-rank", type=int, default=None)
     parser.add_argument("--starve-expert", type=int, default=0)
+    parser.add_argument("--term-rank", type=int, default=None, help="trainer: this rank alone gets SIGTERM ...")
+    parser.add_argument("--term-step", type=int, default=2, help="trainer: ... during this step")
     args = parser.parse_args()
     run_trainer(args) if args.command == "trainer" else run_loop(args)
 

@@ -62,13 +62,18 @@ def _model_spec(model: str | None) -> str:
 def skill_prompts(data_cfg: Any, *, limit: int = 1000, seed: int = 0) -> list[str]:
     """The user-side text of up to ``limit`` rows of a skill's data (what the gate learns to recognise).
 
+    Data whose every response is empty is refused here, as ``loramix train`` refuses it.
+
     Chat formats give the user turns before the first assistant turn (system prompts left out); the
     ``text`` format gives the text itself (first 2,000 characters).
     """
-    from ..data import load_records, record_to_messages, resolve_format
+    from ..data import check_not_all_empty, count_empty_rows, load_records, record_to_messages, resolve_format
 
     ds = load_records(data_cfg)
     fmt, fields = resolve_format(ds, data_cfg, source=str(data_cfg.data))
+    if not data_cfg.train_on_prompt:  # the check `loramix train` applies, before the base model is loaded
+        check_not_all_empty(ds, count_empty_rows(ds, fmt, fields, source=str(data_cfg.data)), fmt, fields,
+                            source=str(data_cfg.data))
     idx = list(range(len(ds)))
     if len(idx) > limit:
         g = torch.Generator().manual_seed(seed)

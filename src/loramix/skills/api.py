@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import diskspace
 from ..checkpoint import umask_dir_mode
 from ..checks import check_int, check_number
 from .gate import (
@@ -449,6 +450,18 @@ def _add_locked(lib: SkillLibrary, name: str, data: str, adapter: str, config: s
             p.unlink(missing_ok=True)
         return {"library": str(root), "skill": name, "adapter_dir": str(final / "adapter"), "skills": lib.names,
                 "gate": gate_record, "train": entry.summary, "num_prompts": entry.num_prompts}
+    except Exception as e:
+        if not committed and diskspace.is_disk_full(e, root):  # training's checkpoint, or the skill's own files
+            partial = final if renamed else tmp
+            written = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+            needed = e.needed if isinstance(e, diskspace.DiskFullError) else written
+            shutil.rmtree(partial, ignore_errors=True)
+            free = diskspace.free_bytes(root)
+            raise diskspace.DiskFullError(
+                diskspace.full_message(root, needed, free, f"adding skill {name!r}", "at least ")
+                + "; the skill was not added and its partial files were removed", directory=root, needed=needed,
+                free=free) from e
+        raise
     finally:
         if not committed:
             shutil.rmtree(tmp, ignore_errors=True)

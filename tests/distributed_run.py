@@ -97,9 +97,27 @@ class TermAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def full_disk_at(step: int) -> None:
+    """torch.save in this process fails as on a full disk for the files of checkpoint ``step``."""
+    import errno
+
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):  # noqa: ANN001
+        if f".tmp-checkpoint-{step}" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 def run_trainer(args: argparse.Namespace) -> None:
+    import os
+
     from loramix.train import train
 
+    if args.full_disk_rank is not None and os.environ.get("RANK") == str(args.full_disk_rank):
+        full_disk_at(args.full_disk_step)
     options = json.loads(args.options)
     counter = RankCounts(Path(options["output_dir"]), args.starve_rank, args.starve_expert)
     callbacks = [counter] + ([TermAt(args.term_rank, args.term_step)] if args.term_rank is not None else [])
@@ -182,6 +200,8 @@ def main() -> None:
     parser.add_argument("--starve-expert", type=int, default=0)
     parser.add_argument("--term-rank", type=int, default=None, help="trainer: this rank alone gets SIGTERM ...")
     parser.add_argument("--term-step", type=int, default=2, help="trainer: ... during this step")
+    parser.add_argument("--full-disk-rank", type=int, default=None, help="trainer: torch.save fails on this rank ...")
+    parser.add_argument("--full-disk-step", type=int, default=2, help="trainer: ... for this checkpoint's files")
     args = parser.parse_args()
     run_trainer(args) if args.command == "trainer" else run_loop(args)
 

@@ -269,6 +269,7 @@ def test_a_second_sigterm_aborts_with_143(tmp_path, monkeypatch, capsys):
     import os
     import signal
 
+    import loramix.stopping
     import loramix.train
 
     class TwiceAt2(loramix.train.InterruptCallback):
@@ -278,7 +279,7 @@ def test_a_second_sigterm_aborts_with_143(tmp_path, monkeypatch, capsys):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(loramix.train, "InterruptCallback", TwiceAt2)
-    monkeypatch.setattr(loramix.train, "REPEAT_WINDOW_S", 0.0)
+    monkeypatch.setattr(loramix.stopping, "REPEAT_WINDOW_S", 0.0)
     model_dir = save_tiny_lm(tmp_path / "m")
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"say {i}", "response": f"ok {i}"}) for i in range(12)))

@@ -152,7 +152,7 @@ def test_lora_rank_option_reaches_only_the_lora_run(tmp_path):
 def test_a_run_stopped_by_a_signal_stops_the_comparison(tmp_path):
     """A training run stopped by SIGTERM (or Ctrl-C) ends the comparison there: no evaluation of the half-trained
     adapter, no further run, no table; the CLI exits 143 (130)."""
-    from loramix.train import StopAborted
+    from loramix.stopping import StopAborted
 
     calls = []
 

@@ -93,7 +93,7 @@ def compare(
         if summary.get("interrupted"):  # Ctrl-C / SIGTERM: stop here, with that run's checkpoint saved
             import signal
 
-            from .train import StopAborted
+            from .stopping import StopAborted
 
             raise StopAborted(getattr(signal, summary.get("stop_signal") or "SIGINT"))
         adapter_dir = summary.get("adapter_dir") or str(out / adapter / "adapter")

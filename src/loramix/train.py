@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from .data import DataCollator, DataConfig, build_datasets
 from .injection import get_state, inject
 from .models import load_base_model, resolve_dtype
 from .routers import update_balance_biases
+from .stopping import StopAborted, StopSignals, any_rank_max  # noqa: F401 (StopAborted: part of the API)
 
 ADAPTERS = ("mixlora", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -519,76 +519,34 @@ class BalanceBiasCallback(TrainerCallback):
         update_balance_biases(list(get_state(self.model).moe_layers.values()))
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-"""Signals that stop a run after the current step with a checkpoint: Ctrl-C and a scheduler's preemption."""
-REPEAT_WINDOW_S = 2.0
-"""A SIGTERM repeated within this many seconds of the first counts as the same request (a launcher such as
-``accelerate launch`` / torchrun passes on the SIGTERM that the scheduler sent to every process already)."""
-
-
-class StopAborted(KeyboardInterrupt):
-    """A second stop signal: the run ends at once, without a checkpoint of the current step."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def any_rank_max(value: int, device: Any) -> int:
-    """The largest ``value`` over every process of a distributed run (``value`` itself in a single process):
-    every rank must call it at the same point."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    flag = torch.tensor([value], dtype=torch.int64, device=device)  # (1,)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
-
-
-class InterruptCallback(TrainerCallback):
-    """First Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop. A second one aborts.
+class InterruptCallback(StopSignals, TrainerCallback):
+    """First Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop. A second one aborts
+    (:class:`loramix.stopping.StopSignals`).
 
     At every step end the processes of a distributed run agree on whether any of them got a signal (a MAX
     all-reduce), so all of them save and stop at the same step even when the signal reached them during
     different steps, or reached some of them only."""
 
     def __init__(self) -> None:
-        self.received = 0  # the first stop signal this process received (0: none)
+        StopSignals.__init__(self)
         self.signum = 0  # the signal the run stopped for, agreed over processes (0: it did not stop)
-        self._first_at = 0.0
-        self._previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
         """Whether the run stopped for a signal (with a checkpoint of the step it stopped at)."""
         return bool(self.signum)
 
-    def handle(self, signum: int, frame: Any = None) -> None:
-        if self.received:
-            if signum == self.received == signal.SIGTERM and time.monotonic() - self._first_at < REPEAT_WINDOW_S:
-                return  # the same preemption, passed on once more by a launcher
-            raise StopAborted(signum)
-        self.received, self._first_at = signum, time.monotonic()
-        what = "Interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{what}: saving a checkpoint after this step (Ctrl-C or SIGTERM again to abort)", flush=True)
-
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self.handle)
+        self.install()
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.signum = any_rank_max(self.received, args.device) if args.world_size > 1 else self.received
+        self.signum = self.agreed(args.device) if args.world_size > 1 else self.received
         if self.signum:
             control.should_save = True
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
+        self.restore()
 
 
 def resolve_precision(precision: str) -> str:

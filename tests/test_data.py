@@ -799,6 +799,9 @@ def test_all_empty_outputs_name_the_field_that_holds_the_answers(tmp_path, tok) 
                                         r"\(LLM-Adapters' math sets keep the answer there\): to train on it, pass "
                                         r"--output-field answer$"):
         build_datasets(cfg_for(p, tmp_path), tok)
+    with pytest.raises(DataError, match=r"math\.json: all 4 training rows have an empty response; nothing to train "
+                                        r"on; field 'output' is empty in every row, but field 'answer' is not"):
+        build_datasets(cfg_for(p, tmp_path, val_size=2), tok)  # 2 rows split off for validation
     train, _, stats = build_datasets(cfg_for(p, tmp_path, output_field="answer"), tok)
     assert len(train) == 6 and stats["fields"]["output_field"] == "answer"
     no_answer = write_json(tmp_path / "plain.jsonl", [{"prompt": f"q {i}", "response": ""} for i in range(4)],

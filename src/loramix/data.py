@@ -616,12 +616,13 @@ def count_empty_rows(rows: Any, fmt: str, fields: dict[str, str], *, source: str
 
 def check_not_all_empty(
     rows: Any, n_empty: int, fmt: str, fields: dict[str, str], *, source: str, split: str = "training",
-    purpose: str = "train on", mappable: bool = True,
+    purpose: str = "train on", mappable: bool = True, n_rows: int | None = None,
 ) -> None:
     """Refuse a split whose every row has an empty response: a ``DataError`` naming ``source``, and where another
     field of the rows holds the answers (LLM-Adapters' math sets keep them in ``answer`` and leave ``output``
-    empty), naming that field and, with ``mappable``, the flag that trains on it."""
-    n = len(rows)
+    empty), naming that field and, with ``mappable``, the flag that trains on it. ``n_rows``: the split's rows
+    when ``rows`` holds more (the raw file a validation split was taken from); default ``len(rows)``."""
+    n = len(rows) if n_rows is None else n_rows
     if n == 0 or n_empty < n:
         return
     what = "text" if fmt == "text" else "response"
@@ -938,11 +939,11 @@ def build_datasets(
     val_ds, val_stats = (None, None)
     if val_norm is not None:
         val_ds, val_stats = _tokenize_split(val_norm, tokenizer, cfg, fmt, "validation")
-    check_not_all_empty(train_raw, train_stats["empty"], fmt, fields, source=source)
+    check_not_all_empty(train_raw, train_stats["empty"], fmt, fields, source=source, n_rows=train_stats["rows"])
     if val_stats is not None:  # validation rows of a --val-data file, or split off the training rows
         val_rows, val_format = (val_raw, (val_fmt, val_fields)) if cfg.val_data is not None else (val_norm, (fmt, {}))
         check_not_all_empty(val_rows, val_stats["empty"], *val_format, source=str(val_source), split="validation",
-                            purpose="validate on")
+                            purpose="validate on", n_rows=val_stats["rows"])
     if len(train_ds) == 0:
         raise DataError(
             f"{source}: no training example left ({train_stats}); raise max_length or check the data"

@@ -40,7 +40,7 @@ from .data import DataCollator, DataConfig, build_datasets
 from .injection import get_state, inject
 from .models import load_base_model, resolve_dtype
 from .routers import update_balance_biases
-from .stopping import StopAborted, StopSignals, any_rank_max  # noqa: F401 (StopAborted: part of the API)
+from .stopping import StopSignals, any_rank_max
 
 ADAPTERS = ("mixlora", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -390,7 +390,6 @@ class LoramixTrainer(Trainer):
             rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
-
 
     def _checkpoint_failed(self, run_dir: Path, staging: Path, name: str) -> None:
         """A full disk stopped the checkpoint: remove its staging directory, try to save the adapter alone

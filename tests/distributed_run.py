@@ -82,12 +82,49 @@ class RankCounts(TrainerCallback):
         (folder / f"rank{self.rank}.json").write_text(json.dumps(report))
 
 
+class TermAt(TrainerCallback):
+    """Send SIGTERM to this process alone when step ``step`` begins on rank ``rank`` (a signal that reached
+    one process only, or reached it a step before the others)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        import os
+        import signal
+
+        if args.process_index == self.rank and state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def full_disk_at(step: int) -> None:
+    """torch.save in this process fails as on a full disk for the files of checkpoint ``step``."""
+    import errno
+
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):  # noqa: ANN001
+        if f".tmp-checkpoint-{step}" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 def run_trainer(args: argparse.Namespace) -> None:
+    import os
+
     from loramix.train import train
 
+    if args.full_disk_rank is not None and os.environ.get("RANK") == str(args.full_disk_rank):
+        full_disk_at(args.full_disk_step)
     options = json.loads(args.options)
     counter = RankCounts(Path(options["output_dir"]), args.starve_rank, args.starve_expert)
-    train(callbacks=[counter], **options)
+    callbacks = [counter] + ([TermAt(args.term_rank, args.term_step)] if args.term_rank is not None else [])
+    summary = train(callbacks=callbacks, **options)
+    rank = counter.rank
+    (Path(options["output_dir"]) / "rank_counts" / f"summary{rank}.json").write_text(json.dumps(
+        {k: summary[k] for k in ("steps", "interrupted", "stop_signal")}))
 
 
 def run_loop(args: argparse.Namespace) -> None:
@@ -161,6 +198,10 @@ def main() -> None:
     parser.add_argument("--out", help="loop: output folder")
     parser.add_argument("--starve-rank", type=int, default=None)
     parser.add_argument("--starve-expert", type=int, default=0)
+    parser.add_argument("--term-rank", type=int, default=None, help="trainer: this rank alone gets SIGTERM ...")
+    parser.add_argument("--term-step", type=int, default=2, help="trainer: ... during this step")
+    parser.add_argument("--full-disk-rank", type=int, default=None, help="trainer: torch.save fails on this rank ...")
+    parser.add_argument("--full-disk-step", type=int, default=2, help="trainer: ... for this checkpoint's files")
     args = parser.parse_args()
     run_trainer(args) if args.command == "trainer" else run_loop(args)
 

@@ -223,29 +223,72 @@ def test_train_into_a_finished_run_is_refused_by_the_cli(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "is not empty" in err[0] and "--overwrite" in err[0], err
 
 
-def test_ctrl_c_exits_130_after_the_checkpoint_is_saved(tmp_path, monkeypatch, capsys):
-    """A run stopped by Ctrl-C (SIGINT during step 2) saves its checkpoint and exits 130, not 0."""
+@pytest.mark.parametrize(("signum", "status"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_and_sigterm_exit_128_plus_the_signal_after_the_checkpoint_is_saved(
+        tmp_path, monkeypatch, capsys, signum, status):
+    """A run stopped by Ctrl-C or by SIGTERM (a scheduler's preemption) during step 2 saves its checkpoint and
+    exits 128 + the signal's number (130, 143), not 0."""
     import os
     import signal
 
     import loramix.train
 
+    sig = getattr(signal, signum)
+
+    def unhandled(signo, frame):  # what would happen without training's handler: the process dies
+        raise RuntimeError(f"{signum} was not handled by loramix train")
+
+    previous = signal.signal(sig, unhandled)
+
     class InterruptAt2(loramix.train.InterruptCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 1:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig)
 
     monkeypatch.setattr(loramix.train, "InterruptCallback", InterruptAt2)
+    model_dir = save_tiny_lm(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"say {i}", "response": f"ok {i}"}) for i in range(12)))
+    try:
+        rc = main(["train", "--model", model_dir, "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                   "--max-steps", "6", "--num-experts", "2", "--r", "2", "--attn-r", "0", "--val-size", "0",
+                   "--no-plots"])
+    finally:
+        assert signal.signal(sig, previous) is unhandled  # training put the handler it found back
+    err = capsys.readouterr().err
+    assert rc == status, err
+    assert (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["stop_signal"] == signum and summary["steps"] == 2
+    assert f"interrupted by {signum}; the checkpoint is saved" in err
+
+
+def test_a_second_sigterm_aborts_with_143(tmp_path, monkeypatch, capsys):
+    """SIGTERM, then SIGTERM again (later than a launcher's repeat of the first): the run aborts at once,
+    exit 143, without a checkpoint of the step it was in."""
+    import os
+    import signal
+
+    import loramix.stopping
+    import loramix.train
+
+    class TwiceAt2(loramix.train.InterruptCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loramix.train, "InterruptCallback", TwiceAt2)
+    monkeypatch.setattr(loramix.stopping, "REPEAT_WINDOW_S", 0.0)
     model_dir = save_tiny_lm(tmp_path / "m")
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"say {i}", "response": f"ok {i}"}) for i in range(12)))
     rc = main(["train", "--model", model_dir, "--data", str(data), "--output-dir", str(tmp_path / "run"),
                "--max-steps", "6", "--num-experts", "2", "--r", "2", "--attn-r", "0", "--val-size", "0",
                "--no-plots"])
-    assert rc == 130
-    assert (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").is_file()
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["interrupted"] is True
-    assert "interrupted" in capsys.readouterr().err
+    assert rc == 143
+    assert "aborted by SIGTERM" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_compare_refuses_earlier_runs_before_any_work_unless_overwrite(tmp_path, monkeypatch):

@@ -149,6 +149,26 @@ def test_lora_rank_option_reaches_only_the_lora_run(tmp_path):
     assert (mix["r"], mix["alpha"], mix["attn_r"], mix["attn_alpha"]) == (4, 8, 2, 4)
 
 
+def test_a_run_stopped_by_a_signal_stops_the_comparison(tmp_path):
+    """A training run stopped by SIGTERM (or Ctrl-C) ends the comparison there: no evaluation of the half-trained
+    adapter, no further run, no table; the CLI exits 143 (130)."""
+    from loramix.stopping import StopAborted
+
+    calls = []
+
+    def fake_train(**kw):
+        calls.append(kw["adapter"])
+        return {"adapter_dir": None, "steps": 1, "interrupted": True, "stop_signal": "SIGTERM"}
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the interrupted run's adapter was evaluated")
+
+    with pytest.raises(StopAborted) as e:
+        compare("d", tasks=[], output_dir=tmp_path, include_base=False, plots=False, train_fn=fake_train,
+                load_fn=no_load)
+    assert e.value.signum == 15 and len(calls) == 1 and not (tmp_path / "compare.json").exists()
+
+
 def test_compare_command_takes_data_and_options_from_the_config(tmp_path, monkeypatch):
     import loramix.compare
     from loramix.cli.commands import compare_command

@@ -170,3 +170,29 @@ def test_code_stream_config_resolves():
     cfg = resolve_config(Path(__file__).parents[1] / "configs" / "continual" / "code_stream.yaml")
     assert cfg.tasks.split(",") == ["code/codealpaca/code_alpaca_2k.json", "code/mbpp/mbpp.jsonl"]
     assert cfg.threshold == "auto" and cfg.temperature == "auto" and cfg.metric == "auto"
+
+
+def test_a_task_with_empty_responses_is_refused_like_train_refuses_it(tmp_path, caplog):
+    """The check `loramix train` applies: a task whose every response is empty is refused naming the file and,
+    for LLM-Adapters' math layout, the field that holds the answers; a task with some empty responses leaves
+    those rows out of its training and test sets."""
+    import logging
+
+    qa = write_jsonl(tmp_path / "qa.jsonl", qa_rows(20))
+    math = tmp_path / "mawps" / "test.json"
+    math.parent.mkdir()
+    math.write_text(json.dumps([{"instruction": f"What is {i} + 1?", "input": "", "output": "", "answer": str(i + 1)}
+                                for i in range(20)]))
+    with pytest.raises(StreamError, match=r"mawps/test\.json: all 20 rows have an empty response; nothing to train "
+                                          r"on; field 'output' is empty in every row, but field 'answer' is not"):
+        load_tasks(f"{qa},{math}", test_per_task=4)
+    blank_test = write_jsonl(tmp_path / "blank_test.jsonl", [{"prompt": f"q {i}", "response": ""} for i in range(5)])
+    with pytest.raises(StreamError, match=r"blank_test\.jsonl: all 5 rows have an empty response; nothing to score"):
+        load_tasks(f"{qa},{qa}", test_data=f"{qa},{blank_test}")
+    some = write_jsonl(tmp_path / "some.jsonl", [{"prompt": f"q {i}", "response": "" if i % 4 == 0 else f"a {i}"}
+                                                 for i in range(20)])
+    with caplog.at_level(logging.WARNING, logger="loramix.continual.sources"):
+        tasks = load_tasks(f"{qa},{some}", test_per_task=4, train_per_task=None)
+    assert len(tasks[1].train) + len(tasks[1].test) == 15
+    assert all(ex.response.strip() for ex in tasks[1].train + tasks[1].test)
+    assert "some.jsonl: 5 of 20 rows have an empty response and are left out" in caplog.text

@@ -787,3 +787,36 @@ def test_empty_responses_are_counted_and_all_empty_is_refused(tmp_path, tok) -> 
         build_datasets(cfg_for(p, tmp_path), tok)
     train, _, stats = build_datasets(cfg_for(p, tmp_path, train_on_prompt=True), tok)  # the prompts still train
     assert len(train) == 4 and stats["train"]["empty"] == 0
+
+
+def test_all_empty_outputs_name_the_field_that_holds_the_answers(tmp_path, tok) -> None:
+    """LLM-Adapters' math rows leave ``output`` empty and keep the number in ``answer``: the refusal says so and
+    names the flag that trains on it; with that flag the same file trains."""
+    rows = [{"instruction": f"What is {i} + {i}?", "input": "", "output": "", "answer": str(2 * i)} for i in range(6)]
+    p = write_json(tmp_path / "math.json", rows)
+    with pytest.raises(DataError, match=r"math\.json: all 6 training rows have an empty response; nothing to train "
+                                        r"on; field 'output' is empty in every row, but field 'answer' is not "
+                                        r"\(LLM-Adapters' math sets keep the answer there\): to train on it, pass "
+                                        r"--output-field answer$"):
+        build_datasets(cfg_for(p, tmp_path), tok)
+    with pytest.raises(DataError, match=r"math\.json: all 4 training rows have an empty response; nothing to train "
+                                        r"on; field 'output' is empty in every row, but field 'answer' is not"):
+        build_datasets(cfg_for(p, tmp_path, val_size=2), tok)  # 2 rows split off for validation
+    train, _, stats = build_datasets(cfg_for(p, tmp_path, output_field="answer"), tok)
+    assert len(train) == 6 and stats["fields"]["output_field"] == "answer"
+    no_answer = write_json(tmp_path / "plain.jsonl", [{"prompt": f"q {i}", "response": ""} for i in range(4)],
+                           lines=True)
+    with pytest.raises(DataError, match=r"plain\.jsonl: all 4 training rows have an empty response; nothing to "
+                                        r"train on$"):  # no other field to point to
+        build_datasets(cfg_for(no_answer, tmp_path), tok)
+
+
+def test_validation_rows_that_are_all_empty_are_refused(tmp_path, tok) -> None:
+    """A --val-data file whose every response is empty is refused naming it (it used to leave the run without
+    validation, silently)."""
+    good = write_json(tmp_path / "train.jsonl", [{"prompt": f"q {i}", "response": f"a {i}"} for i in range(6)],
+                      lines=True)
+    empty = write_json(tmp_path / "val.jsonl", [{"prompt": f"q {i}", "response": " "} for i in range(3)], lines=True)
+    with pytest.raises(DataError, match=r"val\.jsonl: all 3 validation rows have an empty response; nothing to "
+                                        r"validate on"):
+        build_datasets(cfg_for(good, tmp_path, val_data=str(empty)), tok)

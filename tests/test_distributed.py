@@ -9,6 +9,7 @@ timeout that kills its process group, so a hang fails the test instead of blocki
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,18 +33,41 @@ ROWS = [{"Context": f"question {i}: how do I cope with stress at work?",
          "Response": f"answer {i}: breathe, rest and talk to someone you trust."} for i in range(48)]
 
 
-def launch(cmd: list[str], cwd: Path = HERE) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group; on timeout kill the whole group (launcher and ranks) and fail."""
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; [] elsewhere). torchrun starts each rank in a session of its
+    own, so killing the launcher's process group leaves the ranks running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def launch(cmd: list[str], cwd: Path = HERE, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the launcher and every process below it (the
+    ranks run in sessions of their own) and fail."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
+        below = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(cmd[:6])} ... did not finish in {TIMEOUT} s (hang); last stderr:\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-4000:]
+    assert proc.returncode == 0 or not check, err[-4000:]
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -158,13 +182,18 @@ def run_inputs(tmp_path_factory):
     return model_dir, str(data)
 
 
-def accelerate_train(run_inputs, out: Path, launcher: list[str]) -> list[dict]:
+def accelerate_train(run_inputs, out: Path, launcher: list[str], extra: tuple[str, ...] = (), check: bool = True,
+                     **kw) -> list[dict] | subprocess.CompletedProcess:
     model_dir, data = run_inputs
     options = dict(model=model_dir, data=data, output_dir=str(out), max_steps=4, eval_steps=2, num_experts=4,
                    top_k=2, r=4, attn_r=4, batch_size=2, val_size=0, plots=False, learning_rate=5e-3, seed=1)
-    launch([shutil.which("accelerate", path=str(BIN)), "launch", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", *launcher, str(HERE / "distributed_run.py"),
-            "trainer", "--options", json.dumps(options), "--starve-rank", "1", "--starve-expert", "0"])
+    options.update(kw)
+    done = launch([shutil.which("accelerate", path=str(BIN)), "launch", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", *launcher, str(HERE / "distributed_run.py"),
+                   "trainer", "--options", json.dumps(options), "--starve-rank", "1", "--starve-expert", "0", *extra],
+                  check=check)
+    if not check:
+        return done
     return [json.loads((out / "rank_counts" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -181,6 +210,34 @@ def test_accelerate_ddp_with_an_expert_starved_on_one_rank(run_inputs, tmp_path)
     assert not any(r["sharded"] for r in ranks)
     assert_starved([r["counts"] for r in ranks])
     assert_trainer_ranks_agree(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_accelerate_sigterm_on_one_process_stops_both_at_the_same_step(run_inputs, tmp_path):
+    """SIGTERM reaches process 1 alone, during step 3 of 6: both processes save checkpoint-3 and stop there
+    (every rank's RNG state is in it), with the same weights."""
+    out = tmp_path / "run"
+    accelerate_train(run_inputs, out, ["--multi_gpu"], ("--term-rank", "1", "--term-step", "3"),
+                     max_steps=6, eval_steps=100)
+    summaries = [json.loads((out / "rank_counts" / f"summary{r}.json").read_text()) for r in (0, 1)]
+    assert summaries[0] == summaries[1] == {"steps": 3, "interrupted": True, "stop_signal": "SIGTERM"}
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert {p.name for p in (out / "checkpoint-3").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    digests = sorted((out / "rank_digests").glob("rank*.txt"))
+    assert len(digests) == 2 and digests[0].read_text() == digests[1].read_text()
+
+
+@pytest.mark.slow
+def test_accelerate_a_full_disk_on_the_main_process_stops_both(run_inputs, tmp_path):
+    """The main process's checkpoint-4 writes fail as on a full disk, process 1's succeed: both stop there (no
+    hang), the partial checkpoint is removed and the adapter of step 4 is saved alone."""
+    out = tmp_path / "run"
+    done = accelerate_train(run_inputs, out, ["--multi_gpu"], ("--full-disk-rank", "0", "--full-disk-step", "4"),
+                            check=False, max_steps=6, eval_steps=2)
+    assert done.returncode != 0
+    assert f"{out}: the disk is full: checkpoint-4 needs about " in done.stderr
+    assert f"the adapter of step 4 alone is saved in {out / 'adapter-step-4'}" in done.stderr
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["adapter-step-4", "checkpoint-2"]
 
 
 @pytest.mark.slow

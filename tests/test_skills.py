@@ -424,3 +424,22 @@ def test_blend_under_autocast_matches_the_skill_adapter(lib, blends, dtype):
                     got = blend.logits(ids, blend.one_hot(s))
                 err = (got.float() - ref.float()).abs().max()
                 assert err <= 16 * torch.finfo(dtype).eps * ref.float().abs().max(), (s, float(err))
+
+
+def test_add_refuses_data_whose_responses_are_all_empty_before_loading_the_base(tmp_path, monkeypatch):
+    """skills add applies train's data check first: a file with nothing but empty responses is refused naming
+    it and the field that holds the answers, before the base model is loaded or the library is created."""
+    import loramix.models
+    from loramix.data import DataError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the base model was loaded for data that cannot be trained on")
+
+    monkeypatch.setattr(loramix.models, "load_base_model", no_model)
+    data = tmp_path / "math.json"
+    data.write_text(json.dumps([{"instruction": f"{i} + 1?", "input": "", "output": "", "answer": str(i + 1)}
+                                for i in range(8)]))
+    with pytest.raises(DataError, match=r"math\.json: all 8 training rows have an empty response; nothing to train "
+                                        r"on; field 'output' is empty in every row, but field 'answer' is not"):
+        skills_add(str(tmp_path / "lib"), "math", str(data), **TRAIN)
+    assert not (tmp_path / "lib").exists()

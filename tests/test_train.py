@@ -108,25 +108,83 @@ def test_expert_shares_ignore_padding_columns_of_smaller_layers():
     assert expert_shares(counts)[1] == 0.0  # without widths a padded column counts as an idle expert
 
 
-def test_resume_matches_uninterrupted_run(tiny_run_inputs, tmp_path):
-    """Stopping at step 3 (as Ctrl-C does) and resuming ends with the same weights as one straight run."""
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_resume_matches_uninterrupted_run(tiny_run_inputs, tmp_path, signum):
+    """Stopping at step 3 by Ctrl-C or SIGTERM and resuming gives the same losses at every step and the same
+    weights as one straight run."""
     model_dir, data = tiny_run_inputs
     train(**_opts(model_dir, data, tmp_path / "straight"))
 
     class InterruptAt3(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 2:  # Ctrl-C during the third step
-                os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C path: the handler asks for save + stop
+            if state.global_step == 2:  # the signal arrives during the third step
+                os.kill(os.getpid(), signum)  # the real path: the handler asks for save + stop
 
-    first = train(**_opts(model_dir, data, tmp_path / "resumed"), callbacks=[InterruptAt3()])
-    assert first["interrupted"] and first["steps"] == 3
+    def unhandled(signo, frame):  # what would happen without training's handler: the process ends
+        raise RuntimeError(f"{signum.name} was not handled by train()")
+
+    previous = signal.signal(signum, unhandled)
+    try:
+        first = train(**_opts(model_dir, data, tmp_path / "resumed"), callbacks=[InterruptAt3()])
+    finally:
+        assert signal.signal(signum, previous) is unhandled  # training put the handler it found back
+    assert first["interrupted"] and first["steps"] == 3 and first["stop_signal"] == signum.name
     assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
     second = train(**_opts(model_dir, data, tmp_path / "resumed", resume=True))
-    assert second["steps"] == 6
+    assert second["steps"] == 6 and not second["interrupted"] and second["stop_signal"] is None
+    straight, resumed = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "resumed")
+    assert sorted(resumed) == sorted(straight) == list(range(1, 7))
+    for step, loss in straight.items():
+        assert resumed[step] == pytest.approx(loss, rel=0, abs=1e-6), step
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_stop_signals_a_repeat_soon_after_is_the_same_request_a_later_one_aborts(monkeypatch):
+    """A launcher passing on the scheduler's SIGTERM within REPEAT_WINDOW_S does not abort the save; a SIGTERM
+    after the window, or a Ctrl-C at any time, does."""
+    import loramix.stopping as stopping
+    import loramix.train as t
+
+    clock = [100.0]
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
+    cb = t.InterruptCallback()
+    cb.handle(signal.SIGTERM)
+    assert cb.received == signal.SIGTERM and not cb.requested  # requested once the step end saw it
+    clock[0] += stopping.REPEAT_WINDOW_S / 2
+    cb.handle(signal.SIGTERM)  # the launcher's copy
+    with pytest.raises(stopping.StopAborted) as e:
+        cb.handle(signal.SIGINT)
+    assert e.value.signum == signal.SIGINT and isinstance(e.value, KeyboardInterrupt)
+    clock[0] += stopping.REPEAT_WINDOW_S
+    with pytest.raises(stopping.StopAborted) as e:
+        cb.handle(signal.SIGTERM)
+    assert e.value.signum == signal.SIGTERM
+    first_int = t.InterruptCallback()
+    first_int.handle(signal.SIGINT)
+    with pytest.raises(stopping.StopAborted):  # a second Ctrl-C aborts however soon it comes
+        first_int.handle(signal.SIGINT)
+
+
+def test_ranks_agree_on_the_step_they_stop_at(tmp_path):
+    """Two gloo processes: the signal reached only process 1. At the step end both see it (InterruptCallback
+    then saves and stops on both; without the agreement, process 0 trains on alone and the two hang; the slow
+    test_accelerate_sigterm_on_one_process_stops_both_at_the_same_step runs the whole of it)."""
+    import torch.multiprocessing as mp
+
+    from helpers.rank_stop import stop_flags_of_two_ranks
+
+    # fork: the children start with the modules this process has loaded (no second import of loramix)
+    mp.start_processes(stop_flags_of_two_ranks, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0] == got[1] == {"before": 0, "after": signal.SIGTERM}, got
 
 
 def test_divergence_stops_and_keeps_last_good(tiny_run_inputs, tmp_path):

@@ -90,6 +90,12 @@ def compare(
             max_steps=max_steps,
             **(lora_options if adapter == "lora" else train_options),
         )
+        if summary.get("interrupted"):  # Ctrl-C / SIGTERM: stop here, with that run's checkpoint saved
+            import signal
+
+            from .stopping import StopAborted
+
+            raise StopAborted(getattr(signal, summary.get("stop_signal") or "SIGINT"))
         adapter_dir = summary.get("adapter_dir") or str(out / adapter / "adapter")
         m, tok = load_fn(model, adapter_dir, device=device)
         runs[adapter] = {"train": summary, "eval": evaluate(m, tok, tasks, **eval_kw)}

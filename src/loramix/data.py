@@ -593,6 +593,66 @@ def _normalize(
 
 
 # ------------------------------------------------------------------------------------------------
+# Empty responses: the one check every reader of user rows applies (train, continual, skills add)
+# ------------------------------------------------------------------------------------------------
+
+
+def blank_reply(messages: list[dict[str, str]]) -> bool:
+    """True for a conversation with assistant turns that are all blank: it teaches nothing but the end-of-turn
+    token, and a loss on it measures nothing. Such rows are left out wherever loramix reads user rows."""
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    return bool(replies) and not any(c.strip() for c in replies)
+
+
+def count_empty_rows(rows: Any, fmt: str, fields: dict[str, str], *, source: str = "data") -> int:
+    """How many of ``rows`` (a ``datasets.Dataset`` or a list of dicts, in format ``fmt`` with ``fields`` from
+    :func:`resolve_format`) have an empty response (format ``text``: an empty text)."""
+    if fmt == "text":
+        f = fields["text_field"]
+        return sum(1 for r in rows if not str(r.get(f) or "").strip())
+    return sum(blank_reply(record_to_messages(r, fmt, fields, source=source, row=i))
+               for i, r in enumerate(rows, 1))
+
+
+def check_not_all_empty(
+    rows: Any, n_empty: int, fmt: str, fields: dict[str, str], *, source: str, split: str = "training",
+    purpose: str = "train on", mappable: bool = True, n_rows: int | None = None,
+) -> None:
+    """Refuse a split whose every row has an empty response: a ``DataError`` naming ``source``, and where another
+    field of the rows holds the answers (LLM-Adapters' math sets keep them in ``answer`` and leave ``output``
+    empty), naming that field and, with ``mappable``, the flag that trains on it. ``n_rows``: the split's rows
+    when ``rows`` holds more (the raw file a validation split was taken from); default ``len(rows)``."""
+    n = len(rows) if n_rows is None else n_rows
+    if n == 0 or n_empty < n:
+        return
+    what = "text" if fmt == "text" else "response"
+    rows_of = f"{split} rows" if split else "rows"
+    raise DataError(f"{source}: all {n} {rows_of} have an empty {what}; nothing to {purpose}"
+                    + _answer_elsewhere(rows, fmt, fields, mappable))
+
+
+def _answer_elsewhere(rows: Any, fmt: str, fields: dict[str, str], mappable: bool, probe: int = 1000) -> str:
+    """``; field 'output' is empty in every row, but field 'answer' is not ...`` or ``""``."""
+    role = {"instruction": "output_field", "prompt_response": "response_field"}.get(fmt)
+    if role not in fields:
+        return ""
+    first = rows[0]
+    names = {n.lower() for n in CANDIDATES["output_field"] + CANDIDATES["response_field"]}
+    used = set(fields.values())
+    sample = rows.select(range(min(len(rows), probe))) if isinstance(rows, datasets.Dataset) else rows[:probe]
+    for col in first:
+        if col in used or col.lower() not in names:
+            continue
+        if any(isinstance(r.get(col), (str, int, float)) and str(r.get(col)).strip() for r in sample):
+            hint = (f"; field {fields[role]!r} is empty in every row, but field {col!r} is not (LLM-Adapters' "
+                    "math sets keep the answer there)")
+            if mappable:
+                return hint + f": to train on it, pass --{role.replace('_', '-')} {col}"
+            return hint + f": copy it into {fields[role]!r} to use it"
+    return ""
+
+
+# ------------------------------------------------------------------------------------------------
 # Rendering
 # ------------------------------------------------------------------------------------------------
 
@@ -729,9 +789,7 @@ def _tokenize_fn(
                 for s, e in spans[r]:
                     labels[s:e] = ids[s:e]
                 labels_list.append(labels)
-            # a conversation whose replies are all blank teaches nothing but the end-of-turn token
-            replies = [[m["content"] for m in msgs if m["role"] == "assistant"] for msgs in convs]
-            status = [_EMPTY if r and not all_labels and not any(c.strip() for c in r) else _OK for r in replies]
+            status = [_EMPTY if not all_labels and blank_reply(msgs) else _OK for msgs in convs]
 
         out: dict[str, list[Any]] = {
             "input_ids": [],
@@ -881,11 +939,12 @@ def build_datasets(
     val_ds, val_stats = (None, None)
     if val_norm is not None:
         val_ds, val_stats = _tokenize_split(val_norm, tokenizer, cfg, fmt, "validation")
+    check_not_all_empty(train_raw, train_stats["empty"], fmt, fields, source=source, n_rows=train_stats["rows"])
+    if val_stats is not None:  # validation rows of a --val-data file, or split off the training rows
+        val_rows, val_format = (val_raw, (val_fmt, val_fields)) if cfg.val_data is not None else (val_norm, (fmt, {}))
+        check_not_all_empty(val_rows, val_stats["empty"], *val_format, source=str(val_source), split="validation",
+                            purpose="validate on", n_rows=val_stats["rows"])
     if len(train_ds) == 0:
-        if train_stats["empty"] == train_stats["rows"]:
-            what = "text" if fmt == "text" else "response"
-            raise DataError(f"{source}: all {train_stats['rows']} training rows have an empty {what}; "
-                            "nothing to train on")
         raise DataError(
             f"{source}: no training example left ({train_stats}); raise max_length or check the data"
         )

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import diskspace
 from ._version import __version__
 from .checkpoint import apply_umask_modes
 from .ffn_spec import linear_weight
@@ -604,6 +605,8 @@ def export_adapted(
     config = _target_config(model, plan, dtype)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    needed = diskspace.tensor_bytes(tensors.values(), torch.float32)  # the float32 weights are written first
+    diskspace.check_free_space(output_dir.parent, needed, "the exported model")
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.loramix-export-", dir=output_dir.parent))
     try:
         config.save_pretrained(staging)
@@ -640,6 +643,9 @@ def export_adapted(
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)
+    except Exception as e:
+        diskspace.raise_if_disk_full(e, output_dir.parent, needed, "the exported model", remove=staging)
+        raise
     finally:
         if staging.exists():
             shutil.rmtree(staging)

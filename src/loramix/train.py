@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from . import diskspace
 from .checkpoint import (
     AdapterLoadError,
     is_trainable_name,
@@ -39,6 +40,7 @@ from .data import DataCollator, DataConfig, build_datasets
 from .injection import get_state, inject
 from .models import load_base_model, resolve_dtype
 from .routers import update_balance_biases
+from .stopping import StopSignals, any_rank_max
 
 ADAPTERS = ("mixlora", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -258,6 +260,9 @@ class LoramixTrainer(Trainer):
         self.running: dict[str, torch.Tensor | float] = {"aux_loss": 0.0, "lm_loss": 0.0, "tokens": 0.0, "n": 0.0}
         self.expert_counts: torch.Tensor | None = None  # (L, E) tokens per expert over training
         self.eval_expert_counts: torch.Tensor | None = None  # (L, E) over evaluation forwards (reset by caller)
+        self.checkpoint_bytes = 0  # expected size of one checkpoint (expected_checkpoint_bytes), for messages
+        self._write_error: BaseException | None = None  # the first full-disk error of the checkpoint being written
+        self._in_checkpoint = False
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -318,7 +323,30 @@ class LoramixTrainer(Trainer):
         if self.is_fsdp_enabled and state_dict:
             tensors = {n: t for n, t in state_dict.items() if is_trainable_name(n)}
         if self.args.should_save:
-            save_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir, tensors)
+            self._write(lambda: save_adapter(self.accelerator.unwrap_model(self.model),
+                                             output_dir or self.args.output_dir, tensors))
+
+    def _write(self, write: Any) -> None:
+        """One of a checkpoint's writes. A full disk is recorded (the first error kept), not raised, so this
+        process still joins the collectives that follow (FSDP's optimizer gather, the barriers) and every
+        process learns of it when the checkpoint is complete (:meth:`_save_checkpoint`)."""
+        if not self._in_checkpoint:
+            return write()
+        try:
+            write()
+        except Exception as e:
+            if not diskspace.is_disk_full(e, self.args.output_dir, self.checkpoint_bytes):
+                raise
+            self._write_error = self._write_error or e
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        self._write(lambda: super(LoramixTrainer, self)._save_optimizer_and_scheduler(output_dir))
+
+    def _save_scaler(self, output_dir: str) -> None:
+        self._write(lambda: super(LoramixTrainer, self)._save_scaler(output_dir))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        self._write(lambda: super(LoramixTrainer, self)._save_rng_state(output_dir))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_adapter_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
@@ -337,11 +365,15 @@ class LoramixTrainer(Trainer):
             shutil.rmtree(staging)  # left by a run killed while saving
         self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: str(staging)  # type: ignore[method-assign]
+        self._write_error, self._in_checkpoint = None, True
         try:
-            super()._save_checkpoint(model, trial)
+            self._write(lambda: super(LoramixTrainer, self)._save_checkpoint(model, trial))
         finally:
             del self._get_output_dir  # back to the class's method
-        self.accelerator.wait_for_everyone()  # every rank has written its files into the staging directory
+            self._in_checkpoint = False
+        # every rank has written its files into the staging directory; did any of them find the disk full?
+        if any_rank_max(int(self._write_error is not None), self.args.device):
+            self._checkpoint_failed(run_dir, staging, name)
         written, final = staging / name, run_dir / name
         if self.state.best_model_checkpoint == str(written):  # the best is this checkpoint: record its real path
             self.state.best_model_checkpoint = str(final)
@@ -362,6 +394,69 @@ class LoramixTrainer(Trainer):
             rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    def _checkpoint_failed(self, run_dir: Path, staging: Path, name: str) -> None:
+        """A full disk stopped the checkpoint: remove its staging directory, try to save the adapter alone
+        (smaller), and stop the run with one line saying what was kept where. Every process calls this."""
+        step = self.state.global_step
+        model = self.accelerator.unwrap_model(self.model)
+        tensors = trainable_state_dict(model)  # every rank: gathers FSDP shards
+        error = self._write_error
+        if not self.args.should_save:
+            raise diskspace.DiskFullError(
+                f"{run_dir}: the disk is full: {name} could not be written (the main process says what was kept)",
+                directory=run_dir, needed=self.checkpoint_bytes, free=diskspace.free_bytes(run_dir)) from error
+        shutil.rmtree(staging, ignore_errors=True)
+        free = diskspace.free_bytes(run_dir)
+        message = (diskspace.full_message(run_dir, self.checkpoint_bytes, free, name, "about ")
+                   + f"; its partial files ({staging.name}) were removed")
+        alone: Path | None = run_dir / f"adapter-step-{step}"
+        try:
+            save_adapter(model, alone, tensors)
+            message += f"; the adapter of step {step} alone is saved in {alone}"
+        except Exception as e:
+            if not diskspace.is_disk_full(e, run_dir, diskspace.tensor_bytes(tensors.values())):
+                raise
+            shutil.rmtree(alone, ignore_errors=True)
+            alone = None
+            message += f"; the adapter of step {step} alone could not be saved either"
+        done = sorted((p for p in run_dir.iterdir() if CHECKPOINT_RE.match(p.name) and p.is_dir()),
+                      key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+        if done:
+            message += f"; free some space and continue from {done[-1].name} with --resume true"
+        raise diskspace.DiskFullError(message, directory=run_dir, needed=self.checkpoint_bytes, free=free,
+                                      saved=alone) from error
+
+
+def expected_checkpoint_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of one checkpoint, bytes of the adapter alone), estimated from the model: the adapter's tensors
+    (with 160 bytes of safetensors header per tensor and 4 KiB for its config), AdamW's two float32 moments per
+    trainable weight, and 64 KiB for the trainer state, scheduler and RNG states."""
+    tensors = trainable_state_dict(model)
+    adapter = diskspace.tensor_bytes(tensors.values()) + 160 * len(tensors) + (4 << 10)
+    moments = 2 * diskspace.tensor_bytes((p for p in model.parameters() if p.requires_grad), torch.float32)
+    return adapter + moments + (64 << 10), adapter
+
+
+def check_disk_space(trainer: LoramixTrainer, out: Path, model: nn.Module, save_total_limit: int) -> None:
+    """Before training: refuse when the disk of ``out`` cannot hold one checkpoint and the adapter; warn when
+    it cannot hold what the run keeps at once (``save_total_limit`` checkpoints, one more while the next is
+    written, and the adapter). The main process looks; every process stops when it refuses."""
+    checkpoint, adapter = expected_checkpoint_bytes(model)
+    trainer.checkpoint_bytes = checkpoint
+    problem: diskspace.DiskFullError | None = None
+    if trainer.args.should_save:
+        try:
+            diskspace.check_free_space(
+                out, checkpoint + adapter, "one checkpoint and the adapter",
+                wanted=(save_total_limit + 1) * checkpoint + adapter,
+                wanted_what=f"{save_total_limit + 1} checkpoints (--save-total-limit {save_total_limit}, and one more "
+                            "while the next is written) and the adapter")
+        except diskspace.DiskFullError as e:
+            problem = e
+    if any_rank_max(int(problem is not None), trainer.args.device):
+        raise problem or diskspace.DiskFullError(f"{out}: not enough free disk space (the main process says more)",
+                                                 directory=out, needed=checkpoint + adapter, free=0)
 
 
 class MetricsCallback(TrainerCallback):
@@ -404,9 +499,12 @@ class MetricsCallback(TrainerCallback):
             self.bar.update(state.global_step - self.bar.n)
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.close_bar()  # the final validation after training is reported by the summary, not here
+
+    def close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
-            self.bar = None  # the final validation after training is reported by the summary, not here
+            self.bar = None
 
 
 class BalanceBiasCallback(TrainerCallback):
@@ -424,33 +522,34 @@ class BalanceBiasCallback(TrainerCallback):
         update_balance_biases(list(get_state(self.model).moe_layers.values()))
 
 
-class InterruptCallback(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort."""
+class InterruptCallback(StopSignals, TrainerCallback):
+    """First Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop. A second one aborts
+    (:class:`loramix.stopping.StopSignals`).
+
+    At every step end the processes of a distributed run agree on whether any of them got a signal (a MAX
+    all-reduce), so all of them save and stop at the same step even when the signal reached them during
+    different steps, or reached some of them only."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        StopSignals.__init__(self)
+        self.signum = 0  # the signal the run stopped for, agreed over processes (0: it did not stop)
+
+    @property
+    def requested(self) -> bool:
+        """Whether the run stopped for a signal (with a checkpoint of the step it stopped at)."""
+        return bool(self.signum)
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
-        def handler(signum, frame):  # noqa: ANN001
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\nInterrupt: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
-
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            self._previous = None
+        self.install()
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        if self.requested:
+        self.signum = self.agreed(args.device) if args.world_size > 1 else self.received
+        if self.signum:
             control.should_save = True
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self.restore()
 
 
 def resolve_precision(precision: str) -> str:
@@ -654,7 +753,8 @@ def train(
     ``callbacks`` are extra HF TrainerCallbacks (library use only).
 
     A non-empty ``output_dir`` is refused unless ``resume`` (continue it) or ``overwrite`` (replace it)
-    is set. A run stopped by Ctrl-C saves a checkpoint and returns with ``"interrupted": True``.
+    is set. A run stopped by Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and returns with ``"interrupted": True``
+    and ``"stop_signal"`` (``"SIGINT"`` or ``"SIGTERM"``).
 
     Args:
         config: YAML file of options (flags and keyword options override it).
@@ -718,13 +818,15 @@ def _train(
     )
     metrics_path = out / "metrics.jsonl"  # empty or absent unless resuming (OutputDirGuard)
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed dicts
-    trainer.add_callback(MetricsCallback(trainer, metrics_path))
+    progress = MetricsCallback(trainer, metrics_path)
+    trainer.add_callback(progress)
     trainer.add_callback(BalanceBiasCallback(model))
     interrupt = InterruptCallback()
     trainer.add_callback(interrupt)
     trainer.add_callback(_CommitOnSave(guard))
     for cb in callbacks or []:
         trainer.add_callback(cb)
+    check_disk_space(trainer, out, model, train_cfg.save_total_limit)
     if trainer.is_world_process_zero() and resume_from is None:  # a resumed run writes it with its adapter
         (out / "resolved_config.yaml").write_text(_yaml(resolved))
 
@@ -735,6 +837,10 @@ def _train(
     diverged = None
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except diskspace.DiskFullError as e:
+        if e.saved is not None and trainer.is_world_process_zero():
+            guard.commit()  # the adapter of the step is saved: the run has something of its own
+        raise
     except TrainingDivergedError as e:
         diverged = str(e)
         for layer in get_state(model).moe_layers.values():  # the diverged forwards' assignments were counted
@@ -742,6 +848,8 @@ def _train(
         if trainer.is_world_process_zero():
             save_adapter(model, out / "last_good")  # the update that diverged was never applied
             guard.commit()
+    finally:
+        progress.close_bar()  # an error's message starts on a line of its own
     elapsed = time.perf_counter() - started
     trainer.eval_expert_counts = None
     final_val = trainer.evaluate()["eval_loss"] if has_val and diverged is None else None
@@ -753,6 +861,7 @@ def _train(
         "steps": trainer.state.global_step,
         "precision": precision,
         "interrupted": interrupt.requested,
+        "stop_signal": signal.Signals(interrupt.signum).name if interrupt.requested else None,
         "resumed_from": str(resume_from) if resume_from else None,
         "diverged": diverged,
         "train_seconds": round(elapsed, 1),
@@ -776,8 +885,15 @@ def _train(
     final = trainable_state_dict(model) if diverged is None else None  # every rank: gathers FSDP shards
     if trainer.is_world_process_zero():
         if diverged is None:
-            save_adapter(model, out / "adapter", final)
-            tokenizer.save_pretrained(out / "adapter")
+            try:
+                save_adapter(model, out / "adapter", final)
+                tokenizer.save_pretrained(out / "adapter")
+            except Exception as e:
+                done = sorted(p.name for p in out.glob("checkpoint-*"))
+                diskspace.raise_if_disk_full(
+                    e, out, diskspace.tensor_bytes(final.values()), "the adapter", remove=out / "adapter",
+                    tail=f"; the checkpoints are kept ({', '.join(done)})" if done else "")
+                raise
             guard.commit()
         if resume_from is not None:
             (out / "resolved_config.yaml").write_text(_yaml(resolved))
@@ -824,7 +940,8 @@ def summary_text(summary: dict[str, Any]) -> str:
     elif before is not None:
         lines.append(f"Validation loss before training: {before:.3f}.")
     if summary.get("interrupted"):
-        lines.append(f"Interrupted: continue with --resume true --output-dir {out}.")
+        by = f" by {summary['stop_signal']}" if summary.get("stop_signal") else ""
+        lines.append(f"Interrupted{by}: continue with --resume true --output-dir {out}.")
     if summary.get("diverged"):
         lines.append(f"Stopped: {summary['diverged']}; the last good adapter is in {out / 'last_good'}.")
     else:

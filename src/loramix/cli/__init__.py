@@ -232,7 +232,15 @@ REPORTS = {"train": "loramix.train:summary_text", "skills_export": "loramix.skil
 file of the run, e.g. summary.json)."""
 PRINTS_RESULT = {"skills_add", "skills_route", "skills_generate", "skills_list", "skills_compare_static"}
 EXIT_INTERRUPTED = 130
-"""Exit status of a run stopped by Ctrl-C (128 + SIGINT), after its checkpoint is saved."""
+"""Exit status of a run stopped by Ctrl-C (128 + SIGINT), after its checkpoint is saved; a run stopped by SIGTERM
+exits with 143 (128 + SIGTERM)."""
+
+
+def _signal_exit(name: str | None) -> int:
+    """128 + the signal's number (the shell's status of a process ended by that signal); Ctrl-C's without one."""
+    import signal
+
+    return 128 + int(getattr(signal, name)) if name in ("SIGINT", "SIGTERM") else EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,15 +253,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"loramix: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
-    except KeyboardInterrupt:
-        print("loramix: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # a second Ctrl-C / SIGTERM (StopAborted) or a Ctrl-C outside training
+        signum = getattr(e, "signum", None)
+        print(f"loramix: aborted by {e}" if signum else "loramix: interrupted", file=sys.stderr)
+        return 128 + signum if signum else EXIT_INTERRUPTED
     if isinstance(result, dict) and fn.__name__ in REPORTS:
         print(_resolve(REPORTS[fn.__name__])(result))
     elif isinstance(result, dict) and fn.__name__ in PRINTS_RESULT:  # the others print their own report
         print(json.dumps(result, indent=2, default=str))
     if isinstance(result, dict) and result.get("interrupted") is True:
-        print("loramix: interrupted; the checkpoint is saved (continue with --resume true)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        by = f" by {result['stop_signal']}" if result.get("stop_signal") else ""
+        print(f"loramix: interrupted{by}; the checkpoint is saved (continue with --resume true)", file=sys.stderr)
+        return _signal_exit(result.get("stop_signal"))
     return 0
 

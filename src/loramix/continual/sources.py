@@ -19,13 +19,22 @@ fields it has.
 
 from __future__ import annotations
 
+import logging
 import random
 import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data import DataConfig, DataError, load_data_source, record_to_messages, resolve_format
+from ..data import (
+    DataConfig,
+    DataError,
+    blank_reply,
+    check_not_all_empty,
+    load_data_source,
+    record_to_messages,
+    resolve_format,
+)
 from ..evaluation import answer_candidates
 from .tasks import Example, Task
 
@@ -35,6 +44,8 @@ QUESTION_FIELDS = ("question", "prompt", "query", "instruction", "input", "conte
 TEST_FIELD = "test_list"
 SETUP_FIELD = "test_setup_code"
 TESTS_HEADER = "Your code should pass these tests:"
+
+logger = logging.getLogger(__name__)
 
 
 class StreamError(ValueError):
@@ -133,8 +144,12 @@ def detect_kind(columns: Sequence[str], first: dict[str, Any]) -> str:
     return "text"
 
 
-def rows_to_examples(rows: Any, source: str, name: str, cfg: DataConfig) -> list[Example]:
-    """Every row of a ``datasets.Dataset`` (or list of dicts) as an Example of the data set's kind."""
+def rows_to_examples(rows: Any, source: str, name: str, cfg: DataConfig, *, purpose: str = "train on") -> list[Example]:
+    """Every row of a ``datasets.Dataset`` (or list of dicts) as an Example of the data set's kind.
+
+    Free-text rows with an empty response are left out (with a warning), as ``loramix train`` leaves them out;
+    a data set whose every response is empty is refused (:func:`loramix.data.check_not_all_empty`, the check
+    ``train`` applies). ``purpose`` says in that error what the rows were for (``train on``, ``score``)."""
     rows = list(rows)
     if not rows:
         raise StreamError(f"{source}: no rows")
@@ -177,8 +192,18 @@ def rows_to_examples(rows: Any, source: str, name: str, cfg: DataConfig) -> list
             f"{source}: the learner cannot score a text-only data set (format 'text', field "
             f"{fields['text_field']!r}; rows have fields: {', '.join(columns)}): a task needs a prompt and a "
             "response (prompt/response, instruction/output or messages rows), or multiple-choice rows")
-    for i, rec in enumerate(rows, 1):
-        msgs = record_to_messages(rec, fmt, fields, system_prompt=cfg.system_prompt, source=source, row=i)
+    conversations = [record_to_messages(rec, fmt, fields, system_prompt=cfg.system_prompt, source=source, row=i)
+                     for i, rec in enumerate(rows, 1)]
+    empty = sum(blank_reply(msgs) for msgs in conversations)
+    try:
+        check_not_all_empty(rows, empty, fmt, fields, source=source, split="", purpose=purpose, mappable=False)
+    except DataError as e:
+        raise StreamError(str(e)) from None
+    if empty:
+        logger.warning("%s: %d of %d rows have an empty response and are left out", source, empty, len(rows))
+    for i, (rec, msgs) in enumerate(zip(rows, conversations, strict=True), 1):
+        if blank_reply(msgs):
+            continue
         if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
             raise StreamError(f"{source}, row {i}: the conversation must end with an assistant turn (the response "
                               "that is trained and scored)")
@@ -236,7 +261,7 @@ def load_file_task(
     rng = random.Random(f"{seed}-{name}")
     if test_entry:
         test_rows, test_source = load_source(test_entry, field="test_data", cache_dir=cache_dir)
-        test = rows_to_examples(test_rows, test_source, name, cfg)
+        test = rows_to_examples(test_rows, test_source, name, cfg, purpose="score")
         if test[0].kind != examples[0].kind:
             raise StreamError(f"{test_source}: its rows are {test[0].kind} rows, but {source}'s are "
                               f"{examples[0].kind} rows (a task's test data must be scored like its training data)")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import diskspace
 from ..checkpoint import umask_dir_mode
 from ..checks import check_int, check_number
 from .gate import (
@@ -62,13 +63,18 @@ def _model_spec(model: str | None) -> str:
 def skill_prompts(data_cfg: Any, *, limit: int = 1000, seed: int = 0) -> list[str]:
     """The user-side text of up to ``limit`` rows of a skill's data (what the gate learns to recognise).
 
+    Data whose every response is empty is refused here, as ``loramix train`` refuses it.
+
     Chat formats give the user turns before the first assistant turn (system prompts left out); the
     ``text`` format gives the text itself (first 2,000 characters).
     """
-    from ..data import load_records, record_to_messages, resolve_format
+    from ..data import check_not_all_empty, count_empty_rows, load_records, record_to_messages, resolve_format
 
     ds = load_records(data_cfg)
     fmt, fields = resolve_format(ds, data_cfg, source=str(data_cfg.data))
+    if not data_cfg.train_on_prompt:  # the check `loramix train` applies, before the base model is loaded
+        check_not_all_empty(ds, count_empty_rows(ds, fmt, fields, source=str(data_cfg.data)), fmt, fields,
+                            source=str(data_cfg.data))
     idx = list(range(len(ds)))
     if len(idx) > limit:
         g = torch.Generator().manual_seed(seed)
@@ -444,6 +450,18 @@ def _add_locked(lib: SkillLibrary, name: str, data: str, adapter: str, config: s
             p.unlink(missing_ok=True)
         return {"library": str(root), "skill": name, "adapter_dir": str(final / "adapter"), "skills": lib.names,
                 "gate": gate_record, "train": entry.summary, "num_prompts": entry.num_prompts}
+    except Exception as e:
+        if not committed and diskspace.is_disk_full(e, root):  # training's checkpoint, or the skill's own files
+            partial = final if renamed else tmp
+            written = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+            needed = e.needed if isinstance(e, diskspace.DiskFullError) else written
+            shutil.rmtree(partial, ignore_errors=True)
+            free = diskspace.free_bytes(root)
+            raise diskspace.DiskFullError(
+                diskspace.full_message(root, needed, free, f"adding skill {name!r}", "at least ")
+                + "; the skill was not added and its partial files were removed", directory=root, needed=needed,
+                free=free) from e
+        raise
     finally:
         if not committed:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,9 +6,7 @@ Each signature is the CLI's flag list and each ``Args:`` docstring its help text
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -230,23 +228,8 @@ def compare_command(
 
 
 def bench_harness() -> Any:
-    """The benchmark harness, ``bench/harness.py`` of the source checkout this package runs from: it lives
-    beside the package, not in it, so ``loramix bench`` needs the repository (``git clone``, then
-    ``pip install -e .``). Another folder named ``bench`` on the path does not stand in for it."""
-    folder = Path(__file__).resolve().parents[3] / "bench"  # src/loramix/cli/commands.py -> the checkout's bench/
-    if not (folder / "harness.py").is_file():
-        raise ImportError("loramix bench runs bench/harness.py of a loramix source checkout, and this install "
-                          "has none: clone the repository and pip install -e . there")
-    package = sys.modules.get("bench")
-    if package is None or str(folder) not in [str(Path(p).resolve()) for p in getattr(package, "__path__", [])]:
-        for name in [n for n in sys.modules if n == "bench" or n.startswith("bench.")]:
-            del sys.modules[name]  # a different folder named bench was imported first
-        spec = importlib.util.spec_from_file_location("bench", folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        package = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules["bench"] = package
-        spec.loader.exec_module(package)  # type: ignore[union-attr]
-    return importlib.import_module("bench.harness")
+    """The benchmark harness, :mod:`loramix.benchmark.harness` (imported when ``loramix bench`` runs)."""
+    return importlib.import_module("loramix.benchmark.harness")
 
 
 def bench_command(

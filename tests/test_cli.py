@@ -344,3 +344,83 @@ def test_help_documents_every_flag_of_every_command():
             undocumented += [f"{name}: {cls.__name__}.{f.name}" for f in dataclasses.fields(cls)
                              if f.init and not fields.get(f.name)]
     assert not undocumented, sorted(set(undocumented))
+
+
+def test_command_table_matches_the_code():
+    """spec.json (what the parser is built from) is the table read from the command functions and option
+    dataclasses; regenerate it when a signature, docstring or field changes: ``python -m loramix.cli.spec``."""
+    from loramix.cli import SPEC_FILE
+    from loramix.cli.spec import spec_json
+
+    assert SPEC_FILE.read_text() == spec_json(), "src/loramix/cli/spec.json is out of date: python -m loramix.cli.spec"
+
+
+HEAVY = ("torch", "transformers", "datasets", "peft", "accelerate", "numpy", "matplotlib", "safetensors", "gguf")
+
+
+def test_help_imports_no_heavy_module():
+    """`loramix --help` and every `loramix <command> --help` print without importing torch, transformers and the
+    like (they load when a command runs), so help answers at once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io, sys\n"
+        "import loramix.cli as cli\n"
+        "parser = cli.build_parser()\n"
+        "helps = [[]] + [[n] for n in cli.COMMANDS]"
+        " + [['skills', s] for s in cli.COMMANDS['skills']]\n"
+        "for argv in helps:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        cli.main([*argv, '--help'])\n"
+        "    assert 'usage: loramix' in out.getvalue(), argv\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_import_loramix_is_light_and_every_public_name_resolves():
+    """`import loramix` loads no torch; each name of loramix.__all__ (and a submodule) is there on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, loramix\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+        "from loramix import inject, MixLoraConfig, load_adapter\n"
+        "assert all(getattr(loramix, n) is not None for n in loramix.__all__)\n"
+        "assert loramix.train.train and 'inject' in dir(loramix)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[]", "ok"]
+    with pytest.raises(AttributeError, match="no_such_name"):
+        import loramix
+
+        loramix.no_such_name  # noqa: B018
+
+
+def test_help_shows_whole_summaries_in_plain_text(capsys):
+    """The command list shows each command's whole first paragraph (no summary cut mid-sentence), and no help
+    text prints reST markup (``x``, :func:`x`)."""
+    import re
+
+    from loramix.cli import COMMANDS, command_table
+
+    table = command_table()
+    texts = []
+    for argv in [[], *([n] for n in COMMANDS), *(["skills", s] for s in COMMANDS["skills"])]:
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        texts.append(capsys.readouterr().out)
+    top = " ".join(texts[0].split())
+    for name, entry in table.items():
+        assert entry["summary"].endswith((".", ")")) or "commands" in entry, (name, entry["summary"])
+        assert f"{name} {entry['summary']}" in top, name
+    for text in texts:
+        assert "``" not in text and not re.search(r":[a-z]+:`", text), text
+    assert "Args:" not in texts[1] and "--num-experts" in texts[1]

@@ -424,3 +424,50 @@ def test_help_shows_whole_summaries_in_plain_text(capsys):
     for text in texts:
         assert "``" not in text and not re.search(r":[a-z]+:`", text), text
     assert "Args:" not in texts[1] and "--num-experts" in texts[1]
+
+
+def test_errors_name_the_flags_of_the_command():
+    """Library messages name options as Python does (data_dir=..., TrainConfig.output_dir:); the command line
+    prints them as its flags, and leaves ordinary words and file paths alone."""
+    from loramix.cli import flag_message
+
+    names = ["data_dir", "max_steps", "output_dir", "model", "max_length", "stride", "val_size"]
+    assert flag_message("no data directory: pass data_dir=... or set LORAMIX_DATA_DIR", names) == (
+        "no data directory: pass --data-dir=... or set LORAMIX_DATA_DIR")
+    assert flag_message("TrainConfig.output_dir: /x/output_dir is not empty; choose another --output-dir",
+                        names) == "--output-dir: /x/output_dir is not empty; choose another --output-dir"
+    assert flag_message("stride: must be <= max_length=1024, got 2000", names) == (
+        "--stride: must be <= --max-length=1024, got 2000")
+    assert flag_message("model: could not load the model", names) == "--model: could not load the model"
+    assert flag_message("DataConfig.val_size: too many; lower val_size", names) == (
+        "--val-size: too many; lower --val-size")
+
+
+def test_eval_checks_its_data_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """`loramix eval` with no data directory, or one without the task's file, fails at once naming --data-dir
+    or the file, before the model loads (a model that does not exist would fail otherwise)."""
+    monkeypatch.delenv("LORAMIX_DATA_DIR", raising=False)
+    missing_model = str(tmp_path / "no-model")
+    assert main(["eval", "--tasks", "[boolq]", "--model", missing_model]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "data_dir" not in err and "no-model" not in err, err
+    assert main(["eval", "--tasks", "[boolq]", "--model", missing_model, "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "boolq" in err and str(tmp_path) in err and "no-model" not in err, err
+
+
+def test_compare_checks_its_files_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """`loramix compare` refuses a missing data directory or training file before any model loads (a model that
+    does not exist would fail otherwise) and before its output directory is made."""
+    monkeypatch.delenv("LORAMIX_DATA_DIR", raising=False)
+    argv = ["compare", "--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "cmp")]
+    assert main([*argv, "--data", str(tmp_path / "train.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "no-model" not in err, err
+    (tmp_path / "llm_adapters_commonsense" / "boolq").mkdir(parents=True)
+    (tmp_path / "llm_adapters_commonsense" / "boolq" / "test.json").write_text("[]")
+    assert main([*argv, "--data", str(tmp_path / "train.jsonl"), "--tasks", "[boolq]", "--data-dir",
+                 str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl" in err and "no-model" not in err, err
+    assert not (tmp_path / "cmp").exists()

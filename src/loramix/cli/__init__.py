@@ -4,6 +4,7 @@ dataclasses, and the help text from their docstrings. The library never imports 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -232,6 +233,7 @@ SPEC_FILE = Path(__file__).with_name("spec.json")
 Written by ``python -m loramix.cli.spec``; a test checks that it matches :func:`describe_commands`."""
 
 
+@functools.cache
 def command_table() -> dict[str, Any]:
     """The shipped command table (``spec.json``)."""
     return json.loads(SPEC_FILE.read_text())
@@ -291,16 +293,40 @@ def build_parser(table: dict[str, Any] | None = None) -> ArgumentParser:
     return parser
 
 
-def parse(argv: list[str] | None = None) -> tuple[Callable, dict[str, Any]]:
-    """The function a command line names and the keyword arguments its flags give (unset flags left out)."""
+def _parse(argv: list[str] | None) -> tuple[Command, list[str], dict[str, Any]]:
+    """The command a command line names, the names of its flags, and the keyword arguments its flags give."""
     cfg = build_parser().parse_args(argv)
     name = cfg["command"]
-    cmd, node = COMMANDS[name], cfg[name]
+    cmd, node, entry = COMMANDS[name], cfg[name], command_table()[name]
     while isinstance(cmd, dict):  # a group such as `skills`: its own sub-command
         name = node["subcommand"]
-        cmd, node = cmd[name], node[name]
+        cmd, node, entry = cmd[name], node[name], entry["commands"][name]
     kwargs = {k: v for k, v in node.as_dict().items() if v is not None and k != "subcommand"}
+    return cmd, [f["name"] for f in entry["flags"] if not f["positional"]], kwargs
+
+
+def parse(argv: list[str] | None = None) -> tuple[Callable, dict[str, Any]]:
+    """The function a command line names and the keyword arguments its flags give (unset flags left out)."""
+    cmd, _, kwargs = _parse(argv)
     return _resolve(cmd.fn), kwargs
+
+
+def flag_message(message: str, names: list[str]) -> str:
+    """A library error as the command line says it: the options it names become the command's flags.
+
+    ``data_dir=...`` becomes ``--data-dir=...``; ``max_steps: must be ...`` and ``TrainConfig.output_dir: ...``
+    become ``--max-steps: ...`` and ``--output-dir: ...``; any other option name with an underscore becomes its
+    flag wherever it stands as a word. A name without an underscore (``model``) is changed only before ``=``, at
+    the start of the message or after ``SomeConfig.``, where it cannot be an ordinary word."""
+    for name in sorted(names, key=len, reverse=True):
+        flag = "--" + name.replace("_", "-")
+        edge = r"(?<![\w.$/'\"-])"
+        message = re.sub(rf"\b[A-Z]\w*Config\.{name}\b", flag, message)
+        message = re.sub(rf"{edge}{name}(?==)", flag, message)
+        message = re.sub(rf"^{name}(?=:)", flag, message)
+        if "_" in name:
+            message = re.sub(rf"{edge}{name}(?![\w/-])", flag, message)
+    return message
 
 
 REPORTS = {"train": "loramix.train:summary_text", "skills_export": "loramix.skills.export:export_summary"}
@@ -312,14 +338,16 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    fn, kwargs = parse(argv)
+    cmd, names, kwargs = _parse(argv)
+    fn = _resolve(cmd.fn)
     tune_malloc()  # before any model exists; LORAMIX_TUNE_MALLOC=0 opts out
     try:
         result = fn(**kwargs)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError, OSError) as e:
         if os.environ.get("LORAMIX_DEBUG"):
             raise
-        print(f"loramix: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
+        message = flag_message(" ".join(str(e).split()), names)  # one line, naming flags
+        print(f"loramix: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("loramix: interrupted", file=sys.stderr)

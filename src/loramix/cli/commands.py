@@ -148,7 +148,7 @@ def eval_command(
         max_new_tokens: length limit of the replies scored by the math tasks.
         strict_base: refuse an adapter trained on a base with different weights (default: a warning).
     """
-    from ..evaluation import check_eval_options, evaluate, results_table
+    from ..evaluation import check_eval_options, evaluate, results_table, task_path
     from ..generation import load_for_inference
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -156,6 +156,8 @@ def eval_command(
         raise ValueError("tasks: name at least one task, e.g. --tasks \"[wikitext2, boolq]\"")
     check_eval_options(tasks, limit=limit, batch_size=batch_size, max_length=max_length, stride=stride,
                        max_new_tokens=max_new_tokens)  # before the model loads
+    for task in tasks:  # the data directory and each task's file, before the model loads
+        task_path(task, data_dir)
     model_obj, tokenizer = load_for_inference(model, adapter, device=device, strict_base=strict_base)
     results = evaluate(model_obj, tokenizer, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
                        max_length=max_length, stride=stride, max_new_tokens=max_new_tokens)

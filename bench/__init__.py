@@ -4,6 +4,7 @@ root:
 
     python -m bench.run_bench --help     # the training/decoding benchmark (also ``loramix bench``)
     bash bench/gpu_check.sh              # the CUDA check: precision and trainer tests, then the bench
+    python -m bench.cli_help             # seconds of `loramix --help` and of each `loramix <command> --help`
 """
 
 import sys

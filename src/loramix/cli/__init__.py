@@ -311,6 +311,20 @@ def parse(argv: list[str] | None = None) -> tuple[Callable, dict[str, Any]]:
     return _resolve(cmd.fn), kwargs
 
 
+def _file_keys(path: Any) -> set[str]:
+    """The top-level keys of a ``--config`` options file (none when it is absent or not a YAML mapping)."""
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return set()
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return set()
+    return {str(k) for k in data} if isinstance(data, dict) else set()
+
+
 def flag_message(message: str, names: list[str]) -> str:
     """A library error as the command line says it: the options it names become the command's flags.
 
@@ -340,6 +354,8 @@ EXIT_INTERRUPTED = 130
 def main(argv: list[str] | None = None) -> int:
     cmd, names, kwargs = _parse(argv)
     fn = _resolve(cmd.fn)
+    from_file = _file_keys(kwargs.get("config")) - set(kwargs)  # an error about these names the file's field
+    names = [n for n in names if n not in from_file]
     tune_malloc()  # before any model exists; LORAMIX_TUNE_MALLOC=0 opts out
     try:
         result = fn(**kwargs)

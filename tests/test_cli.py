@@ -472,3 +472,19 @@ def test_compare_checks_its_files_before_any_model_loads(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "train.jsonl" in err and "no-model" not in err, err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_export_refuses_a_non_empty_output_dir_before_the_model_loads(tmp_path, capsys):
+    """`loramix export` into a non-empty directory fails naming --output-dir and --overwrite before the model
+    loads (a model that does not exist would fail otherwise)."""
+    from helpers.tiny_models import tiny_model
+    from loramix import MixLoraConfig, inject, save_adapter
+
+    save_adapter(inject(tiny_model("llama"), MixLoraConfig(num_experts=2, r=2)), tmp_path / "adapter")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--output-dir", str(tmp_path / "out"),
+                 "--model", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and "--overwrite" in err and "no-model" not in err, err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

@@ -341,9 +341,15 @@ def export_command(
         max_shard_size: largest safetensors shard, e.g. 2GB.
         overwrite: replace a non-empty output directory.
     """
+    from ..config import ConfigError
     from ..export import export_model
 
     check_int("check_tokens", check_tokens, 1)  # before the model loads
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output_dir: {out} exists and is not empty; pass --overwrite to replace it")
     report = export_model(adapter, output_dir, model=model, format=format, check=check,
                           allow_approximate=allow_approximate, dtype=dtype, check_text=check_text,
                           check_tokens=check_tokens, tolerance=tolerance, max_shard_size=max_shard_size,

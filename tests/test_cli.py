@@ -440,8 +440,10 @@ def test_errors_name_the_flags_of_the_command():
     assert flag_message("stride: must be <= max_length=1024, got 2000", names) == (
         "--stride: must be <= --max-length=1024, got 2000")
     assert flag_message("model: could not load the model", names) == "--model: could not load the model"
-    assert flag_message("DataConfig.val_size: too many; lower val_size", names) == (
-        "--val-size: too many; lower --val-size")
+    assert flag_message("DataConfig.val_size: too many; lower val_size.", names) == (
+        "--val-size: too many; lower --val-size.")
+    assert flag_message("cannot read max_steps.yaml in runs/max_steps", names) == (
+        "cannot read max_steps.yaml in runs/max_steps")
 
 
 def test_eval_checks_its_data_before_the_model_loads(tmp_path, monkeypatch, capsys):

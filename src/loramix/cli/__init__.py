@@ -339,7 +339,7 @@ def flag_message(message: str, names: list[str]) -> str:
         message = re.sub(rf"{edge}{name}(?==)", flag, message)
         message = re.sub(rf"^{name}(?=:)", flag, message)
         if "_" in name:
-            message = re.sub(rf"{edge}{name}(?![\w/-])", flag, message)
+            message = re.sub(rf"{edge}{name}(?![\w/-]|\.\w)", flag, message)
     return message
 
 

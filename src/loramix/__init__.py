@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import notices
 from ._version import __version__
+
+notices.install()  # before anything imports bitsandbytes
 
 _EXPORTS = {
     "AdapterLoadError": "checkpoint",

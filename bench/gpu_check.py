@@ -26,7 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loramix
-from bench.harness import format_table, run_benchmark
+from loramix.benchmark.harness import format_table, run_benchmark
 
 # Llama-3.2-1B's config.json (meta-llama/Llama-3.2-1B), minus the weights
 LLAMA_32_1B = dict(

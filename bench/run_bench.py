@@ -1,4 +1,4 @@
-"""Thin command line around ``bench.harness.run_benchmark``: prints the table, optionally writes JSON.
+"""Thin command line around ``loramix.benchmark.harness.run_benchmark``: prints the table, optionally writes JSON.
 
 Example, from the repository root (the default SmolLM2-135M-Instruct on CPU, batch 4 x 128)::
 
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import format_table, profile_training_step, run_benchmark
 from loramix.allocator import ENV_SWITCH
+from loramix.benchmark.harness import format_table, profile_training_step, run_benchmark
 from loramix.config import ROUTERS
 
 

@@ -1,5 +1,5 @@
-"""The bench harness (bench/harness.py) on a tiny model: every variant and key is produced, ratios are consistent,
-table renders."""
+"""The bench harness (loramix.benchmark.harness) on a tiny model: every variant and key is produced, ratios are
+consistent, table renders."""
 
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def test_sequential_mode_gives_the_same_keys():
 
 
 def test_library_never_imports_the_bench():
-    """Importing every loramix module loads nothing from bench/ (the CLI loads it when `loramix bench` runs)."""
+    """Importing every loramix module (the packaged harness included) loads nothing from the checkout's bench/."""
     code = (
         "import importlib, pkgutil, sys, loramix\n"
         "for m in pkgutil.walk_packages(loramix.__path__, 'loramix.'):\n"
@@ -232,14 +232,17 @@ def test_library_never_imports_the_bench():
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_cli_bench_loads_the_harness_from_the_checkout():
+def test_cli_bench_runs_the_packaged_harness():
+    """`loramix bench` runs the harness shipped in the package, and the checkout's `bench.harness` is that module."""
+    from loramix.benchmark import harness
     from loramix.cli.commands import bench_harness
 
-    assert bench_harness().run_benchmark is bench.run_benchmark
+    assert bench_harness() is harness
+    assert bench is harness
 
 
-def test_cli_bench_finds_the_checkouts_harness_beside_another_bench_folder(tmp_path):
-    """`loramix bench` run from a folder that holds some other `bench` package still loads bench/harness.py."""
+def test_cli_bench_harness_ignores_a_bench_folder_in_the_working_directory(tmp_path):
+    """`loramix bench` run from a folder that holds some other `bench` package still loads the packaged harness."""
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "__init__.py").write_text("")
     code = "from loramix.cli.commands import bench_harness; print(bench_harness().__file__)"

@@ -174,7 +174,7 @@ def test_every_count_option_refuses_negative_values_before_loading_anything(tmp_
             rc = main([*prefix, *_required_args(prefix, tmp_path), flag, "-5"])
             err = capsys.readouterr().err.strip().splitlines()
             assert rc == 2 and err, (prefix, flag)
-            assert dest in err[-1] or dest.removeprefix("gate_") in err[-1], (prefix, flag, err[-1])
+            assert flag in err[-1] or dest.removeprefix("gate_") in err[-1], (prefix, flag, err[-1])
             assert "no-model" not in err[-1], (prefix, flag, err[-1])
             checked.append((prefix, dest))
     assert ((("eval",), "limit") in checked and (("train",), "batch_size") in checked
@@ -182,20 +182,21 @@ def test_every_count_option_refuses_negative_values_before_loading_anything(tmp_
 
 
 @pytest.mark.parametrize("argv, names", [
-    (["eval", "--tasks", "[boolq]", "--limit", "0"], "limit"),
-    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
-    (["generate", "--prompt", "x", "--top-p", "1.5"], "top_p"),
-    (["generate", "--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty"),
-    (["chat", "--repetition-penalty", "-1"], "repetition_penalty"),
-    (["bench", "--steps", "0"], "steps"),
-    (["compare", "--data", "x.jsonl", "--eval-limit", "0"], "eval_limit"),
-    (["train", "--data", "x.jsonl", "--batch-size", "0"], "TrainConfig.batch_size"),
-    (["train", "--data", "x.jsonl", "--num-experts", "0", "--attn-r", "0"], "MixLoraConfig.num_experts"),
+    (["eval", "--tasks", "[boolq]", "--limit", "0"], "--limit"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
+    (["generate", "--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty"),
+    (["chat", "--repetition-penalty", "-1"], "--repetition-penalty"),
+    (["bench", "--steps", "0"], "--steps"),
+    (["compare", "--data", "x.jsonl", "--eval-limit", "0"], "--eval-limit"),
+    (["train", "--data", "x.jsonl", "--batch-size", "0"], "--batch-size"),
+    (["train", "--data", "x.jsonl", "--num-experts", "0", "--attn-r", "0"], "--num-experts"),
 ])
 def test_zero_counts_are_refused(tmp_path, capsys, argv, names):
+    """A bad count from the command line is refused naming its flag (the library's message names the field)."""
     rc = main([*argv, "--model", str(tmp_path / "no-model")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and names in err[0], err
+    assert rc == 2 and len(err) == 1 and f"error: {names}:" in err[0], err
 
 
 def test_config_file_and_flag_mistakes_name_the_file_or_field(tmp_path, capsys):
@@ -326,13 +327,23 @@ def test_strict_base_flag_refuses_an_adapter_of_another_base(tmp_path, capsys):
         assert main(argv) == 0
 
 
-def test_cli_keeps_the_bitsandbytes_kernels_notice_out_of_its_output() -> None:
+def test_cli_keeps_the_bitsandbytes_kernels_notice_out_of_its_output(tmp_path) -> None:
+    """Neither `loramix train --help` nor a training run prints bitsandbytes' missing-kernels notice (transformers
+    and peft import bitsandbytes when it is installed; `import loramix` filters the notice first)."""
     import subprocess
     import sys
 
     pytest.importorskip("bitsandbytes")
     out = subprocess.run([sys.executable, "-m", "loramix.cli", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage" in out.stdout
+    assert "kernels-community" not in out.stderr + out.stdout
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"say {i}", "response": f"ok {i}"}) for i in range(8)))
+    out = subprocess.run([sys.executable, "-m", "loramix.cli", "train", "--model", save_tiny_lm(tmp_path / "m"),
+                          "--data", str(data), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+                          "--num-experts", "2", "--r", "2", "--attn-r", "0", "--val-size", "0", "--no-plots"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert "kernels-community" not in out.stderr + out.stdout
 
 
@@ -387,3 +398,148 @@ def test_help_documents_every_flag_of_every_command():
             undocumented += [f"{name}: {cls.__name__}.{f.name}" for f in dataclasses.fields(cls)
                              if f.init and not fields.get(f.name)]
     assert not undocumented, sorted(set(undocumented))
+
+
+def test_command_table_matches_the_code():
+    """spec.json (what the parser is built from) is the table read from the command functions and option
+    dataclasses; regenerate it when a signature, docstring or field changes: ``python -m loramix.cli.spec``."""
+    from loramix.cli import SPEC_FILE
+    from loramix.cli.spec import spec_json
+
+    assert SPEC_FILE.read_text() == spec_json(), "src/loramix/cli/spec.json is out of date: python -m loramix.cli.spec"
+
+
+HEAVY = ("torch", "transformers", "datasets", "peft", "accelerate", "numpy", "matplotlib", "safetensors", "gguf")
+
+
+def test_help_imports_no_heavy_module():
+    """`loramix --help` and every `loramix <command> --help` print without importing torch, transformers and the
+    like (they load when a command runs), so help answers at once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io, sys\n"
+        "import loramix.cli as cli\n"
+        "parser = cli.build_parser()\n"
+        "helps = [[]] + [[n] for n in cli.COMMANDS]"
+        " + [['skills', s] for s in cli.COMMANDS['skills']]\n"
+        "for argv in helps:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        cli.main([*argv, '--help'])\n"
+        "    assert 'usage: loramix' in out.getvalue(), argv\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_import_loramix_is_light_and_every_public_name_resolves():
+    """`import loramix` loads no torch; each name of loramix.__all__ (and a submodule) is there on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, loramix\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+        "from loramix import inject, MixLoraConfig, load_adapter\n"
+        "assert all(getattr(loramix, n) is not None for n in loramix.__all__)\n"
+        "assert loramix.train.train and 'inject' in dir(loramix)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[]", "ok"]
+    with pytest.raises(AttributeError, match="no_such_name"):
+        import loramix
+
+        loramix.no_such_name  # noqa: B018
+
+
+def test_help_shows_whole_summaries_in_plain_text(capsys):
+    """The command list shows each command's whole first paragraph (no summary cut mid-sentence), and no help
+    text prints reST markup (``x``, :func:`x`)."""
+    import re
+
+    from loramix.cli import COMMANDS, command_table
+
+    table = command_table()
+    texts = []
+    for argv in [[], *([n] for n in COMMANDS), *(["skills", s] for s in COMMANDS["skills"])]:
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        texts.append(capsys.readouterr().out)
+    top = " ".join(texts[0].split())
+    for name, entry in table.items():
+        assert entry["summary"].endswith((".", ")")) or "commands" in entry, (name, entry["summary"])
+        assert f"{name} {entry['summary']}" in top, name
+    for text in texts:
+        assert "``" not in text and not re.search(r":[a-z]+:`", text), text
+    assert "Args:" not in texts[1] and "--num-experts" in texts[1]
+
+
+def test_errors_name_the_flags_of_the_command():
+    """Library messages name options as Python does (data_dir=..., TrainConfig.output_dir:); the command line
+    prints them as its flags, and leaves ordinary words and file paths alone."""
+    from loramix.cli import flag_message
+
+    names = ["data_dir", "max_steps", "output_dir", "model", "max_length", "stride", "val_size"]
+    assert flag_message("no data directory: pass data_dir=... or set LORAMIX_DATA_DIR", names) == (
+        "no data directory: pass --data-dir=... or set LORAMIX_DATA_DIR")
+    assert flag_message("TrainConfig.output_dir: /x/output_dir is not empty; choose another --output-dir",
+                        names) == "--output-dir: /x/output_dir is not empty; choose another --output-dir"
+    assert flag_message("stride: must be <= max_length=1024, got 2000", names) == (
+        "--stride: must be <= --max-length=1024, got 2000")
+    assert flag_message("model: could not load the model", names) == "--model: could not load the model"
+    assert flag_message("DataConfig.val_size: too many; lower val_size.", names) == (
+        "--val-size: too many; lower --val-size.")
+    assert flag_message("cannot read max_steps.yaml in runs/max_steps", names) == (
+        "cannot read max_steps.yaml in runs/max_steps")
+
+
+def test_eval_checks_its_data_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """`loramix eval` with no data directory, or one without the task's file, fails at once naming --data-dir
+    or the file, before the model loads (a model that does not exist would fail otherwise)."""
+    monkeypatch.delenv("LORAMIX_DATA_DIR", raising=False)
+    missing_model = str(tmp_path / "no-model")
+    assert main(["eval", "--tasks", "[boolq]", "--model", missing_model]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "data_dir" not in err and "no-model" not in err, err
+    assert main(["eval", "--tasks", "[boolq]", "--model", missing_model, "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "boolq" in err and str(tmp_path) in err and "no-model" not in err, err
+
+
+def test_compare_checks_its_files_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """`loramix compare` refuses a missing data directory or training file before any model loads (a model that
+    does not exist would fail otherwise) and before its output directory is made."""
+    monkeypatch.delenv("LORAMIX_DATA_DIR", raising=False)
+    argv = ["compare", "--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "cmp")]
+    assert main([*argv, "--data", str(tmp_path / "train.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "no-model" not in err, err
+    (tmp_path / "llm_adapters_commonsense" / "boolq").mkdir(parents=True)
+    (tmp_path / "llm_adapters_commonsense" / "boolq" / "test.json").write_text("[]")
+    assert main([*argv, "--data", str(tmp_path / "train.jsonl"), "--tasks", "[boolq]", "--data-dir",
+                 str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl" in err and "no-model" not in err, err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_export_refuses_a_non_empty_output_dir_before_the_model_loads(tmp_path, capsys):
+    """`loramix export` into a non-empty directory fails naming --output-dir and --overwrite before the model
+    loads (a model that does not exist would fail otherwise)."""
+    from helpers.tiny_models import tiny_model
+    from loramix import MixLoraConfig, inject, save_adapter
+
+    save_adapter(inject(tiny_model("llama"), MixLoraConfig(num_experts=2, r=2)), tmp_path / "adapter")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--output-dir", str(tmp_path / "out"),
+                 "--model", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and "--overwrite" in err and "no-model" not in err, err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

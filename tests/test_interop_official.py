@@ -305,8 +305,8 @@ def test_peft_adapter_pickle_is_refused_by_the_cli_in_one_line(tmp_path, capsys)
 
 
 def test_checkpoint_load_adapter_reads_the_official_format_in_a_fresh_process():
-    """The official format is registered with checkpoint.load_adapter by `import loramix` alone: a process that
-    imports only loramix.checkpoint (never loramix.interop) still loads an official directory."""
+    """load_adapter imports the modules that register formats itself: a process that imports only
+    loramix.checkpoint (never loramix.interop) still loads an official directory."""
     import subprocess
     import sys
 

@@ -300,6 +300,47 @@ def test_overwrite_puts_the_previous_run_back_when_the_new_run_fails_before_savi
     assert sorted(p.name for p in run.iterdir()) == sorted({k.split("/")[0] for k in before})
 
 
+def test_a_new_run_that_fails_before_training_leaves_nothing_behind(tiny_run_inputs, tmp_path):
+    """A run into a new (nested) output directory that fails before training starts (here: after the model
+    loaded, asking for more validation rows than the data has) removes what it wrote and the directories it
+    made; an empty directory that was there stays, empty."""
+    model_dir, data = tiny_run_inputs
+    with pytest.raises(ConfigError, match="val_size"):
+        train(**_opts(model_dir, data, tmp_path / "a" / "b" / "run", val_size=1000))
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="val_size"):
+        train(**_opts(model_dir, data, tmp_path / "empty", val_size=1000))
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+def test_a_run_that_fails_after_training_started_keeps_its_files(tiny_run_inputs, tmp_path):
+    """Once training started, a failed run keeps what it wrote (its resolved config and metrics show what ran)."""
+    model_dir, data = tiny_run_inputs
+
+    class FailAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise RuntimeError("failed right after set-up")
+
+    with pytest.raises(RuntimeError, match="right after set-up"):
+        train(**_opts(model_dir, data, tmp_path / "run"), callbacks=[FailAtStart()])
+    assert (tmp_path / "run" / "resolved_config.yaml").is_file()
+
+
+def test_the_data_is_checked_before_the_model_loads(tiny_run_inputs, tmp_path, monkeypatch):
+    """An unreachable hub data set or a missing data file fails before the base model is loaded (here a model
+    that does not exist: its error would come first otherwise), and leaves no output directory."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing_model = str(tmp_path / "no-model")
+    with pytest.raises(Exception, match="no-such-user/no-such-data") as e:
+        train(**_opts(missing_model, "no-such-user/no-such-data", tmp_path / "runs" / "hub"))
+    assert "no-model" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        train(**_opts(missing_model, str(tmp_path / "missing.jsonl"), tmp_path / "runs" / "file"))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_overwrite_replaces_the_previous_run_entirely(tiny_run_inputs, tmp_path):
     """A successful overwrite leaves only the new run: no old checkpoint beside the new ones, new metrics."""
     model_dir, data = tiny_run_inputs

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from bench.harness import fresh_copy, frozen_base, make_loramix, make_peft_lora
 from loramix.allocator import tune_malloc
+from loramix.benchmark.harness import fresh_copy, frozen_base, make_loramix, make_peft_lora
 from loramix.injection import get_state
 
 

@@ -7,6 +7,7 @@ fingerprint, the weights file's SHA-256 and every tensor's name and shape. Nothi
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import tempfile
@@ -52,8 +53,9 @@ class AdapterLoadError(ValueError):
 class AdapterFormat:
     """Another implementation's adapter format that :func:`load_adapter` reads: ``detect(directory)`` says
     whether a directory is in this format; ``load(base_model, directory)`` injects it into ``base_model`` and
-    returns the adapted model. Readers register themselves with :func:`register_adapter_format` (the official
-    ``mixlora`` format is registered by ``loramix.interop``, which ``import loramix`` imports)."""
+    returns the adapted model. Readers register themselves with :func:`register_adapter_format` when imported;
+    the modules named in ``FORMAT_MODULES`` are imported on the first :func:`load_adapter` (the official
+    ``mixlora`` format is registered by ``loramix.interop``)."""
 
     name: str
     detect: Callable[[Path], bool]
@@ -62,6 +64,17 @@ class AdapterFormat:
 
 ADAPTER_FORMATS: list[AdapterFormat] = []
 """The registered foreign formats, asked in order before a directory is read as a loramix checkpoint."""
+
+FORMAT_MODULES: list[str] = ["loramix.interop"]
+"""Modules that register a format when imported: imported by name (like entry points) when an adapter is loaded,
+so neither ``import loramix`` nor this module has to import them."""
+
+
+def adapter_formats() -> list[AdapterFormat]:
+    """The registered formats, after importing every module of ``FORMAT_MODULES``."""
+    for module in FORMAT_MODULES:
+        importlib.import_module(module)
+    return ADAPTER_FORMATS
 
 
 def register_adapter_format(fmt: AdapterFormat) -> None:
@@ -302,7 +315,7 @@ def load_adapter(
     """
     directory = Path(directory)
     _check_not_adapted(base_model, directory)
-    foreign = next((fmt for fmt in ADAPTER_FORMATS if fmt.detect(directory)), None)
+    foreign = next((fmt for fmt in adapter_formats() if fmt.detect(directory)), None)
     if foreign is not None:  # another implementation's format (e.g. the official `mixlora` package)
         model = foreign.load(base_model, directory)
         if not trainable:

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .evaluation import evaluate, main_metric, results_table
+from .data import resolve_local
+from .evaluation import evaluate, main_metric, results_table, task_path
 from .plots import pyplot
 
 TrainFn = Callable[..., dict[str, Any]]
@@ -70,6 +71,12 @@ def compare(
 
     Returns ``{"runs": {name: {"train": summary | None, "eval": evaluate() result}}, "table", "files"}``.
     """
+    if load_fn is None:  # the files the runs need, before any model loads
+        for task in [tasks] if isinstance(tasks, str) else tasks:
+            task_path(task, data_dir)
+    if train_fn is None and isinstance(data, str):
+        for part in data.split(","):
+            resolve_local(part.strip())
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lora_options, matching = _lora_options(model, train_options, lora_rank)  # bad ranks fail before any work

@@ -890,10 +890,38 @@ def _tokenize_split(
     return kept, stats
 
 
+@dataclass
+class RawData:
+    """The rows of a :class:`DataConfig`'s sources, loaded and checked (format and fields), before any tokenizer
+    or model: :func:`load_raw` gives it and :func:`build_datasets` tokenizes it."""
+
+    train: datasets.Dataset
+    source: str
+    format: str
+    fields: dict[str, str]
+    val: datasets.Dataset | None = None
+    val_source: str | None = None
+    val_format: str | None = None
+    val_fields: dict[str, str] | None = None
+
+
+def load_raw(cfg: DataConfig) -> RawData:
+    """Load and check the training (and ``val_data``) rows of ``cfg``: a missing file, an unreachable hub data
+    set or a wrong field fails here, before a model is loaded."""
+    train_raw, source = _load_sources(cfg.data, cfg.split, cfg, field_name="data")
+    fmt, fields = resolve_format(train_raw, cfg, source=source)
+    raw = RawData(train_raw, source, fmt, fields)
+    if cfg.val_data is not None:
+        raw.val, raw.val_source = _load_sources(cfg.val_data, cfg.val_split, cfg, field_name="val_data")
+        raw.val_format, raw.val_fields = resolve_format(raw.val, dataclasses.replace(cfg, format=fmt),
+                                                        source=raw.val_source)
+    return raw
+
+
 def build_datasets(
-    cfg: DataConfig, tokenizer: Any
+    cfg: DataConfig, tokenizer: Any, raw: RawData | None = None
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
-    """Load, check, split and tokenize the data of ``cfg``.
+    """Load (unless ``raw`` holds the rows :func:`load_raw` gave), check, split and tokenize the data of ``cfg``.
 
     Returns ``(train_ds, val_ds, stats)``. Both data sets hold exactly ``input_ids``, ``attention_mask`` and
     ``labels`` (-100 on prompt tokens unless ``train_on_prompt``); ``val_ds`` is None when ``val_size == 0``
@@ -913,16 +941,15 @@ def build_datasets(
       packing ``dropped_blocks`` / ``dropped_block_tokens`` (blocks without any label token, dropped);
     - ``summary``: one line saying what was truncated or skipped and how many.
     """
-    train_raw, source = _load_sources(cfg.data, cfg.split, cfg, field_name="data")
-    fmt, fields = resolve_format(train_raw, cfg, source=source)
-    train_norm = _normalize(train_raw, fmt, fields, cfg, source)
+    raw = raw or load_raw(cfg)
+    source, fmt, fields = raw.source, raw.format, raw.fields
+    train_norm = _normalize(raw.train, fmt, fields, cfg, source)
 
     val_norm: datasets.Dataset | None = None
     val_source = None
-    if cfg.val_data is not None:
-        val_raw, val_source = _load_sources(cfg.val_data, cfg.val_split, cfg, field_name="val_data")
-        val_fmt, val_fields = resolve_format(val_raw, dataclasses.replace(cfg, format=fmt), source=val_source)
-        val_norm = _normalize(val_raw, val_fmt, val_fields, cfg, val_source)
+    if raw.val is not None:
+        val_source = raw.val_source
+        val_norm = _normalize(raw.val, raw.val_format, raw.val_fields, cfg, val_source)
     elif cfg.val_size:
         n = len(train_norm)
         n_val = cfg.val_size if _is_int(cfg.val_size) else math.ceil(round(cfg.val_size * n, 6))

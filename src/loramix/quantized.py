@@ -8,25 +8,10 @@ their packed weight.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")
-KERNELS_NOTICE = "kernels-community"
-"""bitsandbytes logs, once per process on CPUs without its optional ``kernels`` package, that it "failed to load"
-a faster 4-bit kernel (it uses its own); peft imports bitsandbytes whenever it is installed, so every loramix user
-would see it, quantizing or not."""
-
-
-class _DropKernelsNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return KERNELS_NOTICE not in record.getMessage()
-
-
-# only that one notice is dropped; every other bitsandbytes message passes
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsNotice())
 
 
 def is_quantized_linear(module: nn.Module) -> bool:

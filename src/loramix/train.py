@@ -8,6 +8,7 @@ and a summary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,7 +37,7 @@ from .checkpoint import (
 )
 from .checks import check_int, check_number
 from .config import ConfigError, MixLoraConfig, yaml_error_text
-from .data import DataCollator, DataConfig, build_datasets
+from .data import DataCollator, DataConfig, build_datasets, load_raw
 from .injection import get_state, inject
 from .models import load_base_model, resolve_dtype
 from .routers import update_balance_biases
@@ -675,11 +676,15 @@ class OutputDirGuard:
     """Keeps a previous run in ``output_dir`` safe: a non-empty directory is refused unless the run resumes
     it or ``overwrite`` is set; with ``overwrite`` the old files move to ``output_dir/.replaced-run`` and are
     deleted only by :meth:`commit` (the new run saved a checkpoint or adapter), or put back by
-    :meth:`restore` when the new run fails first."""
+    :meth:`restore` when the new run fails first. A new run into an absent or empty directory that fails before
+    its training starts (:meth:`training_starts`) leaves nothing behind: :meth:`restore` removes what it wrote
+    and the directories it made."""
 
-    def __init__(self, out: Path, stash: Path | None = None) -> None:
+    def __init__(self, out: Path, stash: Path | None = None, made: list[Path] | None = None) -> None:
         self.out = out
         self.stash = stash
+        self.made = made  # None: the directory held a run (or is resumed); else the folders this run created
+        self.started = False
 
     @classmethod
     def prepare(cls, cfg: TrainConfig) -> OutputDirGuard:
@@ -691,8 +696,9 @@ class OutputDirGuard:
             return cls(out)
         entries = sorted(out.iterdir()) if out.is_dir() else []
         if not entries:
+            made = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
             out.mkdir(parents=True, exist_ok=True)
-            return cls(out)
+            return cls(out, made=made)
         if not cfg.overwrite:
             shown = ", ".join(p.name for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
             raise ConfigError(
@@ -718,8 +724,20 @@ class OutputDirGuard:
             shutil.rmtree(self.stash)
         self.stash = None
 
+    def training_starts(self) -> None:
+        """From here on a failed run keeps its files (its metrics and log show how far it got)."""
+        self.started = True
+
     def restore(self) -> None:
-        """The new run failed before saving anything: remove its files and put the previous run back."""
+        """The new run failed before saving anything: remove its files and put the previous run back (or, for
+        a new run that failed before training started, remove the directories it made)."""
+        if self.made is not None and not self.started and self.stash is None:
+            for p in self.out.iterdir() if self.out.is_dir() else ():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+            for d in self.made:
+                with contextlib.suppress(OSError):  # only while empty
+                    d.rmdir()
+            return
         if self.stash is None or not self.stash.is_dir():
             return
         for p in self.out.iterdir():
@@ -790,6 +808,7 @@ def _train(
         logger.warning("precision fp16 on CPU: accelerate has no fp16 mixed precision there, so the fp16 weights "
                        "run without autocast or loss scaling; use bf16 or fp32 on CPU")
     precision_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+    raw_data = load_raw(data_cfg)  # files, hub data set and fields checked before the model loads
     base, tokenizer = load_base_model(
         train_cfg.model,
         cache_dir=train_cfg.model_cache_dir,
@@ -797,7 +816,7 @@ def _train(
         quantize=train_cfg.quantize,
         gradient_checkpointing=train_cfg.gradient_checkpointing,
     )
-    train_ds, val_ds, data_stats = build_datasets(data_cfg, tokenizer)
+    train_ds, val_ds, data_stats = build_datasets(data_cfg, tokenizer, raw=raw_data)
     train_ds, val_ds = _keep_model_columns(train_ds), _keep_model_columns(val_ds)
 
     # 3. adapter
@@ -835,6 +854,7 @@ def _train(
         base_val = trainer.evaluate(metric_key_prefix="base")["base_loss"]
     started = time.perf_counter()
     diverged = None
+    guard.training_starts()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except diskspace.DiskFullError as e:

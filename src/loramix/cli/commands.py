@@ -6,9 +6,7 @@ Each signature is the CLI's flag list and each ``Args:`` docstring its help text
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +153,7 @@ def eval_command(
             lmeval extra: pip install 'loramix[lmeval]'); --limit applies to them too.
         harness_include: a directory of your own lm-eval task YAMLs, for harness_tasks.
     """
-    from ..evaluation import check_eval_options, evaluate, results_table
+    from ..evaluation import check_eval_options, evaluate, results_table, task_path
     from ..generation import load_for_inference
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks or [])
@@ -165,6 +163,8 @@ def eval_command(
                          "with --harness-tasks)")
     check_eval_options(tasks, limit=limit, batch_size=batch_size, max_length=max_length, stride=stride,
                        max_new_tokens=max_new_tokens)  # before the model loads
+    for task in tasks:  # the data directory and each task's file, before the model loads
+        task_path(task, data_dir)
     manager = None
     if harness_tasks:
         from ..harness import harness_task_manager
@@ -252,23 +252,8 @@ def compare_command(
 
 
 def bench_harness() -> Any:
-    """The benchmark harness, ``bench/harness.py`` of the source checkout this package runs from: it lives
-    beside the package, not in it, so ``loramix bench`` needs the repository (``git clone``, then
-    ``pip install -e .``). Another folder named ``bench`` on the path does not stand in for it."""
-    folder = Path(__file__).resolve().parents[3] / "bench"  # src/loramix/cli/commands.py -> the checkout's bench/
-    if not (folder / "harness.py").is_file():
-        raise ImportError("loramix bench runs bench/harness.py of a loramix source checkout, and this install "
-                          "has none: clone the repository and pip install -e . there")
-    package = sys.modules.get("bench")
-    if package is None or str(folder) not in [str(Path(p).resolve()) for p in getattr(package, "__path__", [])]:
-        for name in [n for n in sys.modules if n == "bench" or n.startswith("bench.")]:
-            del sys.modules[name]  # a different folder named bench was imported first
-        spec = importlib.util.spec_from_file_location("bench", folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        package = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules["bench"] = package
-        spec.loader.exec_module(package)  # type: ignore[union-attr]
-    return importlib.import_module("bench.harness")
+    """The benchmark harness, :mod:`loramix.benchmark.harness` (imported when ``loramix bench`` runs)."""
+    return importlib.import_module("loramix.benchmark.harness")
 
 
 def bench_command(
@@ -378,9 +363,15 @@ def export_command(
         max_shard_size: largest safetensors shard, e.g. 2GB.
         overwrite: replace a non-empty output directory.
     """
+    from ..config import ConfigError
     from ..export import export_model
 
     check_int("check_tokens", check_tokens, 1)  # before the model loads
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output_dir: {out} exists and is not empty; pass --overwrite to replace it")
     report = export_model(adapter, output_dir, model=model, format=format, check=check,
                           allow_approximate=allow_approximate, dtype=dtype, check_text=check_text,
                           check_tokens=check_tokens, tolerance=tolerance, max_shard_size=max_shard_size,

@@ -1,7 +1,8 @@
 """Readers for adapters written by other MoE-LoRA implementations.
 
-Importing this package registers each format with :func:`loramix.checkpoint.load_adapter` (``import loramix``
-does), so ``load_adapter`` reads an official ``mixlora`` adapter directory like a loramix one.
+Importing this package registers each format with :func:`loramix.checkpoint.load_adapter`, which imports it on
+its first call (``checkpoint.FORMAT_MODULES``), so ``load_adapter`` reads an official ``mixlora`` adapter
+directory like a loramix one.
 """
 
 from ..checkpoint import AdapterFormat, register_adapter_format

@@ -1,7 +1,7 @@
 """Speed / memory benchmark: base model vs PEFT LoRA vs loramix MixLoRA (per router) vs official ``mixlora``.
 
-This harness lives beside the package, not in it: the library never imports it. ``loramix bench`` and
-``bench/run_bench.py`` are its command lines.
+``loramix bench`` and ``bench/run_bench.py`` (a source checkout) are its command lines; the rest of the library
+never imports it.
 
 Every variant is a fresh deep copy of one loaded base model and all are measured in the same process:
 
@@ -28,7 +28,7 @@ checkpoint ``loramix export`` writes) and loaded back with ``AutoModelForCausalL
 ``exported_<router>`` rows time its inference and decoding with transformers in the same interleaved rounds
 (no training; their memory figure is the loaded checkpoint). With a vLLM interpreter (``vllm_python``, or
 vLLM importable here) the base and each exported checkpoint are also decoded by vLLM's offline ``LLM``
-(``bench/vllm_decode.py``, one process, models interleaved round by round, same prompt and token count):
+(``vllm_decode.py`` beside this file, one process, models interleaved round by round, same prompt and token count):
 the ``vllm_*`` rows, whose ``decode / base`` is relative to ``vllm_base`` measured in that same process.
 
 The base model has nothing to train; its "training step" is the **floor**: forward + backward through the

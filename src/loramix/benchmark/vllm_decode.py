@@ -1,6 +1,7 @@
-"""Decode speed of HF checkpoints in vLLM's offline ``LLM``; run by ``bench.harness`` with a vLLM interpreter.
+"""Decode speed of HF checkpoints in vLLM's offline ``LLM``; run by ``loramix.benchmark.harness`` with a vLLM
+interpreter (which needs no loramix):
 
-    python bench/vllm_decode.py '{"models": {name: dir}, "prompt": [ids], "decode_tokens": N, "steps": S,
+    python vllm_decode.py '{"models": {name: dir}, "prompt": [ids], "decode_tokens": N, "steps": S,
                                   "warmup": W, "max_model_len": L}'
 
 Every model is loaded (float32, eager, no tokenizer) and warmed up, then ``steps`` rounds time one greedy

@@ -966,9 +966,10 @@ def build_datasets(
     val_ds, val_stats = (None, None)
     if val_norm is not None:
         val_ds, val_stats = _tokenize_split(val_norm, tokenizer, cfg, fmt, "validation")
-    check_not_all_empty(train_raw, train_stats["empty"], fmt, fields, source=source, n_rows=train_stats["rows"])
+    check_not_all_empty(raw.train, train_stats["empty"], fmt, fields, source=source, n_rows=train_stats["rows"])
     if val_stats is not None:  # validation rows of a --val-data file, or split off the training rows
-        val_rows, val_format = (val_raw, (val_fmt, val_fields)) if cfg.val_data is not None else (val_norm, (fmt, {}))
+        val_rows, val_format = ((raw.val, (raw.val_format, raw.val_fields)) if raw.val is not None
+                                else (val_norm, (fmt, {})))
         check_not_all_empty(val_rows, val_stats["empty"], *val_format, source=str(val_source), split="validation",
                             purpose="validate on", n_rows=val_stats["rows"])
     if len(train_ds) == 0:

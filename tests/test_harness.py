@@ -147,4 +147,4 @@ def test_cli_flags_reach_the_harness(env, capsys):
     assert [r.split("|")[2].strip() for r in rows] == ["acc", "acc_norm"] and all("| 3 |" in r for r in rows)
     assert main(["eval", "--model", env["model"], "--harness-tasks", "[nope]",
                  "--harness-include", str(env["tasks"])]) == 2
-    assert "harness_tasks: ['nope']" in capsys.readouterr().err
+    assert "--harness-tasks: ['nope']" in capsys.readouterr().err

@@ -9,6 +9,15 @@ from .ffn_spec import FFNNotSupportedError
 from .injection import compute_aux_loss, get_config, inject, routing_stats, unload
 from .merge import merge_and_unload, merge_attention
 
+
+def __getattr__(name: str):  # loramix.load_exported without importing the export package at import time
+    if name == "load_exported":
+        from .export import load_exported
+
+        return load_exported
+    raise AttributeError(f"module 'loramix' has no attribute {name!r}")
+
+
 __all__ = [
     "AdapterLoadError",
     "ConfigError",
@@ -20,6 +29,7 @@ __all__ = [
     "get_config",
     "inject",
     "load_adapter",
+    "load_exported",
     "merge_and_unload",
     "merge_attention",
     "routing_stats",

@@ -34,9 +34,11 @@ from .target import (
     layer_expert_counts,
     write_safetensors,
 )
+from .vllm import VllmTarget
 
 #: every target by format name
-TARGETS: dict[str, ExportTarget] = {t.name: t for t in (MixtralTarget(), Qwen2MoETarget(), Qwen3MoETarget())}
+TARGETS: dict[str, ExportTarget] = {t.name: t for t in (MixtralTarget(), Qwen2MoETarget(), Qwen3MoETarget(),
+                                                         VllmTarget())}
 FORMATS = ("auto", *TARGETS)
 #: base model_type -> the standard MoE format ``auto`` picks
 BASE_TO_FORMAT = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}

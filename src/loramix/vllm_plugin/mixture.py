@@ -1,0 +1,95 @@
+"""The MixLoRA FFN as the vLLM plugin computes it, in plain torch (no vLLM import): routing and experts.
+
+For T tokens and K slots (what loramix's ``MixLoraFFN`` computes in eval mode, ``mixlora_pairwise`` /
+``adapter_fast``):
+
+1. the frozen gate/up projection once per token; the router logits in float32 and the router's rule
+   (``topk`` choosing with the selection-only balance bias, ``switch`` top-1 with weight 1 and no capacity
+   limit, ``dense``, ``top_p``): weights (T, K), 0 for unused slots, and expert ids (T, K);
+2. the chosen experts' gate/up deltas ``s * B_e (A_e x)``: x against every expert's A at once (T, E*r),
+   each slot keeping its expert's block only, times every expert's B stacked (E*r, I): fixed shapes, no
+   gather of weights and no loop over experts (so it compiles and batches);
+3. one frozen down projection of the router-weighted sum of the slots' activations, plus the experts'
+   down deltas summed over the slots before their B: one (T, E*r) x (E*r, H) product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, balance_bias: torch.Tensor, rule: str, top_k: int,
+          top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixing weights (T, K) float32 (0 for unused slots) and expert ids (T, K) of x (T, H), as loramix's
+    routers in eval mode; router weight (E, H) and bias (E,) float32."""
+    logits = F.linear(x.float(), weight)  # (T, E) routers in float32
+    probs = logits.softmax(dim=-1)  # (T, E)
+    if rule == "topk":
+        idx = (logits + balance_bias).topk(top_k, dim=-1).indices  # (T, k) chosen with the bias
+        w = probs.gather(-1, idx)  # (T, k) weighted without it
+        return w / w.sum(dim=-1, keepdim=True), idx
+    if rule == "switch":  # top-1 with the bias, weight 1; no capacity limit when serving
+        idx = (logits + balance_bias).argmax(dim=-1, keepdim=True)  # (T, 1)
+        return torch.ones_like(idx, dtype=probs.dtype), idx
+    if rule == "dense":
+        return probs, torch.arange(probs.shape[-1], device=x.device).expand_as(probs)  # (T, E) each
+    if rule == "top_p":  # the fewest experts whose mass reaches top_p (at least one), renormalised
+        sorted_probs, idx = probs.sort(dim=-1, descending=True)  # (T, E)
+        kept = sorted_probs * ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p)  # (T, E)
+        return kept / kept.sum(dim=-1, keepdim=True), idx
+    raise ValueError(f"mixlora.router={rule!r} is unknown; expected topk, switch, dense or top_p")
+
+
+def _stacked_a(a: torch.Tensor) -> torch.Tensor:
+    """Every expert's A (E, r, in) as one (in, E*r) matrix."""
+    return a.reshape(-1, a.shape[-1]).t()  # (in, E*r)
+
+
+def _stacked_b(b: torch.Tensor) -> torch.Tensor:
+    """Every expert's B (E, out, r) as one (E*r, out) matrix."""
+    return b.transpose(1, 2).reshape(-1, b.shape[1])  # (E*r, out)
+
+
+def mixlora_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: Linear, weights: torch.Tensor,
+                idx: torch.Tensor, loras: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float
+                ) -> torch.Tensor:
+    """``mixlora`` experts: x (T, H), the frozen gate/up projections (T, I), the frozen ``down`` projection,
+    routing weights / ids (T, K), and each adapted role's stacked factors A (E, r, in), B (E, out, r)."""
+    num_tokens, k = idx.shape
+    e = next(iter(loras.values()))[0].shape[0]
+    slot_mask = F.one_hot(idx, e).to(x.dtype)  # (T, K, E) which expert each slot holds
+    pair = {"gate": gate[:, None, :].expand(-1, k, -1), "up": up[:, None, :].expand(-1, k, -1)}  # (T, K, I)
+    for role in ("gate", "up"):
+        if role in loras:
+            a, b = loras[role]
+            r = a.shape[1]
+            z = (x @ _stacked_a(a)) * scaling  # (T, E*r) every expert's A x, scaled
+            z = (z.view(num_tokens, 1, e, r) * slot_mask[..., None]).reshape(num_tokens * k, e * r)  # slot's block
+            pair[role] = pair[role] + (z @ _stacked_b(b)).view(num_tokens, k, -1)  # (T, K, I)
+    h = F.silu(pair["gate"]) * pair["up"]  # (T, K, I) each slot's expert activation
+    w = weights.to(x.dtype)  # (T, K)
+    out = down(torch.bmm(w[:, None, :], h).squeeze(1))  # (T, H) frozen down of the weighted sum, once per token
+    if "down" in loras:
+        a, b = loras["down"]
+        r = a.shape[1]
+        z = (h.reshape(num_tokens * k, -1) @ _stacked_a(a)) * scaling  # (T*K, E*r)
+        z = z.view(num_tokens, k, e, r) * (slot_mask * w[..., None])[..., None]  # (T, K, E, r) own block, weighted
+        out = out + z.sum(dim=1).reshape(num_tokens, e * r) @ _stacked_b(b)  # (T, H)
+    return out
+
+
+def adapter_ffn(x: torch.Tensor, frozen: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``adapter`` experts: the frozen FFN's output (T, H) + scale * sum_k w_k B_e silu(A_e x);
+    A (E, r, H), B (E, H, r)."""
+    num_tokens = x.shape[0]
+    e, r = a.shape[0], a.shape[1]
+    dense = (F.one_hot(idx, e).to(x.dtype) * weights.to(x.dtype)[..., None]).sum(dim=1)  # (T, E) expert weights
+    z = F.silu(x @ _stacked_a(a))  # (T, E*r) every expert's silu(A x)
+    z = (z.view(num_tokens, e, r) * dense[..., None]).reshape(num_tokens, e * r)  # (T, E*r) weighted
+    return frozen + scale * (z @ _stacked_b(b))  # (T, H)

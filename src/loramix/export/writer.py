@@ -264,7 +264,8 @@ def export_model(
         output_dir: where the checkpoint is written (config, safetensors shards, tokenizer, generation config,
             model card README.md, loramix_export.json).
         model: the base model the adapter was trained on (hub id, local directory, .gguf file); default =
-            the packaged SmolLM2-135M-Instruct.
+            the packaged SmolLM2-135M-Instruct. A base whose weights differ from those the adapter records is
+            refused (:class:`loramix.AdapterLoadError`).
         format: auto, mixtral, qwen2_moe, qwen3_moe or vllm. auto picks the standard MoE format of the base
             (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe); vllm writes loramix's native
             MixLoRA model for vLLM (base weights once, low-rank experts; served with ``pip install loramix[vllm]``).
@@ -294,7 +295,7 @@ def export_model(
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
         raise ExportError(f"output_dir {output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
     base, tokenizer = load_base_model(model, dtype="float32", device="cpu")
-    adapted = load_adapter(base, adapter_dir)
+    adapted = load_adapter(base, adapter_dir, strict_base=True)  # an export of another base is not the adapter
     base_name = model or getattr(base.config, "_name_or_path", None)
     return export_adapted(
         adapted, output_dir, tokenizer, format=format, check=check, allow_approximate=allow_approximate,

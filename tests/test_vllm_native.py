@@ -28,12 +28,12 @@ STEPS = 8
 REL = 1e-4
 
 
-def base(arch: str) -> torch.nn.Module:
+def base(arch: str, **overrides) -> torch.nn.Module:
     if arch == "qwen3":
         torch.manual_seed(0)
-        cfg = Qwen3Config(**SIZES, head_dim=32, num_hidden_layers=2)
+        cfg = Qwen3Config(**(SIZES | overrides), head_dim=32, num_hidden_layers=2)
         return AutoModelForCausalLM.from_config(cfg).eval()
-    return tiny_model(arch, **SIZES)
+    return tiny_model(arch, **(SIZES | overrides))
 
 
 CASES = {  # name: (base, MixLoraConfig fields)
@@ -47,9 +47,9 @@ CASES = {  # name: (base, MixLoraConfig fields)
 }
 
 
-def adapted(arch: str, fields: dict) -> torch.nn.Module:
+def adapted(arch: str, fields: dict, **overrides) -> torch.nn.Module:
     cfg = MixLoraConfig(**(dict(r=4, attn_r=4, dropout=0.0, attn_dropout=0.0) | fields))
-    model = inject(base(arch), cfg)
+    model = inject(base(arch, **overrides), cfg)
     perturb_adapters(model, scale=0.3)
     for layer in model.model.layers:  # a trained balance bias: it changes which experts are chosen
         if hasattr(layer.mlp, "router"):
@@ -177,7 +177,7 @@ def test_http_server_serves_the_native_export(tmp_path, monkeypatch):
     from helpers.vllm_plugin import plugin_env
 
     python = vllm_python()
-    model = adapted("llama", dict(num_experts=4, top_k=2))
+    model = adapted("llama", dict(num_experts=4, top_k=2), max_position_embeddings=512)  # the server's length
     expected = [greedy(model, p, STEPS) for p in PROMPTS]
     export_adapted(model, tmp_path / "out", tiny_tokenizer(), format="vllm")
     monkeypatch.setenv("PYTHONPATH", plugin_env(tmp_path)["PYTHONPATH"])

@@ -164,3 +164,13 @@ def test_untested_vllm_version_named(monkeypatch):
             check_vllm_version(version)
     monkeypatch.setenv("LORAMIX_VLLM_UNTESTED", "1")
     check_vllm_version("1.0.0")
+
+
+def test_other_format_version_named(tmp_path):
+    export_adapted(adapted(CASES["topk"]), tmp_path / "out", tiny_tokenizer(), format="vllm")
+    path = tmp_path / "out" / "config.json"
+    config = json.loads(path.read_text())
+    config["mixlora"]["format_version"] = 99
+    path.write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="mixlora.format_version=99"):
+        load_exported(tmp_path / "out")

@@ -29,14 +29,13 @@ from torch import nn
 
 from .._version import __version__
 from ..injection import get_state
+from ..vllm_plugin import FORMAT_VERSION
 from .moe import base_tensors, ffn_weights, role_names
 from .target import ExportError, ExportPlan, ExportTarget, decoder_layers
 
 #: base model_type -> the architecture name the plugin registers
 VLLM_ARCHITECTURES = {"llama": "MixLoraLlamaForCausalLM", "mistral": "MixLoraMistralForCausalLM",
                       "qwen2": "MixLoraQwen2ForCausalLM", "qwen3": "MixLoraQwen3ForCausalLM"}
-#: version of the ``mixlora`` config section and tensor layout; the plugin refuses others
-FORMAT_VERSION = 1
 #: the serving rule of each router (its eval form)
 SERVED_ROUTER = {"topk": "topk", "noisy_topk": "topk", "switch": "switch", "dense": "dense", "top_p": "top_p"}
 

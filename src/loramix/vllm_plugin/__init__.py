@@ -20,6 +20,9 @@ MODELS = {
     "MixLoraQwen2ForCausalLM": "loramix.vllm_plugin.model:MixLoraQwen2ForCausalLM",
     "MixLoraQwen3ForCausalLM": "loramix.vllm_plugin.model:MixLoraQwen3ForCausalLM",
 }
+#: version of the ``mixlora`` config section and tensor layout that ``loramix export --format vllm`` writes and
+#: the plugin reads
+FORMAT_VERSION = 1
 #: vLLM versions the plugin is tested with: [lowest, below]
 TESTED_VLLM = ("0.32.0", "0.33")
 

@@ -26,10 +26,8 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.utils import set_weight_attrs
 
-from . import check_vllm_version
+from . import FORMAT_VERSION, check_vllm_version
 from .mixture import adapter_ffn, mixlora_ffn, route
-
-FORMAT_VERSION = 1  # the mixlora config section this plugin reads (loramix.export.vllm.FORMAT_VERSION)
 
 
 def _section(config) -> dict:

@@ -40,7 +40,7 @@ def transposed_b(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("tokens", [3, 40])  # loramix's pairwise (decode) and grouped (prefill) paths
+@pytest.mark.parametrize("tokens", [3, 40])  # both paths of loramix and of the plugin (PAIRWISE_MAX_PAIRS)
 def test_plugin_ffn_equals_mixlora_ffn(case, tokens):
     layer, cfg = layer_of(case)
     x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(1))

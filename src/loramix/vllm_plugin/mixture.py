@@ -6,11 +6,17 @@ For T tokens and K slots (what loramix's ``MixLoraFFN`` computes in eval mode, `
 1. the frozen gate/up projection once per token; the router logits in float32 and the router's rule
    (``topk`` choosing with the selection-only balance bias, ``switch`` top-1 with weight 1 and no capacity
    limit, ``dense``, ``top_p``): weights (T, K), 0 for unused slots, and expert ids (T, K);
-2. the chosen experts' gate/up deltas ``s * B_e (A_e x)``: x against every expert's A at once (T, E*r),
-   each slot keeping its expert's block only, times every expert's B stacked (E*r, I): fixed shapes, no
-   gather of weights and no loop over experts (so it compiles and batches);
+2. the chosen experts' gate/up deltas ``s * B_e (A_e x)``;
 3. one frozen down projection of the router-weighted sum of the slots' activations, plus the experts'
-   down deltas summed over the slots before their B: one (T, E*r) x (E*r, H) product.
+   down deltas.
+
+The deltas take one of two fixed-shape routes, with no loop over experts:
+
+* few (token, slot) pairs (decoding): each pair gathers its expert's A and B and all pairs run as one batched
+  matmul (loramix's ``mixlora_pairwise``): the work is the k chosen experts' only;
+* many pairs (prefill): x against every expert's A at once (T, E*r), each slot keeping its expert's block,
+  times every expert's B stacked (E*r, out); the down deltas are summed over the slots before their B.
+  Gathering weights per pair would copy N x r x I values here.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+#: at most this many (token, slot) pairs: gather each pair's expert weights (decoding); more: the stacked route
+PAIRWISE_MAX_PAIRS = 64
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, balance_bias: torch.Tensor, rule: str, top_k: int,
@@ -62,26 +70,56 @@ def mixlora_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: Lin
     routing weights / ids (T, K), and each adapted role's stacked factors A (E, r, in) and B transposed
     (E, r, out): the plugin keeps B that way so that no forward copies it."""
     num_tokens, k = idx.shape
-    e = next(iter(loras.values()))[0].shape[0]
-    slot_mask = F.one_hot(idx, e).to(x.dtype)  # (T, K, E) which expert each slot holds
+    if num_tokens * k <= PAIRWISE_MAX_PAIRS:
+        delta = _pairwise_delta(idx.reshape(-1), loras, scaling)  # gathers the chosen experts' factors
+    else:
+        delta = _stacked_delta(idx, next(iter(loras.values()))[0].shape[0], loras, scaling)
     pair = {"gate": gate[:, None, :].expand(-1, k, -1), "up": up[:, None, :].expand(-1, k, -1)}  # (T, K, I)
     for role in ("gate", "up"):
         if role in loras:
-            a, b = loras[role]
-            r = a.shape[1]
-            z = (x @ _stacked_a(a)) * scaling  # (T, E*r) every expert's A x, scaled
-            z = (z.view(num_tokens, 1, e, r) * slot_mask[..., None]).reshape(num_tokens * k, e * r)  # slot's block
-            pair[role] = pair[role] + (z @ _stacked_b(b)).view(num_tokens, k, -1)  # (T, K, I)
+            pair[role] = pair[role] + delta(role, x[:, None, :].expand(-1, k, -1))  # (T, K, I)
     h = F.silu(pair["gate"]) * pair["up"]  # (T, K, I) each slot's expert activation
     w = weights.to(x.dtype)  # (T, K)
     out = down(torch.bmm(w[:, None, :], h).squeeze(1))  # (T, H) frozen down of the weighted sum, once per token
     if "down" in loras:
-        a, b = loras["down"]
-        r = a.shape[1]
-        z = (h.reshape(num_tokens * k, -1) @ _stacked_a(a)) * scaling  # (T*K, E*r)
-        z = z.view(num_tokens, k, e, r) * (slot_mask * w[..., None])[..., None]  # (T, K, E, r) own block, weighted
-        out = out + z.sum(dim=1).reshape(num_tokens, e * r) @ _stacked_b(b)  # (T, H)
+        out = out + delta("down", h, w)  # (T, H) the slots' down deltas, weighted and summed
     return out
+
+
+def _pairwise_delta(experts: torch.Tensor, loras: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float):
+    """Deltas by gathering each (token, slot) pair's expert factors; experts (N,) = (T*K,) slot-major per token."""
+
+    def delta(role: str, inp: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        a, b_t = loras[role]
+        num_tokens, k, width = inp.shape
+        pairs = inp.reshape(num_tokens * k, 1, width)  # (N, 1, in)
+        z = torch.bmm(pairs, a.index_select(0, experts).transpose(1, 2)) * scaling  # (N, 1, r)
+        out = torch.bmm(z, b_t.index_select(0, experts)).view(num_tokens, k, -1)  # (T, K, out)
+        if w is None:
+            return out
+        return torch.bmm(w[:, None, :], out).squeeze(1)  # (T, out) weighted sum over the slots
+
+    return delta
+
+
+def _stacked_delta(idx: torch.Tensor, num_experts: int, loras: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   scaling: float):
+    """Deltas with every expert's factors stacked: each slot keeps its expert's block of the (T, E*r) product."""
+    num_tokens, k = idx.shape
+
+    def delta(role: str, inp: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        a, b_t = loras[role]
+        r = a.shape[1]
+        slot_mask = F.one_hot(idx, num_experts).to(inp.dtype)  # (T, K, E) which expert each slot holds
+        if w is None:  # gate/up: every slot sees the same token input
+            z = (inp[:, 0] @ _stacked_a(a)) * scaling  # (T, E*r) every expert's A x, scaled
+            z = z.view(num_tokens, 1, num_experts, r) * slot_mask[..., None]  # (T, K, E, r) the slot's block
+            return (z.reshape(num_tokens * k, -1) @ _stacked_b(b_t)).view(num_tokens, k, -1)  # (T, K, out)
+        z = (inp.reshape(num_tokens * k, -1) @ _stacked_a(a)) * scaling  # (T*K, E*r) each slot's input
+        z = z.view(num_tokens, k, num_experts, r) * (slot_mask * w[..., None])[..., None]  # own block, weighted
+        return z.sum(dim=1).reshape(num_tokens, -1) @ _stacked_b(b_t)  # (T, out) summed over slots before B
+
+    return delta
 
 
 def adapter_ffn(x: torch.Tensor, frozen: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,

@@ -174,3 +174,21 @@ def test_other_format_version_named(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ExportError, match="mixlora.format_version=99"):
         load_exported(tmp_path / "out")
+
+
+def test_entry_point_and_architectures_agree():
+    """pyproject's vllm.general_plugins entry point names the plugin's register(), and the plugin registers every
+    architecture the export writes."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    from loramix.export.vllm import VLLM_ARCHITECTURES
+    from loramix.vllm_plugin import MODELS
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    module, func = project["entry-points"]["vllm.general_plugins"]["loramix"].split(":")
+    assert callable(getattr(importlib.import_module(module), func))
+    assert set(VLLM_ARCHITECTURES.values()) == set(MODELS)
+    assert all(target.startswith("loramix.vllm_plugin.model:") for target in MODELS.values())
+    assert any(dep.startswith("vllm") for dep in project["optional-dependencies"]["vllm"])

@@ -180,8 +180,9 @@ def test_entry_point_and_architectures_agree():
     """pyproject's vllm.general_plugins entry point names the plugin's register(), and the plugin registers every
     architecture the export writes."""
     import importlib
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from loramix.export.vllm import VLLM_ARCHITECTURES
     from loramix.vllm_plugin import MODELS

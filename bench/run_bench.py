@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--export-decode",
         action="store_true",
         help="also export each MixLoRA variant (loramix export) and time its decoding with transformers and, "
-        "when vLLM is found, with vLLM (rows exported_<router>, vllm_base, vllm_exported_<router>)",
+        "when vLLM is found, with vLLM (rows exported_<router>, vllm_base, vllm_exported_<router>, and "
+        "vllm_native_<router> for the --format vllm export served with loramix's plugin)",
     )
     p.add_argument(
         "--vllm-python",
@@ -141,12 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     for name, ratio in result["ratios"].items():
-        if name.startswith(("exported_", "vllm_exported_")) and ratio["decode_vs_base"] is not None:
+        if name.startswith(("exported_", "vllm_exported_", "vllm_native_")) and ratio["decode_vs_base"] is not None:
             engine = "vLLM, vs vllm_base" if name.startswith("vllm_") else "transformers, vs base"
             print(f"{name}: decode {ratio['decode_vs_base']:.2f}x base ({engine})")
     for name, reason in result["skipped"].items():
-        if name.startswith(("exported_", "vllm")):
+        if name.startswith(("exported_", "native_", "vllm")):
             print(f"{name}: skipped: {reason}")
+    for name, e in result.get("exported", {}).items():
+        if e.get("exported_bytes"):
+            print(f"{name}: {e['architecture']}, {e['exported_bytes'] / 2**20:.1f} MB "
+                  f"({e['exported_bytes'] / e['base_bytes']:.2f}x the base's weights)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -62,9 +62,13 @@ def test_vllm_rows_are_relative_to_vllm_base_of_the_same_run(result):
     assert result["ratios"]["vllm_exported_topk"]["decode_vs_base"] == pytest.approx(0.5)
     assert result["ratios"]["vllm_base"]["decode_vs_base"] == pytest.approx(1.0)
     job = result["_job"]
-    assert set(job["models"]) == {"vllm_base", "vllm_exported_topk"} and job["decode_tokens"] == 5
+    assert set(job["models"]) == {"vllm_base", "vllm_exported_topk", "vllm_native_topk", "vllm_native_top_p"}
+    assert job["decode_tokens"] == 5
     assert job["prompt"] == bench.bench_prompt(128, 2, 12, 3, 0)
     assert Path(job["models"]["vllm_exported_topk"]).name == "exported_topk"
+    native = result["exported"]["native_topk"]  # --format vllm: the base's weights once plus the adapter
+    assert native["architecture"] == "MixLoraLlamaForCausalLM"
+    assert native["exported_bytes"] < result["exported"]["exported_topk"]["exported_bytes"]
 
 
 def test_bench_prompt_is_the_runners_prompt():
@@ -110,14 +114,15 @@ def test_run_bench_flags(tmp_path):
 
 @pytest.mark.slow
 def test_vllm_decodes_the_exported_checkpoint(tmp_path):
-    """Real vLLM (CPU): the base and the exported Mixtral decode exactly decode_tokens tokens each."""
+    """Real vLLM (CPU): the base, the exported Mixtral and the native export (loramix's plugin, loaded from this
+    loramix through the bench's entry-point shim) decode exactly decode_tokens tokens each."""
     python = vllm_python()
     model = tiny_model("llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=128)  # vLLM's CPU attention: head_dim >= 32
     out = bench.run_benchmark(model, routers=("topk",), export_decode=True, vllm_python=str(python),
                               **{**SMALL, "steps": 2, "warmup": 1})
     assert "vllm" not in out["skipped"], out["skipped"]
-    for name in ("vllm_base", "vllm_exported_topk"):
+    for name in ("vllm_base", "vllm_exported_topk", "vllm_native_topk"):
         f = out["variants"][name]
         assert f["decode_new_tokens"] == 5 and f["decode_tokens_per_s"] > 0 and len(f["decode_s_all"]) == 2
         assert f["engine"].startswith("vllm ")

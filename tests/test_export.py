@@ -245,16 +245,16 @@ def test_wrong_format_names_the_right_one():
 
 def test_refuses_a_model_that_differs(tmp_path, monkeypatch):
     """The built-in check is live: a wrong expert weight makes the export fail and write nothing."""
-    import loramix.export as export
+    import loramix.export.moe as export
 
-    real = export._experts
+    real = export.merged_experts
 
     def wrong(mlp):
         experts = real(mlp)
         experts[0]["down"] = experts[0]["down"] + 0.5
         return experts
 
-    monkeypatch.setattr(export, "_experts", wrong)
+    monkeypatch.setattr(export, "merged_experts", wrong)
     with pytest.raises(ExportError, match="refusing to write"):
         export_adapted(adapted(), tmp_path / "out", tiny_tokenizer())
     assert not (tmp_path / "out").exists()

@@ -228,7 +228,8 @@ def test_merge_on_a_quantized_base_refuses_and_unload_restores_it(model_dir, tmp
     perturb(model)
     with torch.no_grad():
         adapted = model(input_ids=probe).logits
-    for merge in (loramix.merge_and_unload, loramix.merge_attention, lambda m: export_adapted(m, tmp_path / "x")):
+    for merge in (loramix.merge_and_unload, loramix.merge_attention, lambda m: export_adapted(m, tmp_path / "x"),
+                  lambda m: export_adapted(m, tmp_path / "y", format="vllm")):
         with pytest.raises(ValueError, match=f"is a bitsandbytes {CLASSES[quantize]} layer.*without quantize"):
             merge(model)
     with torch.no_grad():  # nothing was changed by the refused merges

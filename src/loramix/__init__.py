@@ -24,6 +24,7 @@ _EXPORTS = {
     "get_config": "injection",
     "inject": "injection",
     "load_adapter": "checkpoint",
+    "load_exported": "export",
     "merge_and_unload": "merge",
     "merge_attention": "merge",
     "routing_stats": "injection",
@@ -31,6 +32,7 @@ _EXPORTS = {
     "tune_malloc": "allocator",
     "unload": "injection",
 }
+
 
 __all__ = [
     "AdapterLoadError",
@@ -43,6 +45,7 @@ __all__ = [
     "get_config",
     "inject",
     "load_adapter",
+    "load_exported",
     "merge_and_unload",
     "merge_attention",
     "routing_stats",
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
     from .checkpoint import AdapterLoadError, load_adapter, save_adapter
     from .compiled import compile_decoding
     from .config import ConfigError, MixLoraConfig
+    from .export import load_exported
     from .ffn_spec import FFNNotSupportedError
     from .injection import compute_aux_loss, get_config, inject, routing_stats, unload
     from .merge import merge_and_unload, merge_attention

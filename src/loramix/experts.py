@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .ffn_spec import FFNSpec
+from .ffn_spec import FFNSpec, linear_weight
 from .precision import compute_dtype
 
 
@@ -68,6 +68,11 @@ class FrozenFFN(nn.Module):
         gate = self.proj("gate")(x) if self.spec.gated else None
         return self.proj("down")(self.activation(self.proj("up")(x), gate))
 
+    @torch.no_grad()
+    def frozen_weights(self) -> dict[str, torch.Tensor]:
+        """Detached float32 copies of the frozen projections' weights by role, each (out, in)."""
+        return {role: linear_weight(self.proj(role)).detach().float().clone() for role in self.spec.roles()}
+
 
 class ExpertLoRA(nn.Module):
     """LoRA weights of E experts on one projection: ``delta_e(x) = scaling * x A_e^T B_e^T``."""
@@ -86,6 +91,17 @@ class ExpertLoRA(nn.Module):
         a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
         return ((x @ a.t()) * self.scaling) @ b.t()  # scale the (rows, r) product, not the wide output
 
+    @torch.no_grad()
+    def merged_delta(self, e: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Expert ``e``'s weight delta ``scaling * B_e @ A_e`` (out, in), in ``dtype`` (float64: merging adds
+        no rounding beyond the final cast)."""
+        return self.scaling * (self.lora_B[e].to(dtype) @ self.lora_A[e].to(dtype))  # (out, in)
+
+    @torch.no_grad()
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached float32 copies of the stacked factors: A (E, r, in) and B (E, out, r), scaling not folded in."""
+        return self.lora_A.detach().float().clone(), self.lora_B.detach().float().clone()
+
 
 class AdapterExperts(nn.Module):
     """E small FFN experts ``B_e act(A_e x)`` (rank r bottleneck), B = 0 at init."""
@@ -103,3 +119,7 @@ class AdapterExperts(nn.Module):
         a, b = self.lora_A[e].to(x.dtype), self.lora_B[e].to(x.dtype)
         return self.act(x @ a.t()) @ b.t()
 
+    @torch.no_grad()
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached float32 copies of the stacked factors: A (E, r, H) and B (E, H, r)."""
+        return self.lora_A.detach().float().clone(), self.lora_B.detach().float().clone()

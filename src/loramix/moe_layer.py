@@ -32,7 +32,7 @@ from .experts import AdapterExperts, ExpertLoRA, FrozenFFN
 from .ffn_spec import FFNSpec, linear_shape
 from .grouped import Pairs, expert_matmul, grouped_mm_supported, mix_pairs, routing_pairs, token_inputs_matmul
 from .precision import compute_dtype
-from .routers import Routing, build_router
+from .routers import Router, Routing, build_router
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +282,22 @@ class MixLoraFFN(FrozenFFN):
             for e in range(self.num_experts)
         )
         return self.base(x).to(dtype) + self.mixlora_scale.to(dtype) * mix
+
+    # --- weights, for export ---------------------------------------------------------------------
+    @property
+    def router(self) -> Router:
+        """The layer's router."""
+        return self.mixlora_router
+
+    def expert_weights(self, role: str) -> ExpertLoRA:
+        """The LoRA experts on the frozen projection ``role`` (``mixlora`` experts; ``role`` in ``targets``)."""
+        return self.mixlora_experts[role]
+
+    @torch.no_grad()
+    def adapter_state(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``adapter`` experts: float32 A (E, r, H), B (E, H, r) and the output scale."""
+        a, b = self.mixlora_adapters.factors()
+        return a, b, float(self.mixlora_scale.detach().float()[0])
 
     # --- helpers ---------------------------------------------------------------------------------
     def _dense_weights(self, routing: Routing, dtype: torch.dtype) -> torch.Tensor:

@@ -7,7 +7,9 @@ dispatch code never needs to know which rule picked the experts. Routers are reg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +79,23 @@ class Router(nn.Module):
             self.balance_bias += self.bias_rate * torch.sign(load.mean() - load)
         load.zero_()
 
+    @torch.no_grad()
+    def export_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached float32 copies of the router weight (E, H) and the selection-only balance bias (E,)."""
+        return self.weight.detach().float().clone(), self.balance_bias.detach().float().clone()
+
+    @contextlib.contextmanager
+    def serving_rule(self, drop_balance_bias: bool = False) -> Iterator[None]:
+        """Route as a served model does: without a batch-dependent capacity limit and, if asked, without the
+        balance bias; restored on exit."""
+        saved = self.balance_bias.clone()
+        if drop_balance_bias:
+            self.balance_bias.zero_()
+        try:
+            yield
+        finally:
+            self.balance_bias.copy_(saved)
+
     def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
         raise NotImplementedError
 
@@ -144,6 +163,15 @@ class SwitchRouter(Router):
     @property
     def slots(self) -> int:
         return 1
+
+    @contextlib.contextmanager
+    def serving_rule(self, drop_balance_bias: bool = False) -> Iterator[None]:
+        factor, self.capacity_factor = self.capacity_factor, math.inf
+        try:
+            with super().serving_rule(drop_balance_bias):
+                yield
+        finally:
+            self.capacity_factor = factor
 
     def select(self, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
         probs = logits.softmax(dim=-1)  # (T, E)

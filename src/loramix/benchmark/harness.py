@@ -30,6 +30,8 @@ checkpoint ``loramix export`` writes) and loaded back with ``AutoModelForCausalL
 vLLM importable here) the base and each exported checkpoint are also decoded by vLLM's offline ``LLM``
 (``vllm_decode.py`` beside this file, one process, models interleaved round by round, same prompt and token count):
 the ``vllm_*`` rows, whose ``decode / base`` is relative to ``vllm_base`` measured in that same process.
+Each variant is also exported with ``format="vllm"`` (loramix's native MixLoRA model, base weights once) and
+decoded there with loramix's plugin (``vllm_native_<router>`` rows; :func:`vllm_plugin_env`).
 
 The base model has nothing to train; its "training step" is the **floor**: forward + backward through the
 frozen model to its input embeddings (no weight gradients, no optimizer). Every adapter's step does this
@@ -470,9 +472,10 @@ VLLM_SCRIPT = Path(__file__).with_name("vllm_decode.py")
 VLLM_MARK = "LORAMIX_VLLM_DECODE "  # the result line of VLLM_SCRIPT
 
 
-def export_for_bench(base: nn.Module, directory: Path, *, seed: int, **mixlora: Any) -> dict[str, Any] | str:
+def export_for_bench(base: nn.Module, directory: Path, *, seed: int, format: str = "auto",
+                     **mixlora: Any) -> dict[str, Any] | str:
     """Export a MixLoRA variant (built as the ``mixlora_<router>`` row is: same seed, same options) to
-    ``directory``; returns what the export reports, or the reason it cannot be exported."""
+    ``directory`` in ``format``; returns what the export reports, or the reason it cannot be exported."""
     from loramix.export import ExportError, export_adapted
 
     if any(p.dtype != torch.float32 for p in base.parameters()):
@@ -480,7 +483,7 @@ def export_for_bench(base: nn.Module, directory: Path, *, seed: int, **mixlora: 
     torch.manual_seed(seed)
     model, _ = make_loramix(copy.deepcopy(base), **mixlora)  # its own weights: export merges attention in place
     try:  # speed only: switch's capacity and a trained balance bias do not change the work per token
-        report = export_adapted(model, directory, check=False, allow_approximate=True)
+        report = export_adapted(model, directory, check=False, allow_approximate=True, format=format)
     except ExportError as e:
         return f"no export: {' '.join(str(e).split())}"
     finally:
@@ -488,6 +491,7 @@ def export_for_bench(base: nn.Module, directory: Path, *, seed: int, **mixlora: 
         gc.collect()
     return {"architecture": report.architecture, "num_experts": report.num_experts,
             "experts_per_token": report.experts_per_token, "exported_params": report.exported_params,
+            "exported_bytes": report.exported_bytes, "base_bytes": report.base_bytes,
             "approximations": report.approximations}
 
 
@@ -520,6 +524,19 @@ def bench_prompt(vocab: int, batch_size: int, seq_len: int, prompt_len: int, see
     return torch.randint(0, vocab, (1, prompt_len), generator=gen)[0].tolist()
 
 
+def vllm_plugin_env(tmp: Path) -> dict[str, str]:
+    """PYTHONPATH entries that let vLLM load loramix's plugin (``--format vllm`` rows) from this loramix, installed
+    or not: a minimal dist-info declaring the ``vllm.general_plugins`` entry point, and loramix's parent dir."""
+    import loramix
+
+    dist = tmp / "vllm_plugin_site" / "loramix_bench_plugin-0.0.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: loramix-bench-plugin\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[vllm.general_plugins]\nloramix = loramix.vllm_plugin:register\n")
+    paths = [str(dist.parent), str(Path(loramix.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    return {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
 def _vllm_rows(base: nn.Module, exported: dict[str, Any], tmp: Path, vllm_python: str | None,
                skipped: dict[str, str], say: Callable[[str], Any], *, steps: int, warmup: int, decode_tokens: int,
                prompt_len: int, vocab: int, common: dict[str, Any], threads: int | None) -> dict[str, dict]:
@@ -534,7 +551,8 @@ def _vllm_rows(base: nn.Module, exported: dict[str, Any], tmp: Path, vllm_python
     job = {"models": models, "steps": steps, "warmup": max(warmup, 1), "decode_tokens": decode_tokens,
            "prompt": bench_prompt(vocab, common["batch_size"], common["seq_len"], prompt_len, common["seed"]),
            "max_model_len": prompt_len + decode_tokens + 16}
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           **vllm_plugin_env(tmp)}
     if threads is not None:  # as the transformers rows: this many threads, no pinning to cores
         env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads))
     say(f"[bench] vLLM decode of {', '.join(models)} ({python}) ...")
@@ -770,6 +788,7 @@ def _run_in(
         else:
             skipped["official_mixlora"] = reason
     exported: dict[str, Any] = {}
+    native: dict[str, Any] = {}  # --format vllm exports
     if export_decode:
         for router in routers:
             name = f"exported_{router}"
@@ -781,6 +800,14 @@ def _run_in(
                 continue
             exported[name] = {"dir": directory, **reason}
             builders[name] = lambda m, d=directory: (load_exported(d, dev), [])
+        for router in routers:  # loramix's native vLLM model: vLLM rows only
+            name = f"native_{router}"
+            reason = export_for_bench(base, tmp / name, seed=seed, format="vllm", router=router,
+                                      num_experts=num_experts, top_k=top_k, r=r, alpha=alpha, dropout=dropout)
+            if isinstance(reason, str):
+                skipped[name] = reason
+            else:
+                native[name] = {"dir": tmp / name, **reason}
     runners: dict[str, VariantRunner] = {}
     variants: dict[str, dict[str, Any]] = {}
     for name, build in builders.items():  # 1) build + warm up each variant; its memory is measured here
@@ -824,10 +851,10 @@ def _run_in(
             say(f"[bench] {name}: " + _one_line(f))
     runners.clear()  # the vLLM process below needs the memory
     _release_memory(dev)
-    if exported:
-        variants.update(_vllm_rows(base, exported, tmp, vllm_python, skipped, say, steps=steps, warmup=warmup,
-                                   decode_tokens=decode_tokens, prompt_len=prompt_len, vocab=vocab, common=common,
-                                   threads=threads))
+    if exported or native:
+        variants.update(_vllm_rows(base, {**exported, **native}, tmp, vllm_python, skipped, say, steps=steps,
+                                   warmup=warmup, decode_tokens=decode_tokens, prompt_len=prompt_len, vocab=vocab,
+                                   common=common, threads=threads))
     result = {
         "config": {
             "batch_size": batch_size,
@@ -853,7 +880,7 @@ def _run_in(
         "base_weights_mb": sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20,
         "variants": variants,
         "skipped": skipped,
-        "exported": {name: {k: v for k, v in e.items() if k != "dir"} for name, e in exported.items()},
+        "exported": {name: {k: v for k, v in e.items() if k != "dir"} for name, e in {**exported, **native}.items()},
     }
     result["ratios"], result["targets"] = _ratios(variants)
     del base, runners

@@ -345,17 +345,21 @@ def export_command(
     max_shard_size: str = "2GB",
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Export a MixLoRA adapter as a standard MoE checkpoint (Mixtral / Qwen2-MoE / Qwen3-MoE) that
-    transformers, vLLM and llama.cpp load; prints its size beside the base's and the adapter's.
+    """Export a MixLoRA adapter for serving: a standard MoE checkpoint (Mixtral / Qwen2-MoE / Qwen3-MoE) that
+    transformers, vLLM and llama.cpp load, or (--format vllm) loramix's native MixLoRA model that vLLM serves
+    with loramix's plugin at about the base model's size; prints its size beside the base's and the adapter's.
 
     Args:
         adapter: the adapter directory, e.g. runs/quickstart/adapter.
         output_dir: where the checkpoint goes.
         model: base model the adapter was trained on (default: packaged SmolLM2-135M-Instruct).
-        format: auto, mixtral, qwen2_moe or qwen3_moe.
+        format: auto (the base's standard MoE: mixtral, qwen2_moe or qwen3_moe), mixtral, qwen2_moe, qwen3_moe,
+            or vllm (base weights once plus low-rank experts, exact for every adapter; served by vLLM with
+            pip install loramix[vllm]).
         check: compare the written model's logits with loramix's and refuse one that differs (--no-check skips).
-        allow_approximate: export adapters with no exact standard form (a trained balance bias, switch
-            capacity) and print the measured difference.
+        allow_approximate: export adapters the format cannot reproduce exactly (standard MoE formats: a
+            trained balance bias; any format: the switch router's capacity limit) and print the measured
+            difference.
         dtype: float32, bfloat16 or float16 weights.
         check_text: text or text file for the check (default: a built-in paragraph).
         check_tokens: at most this many tokens of the check text.

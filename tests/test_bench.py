@@ -223,7 +223,11 @@ def test_library_never_imports_the_bench():
     code = (
         "import importlib, pkgutil, sys, loramix\n"
         "for m in pkgutil.walk_packages(loramix.__path__, 'loramix.'):\n"
-        "    importlib.import_module(m.name)\n"
+        "    try:\n"
+        "        importlib.import_module(m.name)\n"
+        "    except ModuleNotFoundError as e:  # the vLLM plugin's model needs vLLM (its own environment)\n"
+        "        if e.name.split('.')[0] != 'vllm':\n"
+        "            raise\n"
         "print(sorted(n for n in sys.modules if n == 'bench' or n.startswith('bench.')))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 import loramix
 import loramix.grouped
+from bench.probes.launches import count as _train_step  # one forward + backward (LM + aux loss), counted
 from helpers.tiny_models import EXPERT_TYPES, ROUTER_NAMES, random_batch, tiny_model
 from loramix.profiling import OpCounter
 
@@ -26,18 +26,6 @@ def _model(kind: str, router: str = "topk", expert_type: str = "mixlora") -> tor
         return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     config = loramix.MixLoraConfig(num_experts=8, top_k=2, r=4, attn_r=4, router=router, expert_type=expert_type)
     return loramix.inject(model, config)
-
-
-def _train_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> OpCounter:
-    """One forward + backward (LM loss computed here, plus MixLoRA's aux loss), counted."""
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # the base gets a gradient path too
-    with OpCounter() as ops:
-        out = model(inputs_embeds=embeds, attention_mask=mask)
-        loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        if getattr(out, "aux_loss", None) is not None:
-            loss = loss + out.aux_loss
-        loss.backward()
-    return ops
 
 
 def _decode_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> OpCounter:

@@ -6,26 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 import loramix
 import loramix.grouped
+from bench.probes.launches import build as _model  # the 4-layer tiny Llama: base, peft_lora or mixlora
 from bench.probes.launches import count as _train_step  # one forward + backward (LM + aux loss), counted
-from helpers.tiny_models import EXPERT_TYPES, ROUTER_NAMES, random_batch, tiny_model
+from helpers.tiny_models import EXPERT_TYPES, ROUTER_NAMES, random_batch
 from loramix.profiling import OpCounter
-
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
-
-
-def _model(kind: str, router: str = "topk", expert_type: str = "mixlora") -> torch.nn.Module:
-    model = tiny_model("llama", **SHAPE).train()
-    if kind == "base":
-        return model.requires_grad_(False)
-    if kind == "peft":
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    config = loramix.MixLoraConfig(num_experts=8, top_k=2, r=4, attn_r=4, router=router, expert_type=expert_type)
-    return loramix.inject(model, config)
 
 
 def _decode_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> OpCounter:
@@ -79,6 +66,6 @@ def test_balance_bias_update_has_no_host_sync(batch) -> None:
 def test_training_step_launches_at_most_twice_peft_lora(batch) -> None:
     """aten ops of one forward + backward (4 layers, hidden 64, 8 experts, top-2, r 4, batch 4 x 32) against PEFT
     LoRA r 4 on all seven projections; both counted the same way in this test."""
-    peft_ops = _train_step(_model("peft"), *batch).total
+    peft_ops = _train_step(_model("peft_lora"), *batch).total
     mix_ops = _train_step(_model("mixlora"), *batch).total
     assert mix_ops <= 2 * peft_ops, f"MixLoRA {mix_ops} aten ops vs PEFT LoRA {peft_ops} ({mix_ops / peft_ops:.2f}x)"

@@ -24,7 +24,7 @@ from loramix.profiling import OpCounter
 ROUTERS = ["topk", "noisy_topk", "switch", "dense", "top_p"]
 
 
-def build(kind: str, router: str = "topk") -> torch.nn.Module:
+def build(kind: str, router: str = "topk", expert_type: str = "mixlora") -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -34,7 +34,8 @@ def build(kind: str, router: str = "topk") -> torch.nn.Module:
     if kind == "peft_lora":
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    return loramix.inject(model, loramix.MixLoraConfig(num_experts=8, top_k=2, r=4, attn_r=4, router=router))
+    config = loramix.MixLoraConfig(num_experts=8, top_k=2, r=4, attn_r=4, router=router, expert_type=expert_type)
+    return loramix.inject(model, config)
 
 
 def count(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> OpCounter:

@@ -87,18 +87,19 @@ def routing_pairs(routing: Routing, num_experts: int, grouped: bool) -> Pairs:
     return Pairs(token[order], expert, weight[order], active[order], ends)
 
 
-def _kernel_layout(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """The grouped kernel's layout rule, forward and backward: the rows of x, of w's matrices and of the output
-    start on 16-byte boundaries (a bf16 LoRA of rank 4, say, does not; the fallback takes it)."""
+def _kernel_layout(x: torch.Tensor, out: int, inp: int) -> bool:
+    """The grouped kernel's layout rule, forward and backward, for x times (out, inp) matrices: the rows of x,
+    of the matrices and of the output start on 16-byte boundaries (a bf16 LoRA of rank 4, say, does not; the
+    fallback takes it)."""
     size = x.element_size()
     return (x.stride(-1) == 1 and x.stride(0) * size % 16 == 0 and x.data_ptr() % 16 == 0
-            and w.shape[-1] * size % 16 == 0 and w.shape[-2] * size % 16 == 0)
+            and inp * size % 16 == 0 and out * size % 16 == 0)
 
 
 def expert_matmul(x: torch.Tensor, w: torch.Tensor, pairs: Pairs) -> torch.Tensor:
     """``x[i] @ w[expert[i]].T`` for every pair i: x (N, in), w (E, out, in) -> (N, out), in x's dtype."""
     w = w.to(x.dtype)
-    if pairs.offsets is not None and _kernel_layout(x, w):
+    if pairs.offsets is not None and _kernel_layout(x, *w.shape[1:]):
         return F.grouped_mm(x, w.transpose(1, 2), offs=pairs.offsets)  # (N, out)
     num_pairs, (num_experts, out, inp) = x.shape[0], w.shape
     if inp <= out:  # narrow input (LoRA B): each row placed in its expert's block, one (N, E*in) @ (E*in, out)
@@ -127,7 +128,7 @@ def token_inputs_matmul(x: torch.Tensor, a: torch.Tensor, pairs: Pairs) -> torch
     (T*E products of width r instead of N*E), then each pair's block picked out.
     """
     a = a.to(x.dtype)
-    if pairs.offsets is not None and _kernel_layout(x, a):
+    if pairs.offsets is not None and _kernel_layout(x, *a.shape[1:]):
         return F.grouped_mm(x.index_select(0, pairs.token), a.transpose(1, 2), offs=pairs.offsets)  # (N, r)
     num_experts, rank, inp = a.shape
     full = (x @ a.reshape(num_experts * rank, inp).t()).view(x.shape[0], num_experts, rank)  # (T, E, r)
@@ -138,7 +139,7 @@ def expert_weight_grad(grad: torch.Tensor, x: torch.Tensor, pairs: Pairs, num_ex
     """The gradient of every expert's matrix in ``out = expert_matmul(x, w)``: sum over expert e's pairs of
     ``grad_i^T x_i``; grad (N, out), x (N, in) -> (E, out, in)."""
     num_pairs, out, inp = grad.shape[0], grad.shape[1], x.shape[1]
-    if pairs.offsets is not None and _kernel_layout(x, x.new_empty(1, out, inp)):
+    if pairs.offsets is not None and _kernel_layout(x, out, inp):
         return F.grouped_mm(grad.t(), x, offs=pairs.offsets)  # (E, out, in), N split by the group ends
     if out <= inp:  # each grad row placed in its expert's block: (E*out, N) @ (N, in)
         index = pairs.expert[:, None, None].expand(num_pairs, 1, out)  # (N, 1, out)

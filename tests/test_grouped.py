@@ -132,13 +132,15 @@ def _mix_reference(up, gate, weight, active, token, expert, num_tokens, act, mas
     return mixed, torch.zeros(num_tokens, b.shape[1], dtype=h.dtype).index_add(0, token, delta)
 
 
+@pytest.mark.parametrize("act", [torch.nn.SiLU(), torch.nn.GELU(approximate="tanh")], ids=["silu", "gelu"])
 @pytest.mark.parametrize("use_grouped", [True, False])
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("down", [True, False])
 @pytest.mark.parametrize("gated", [True, False])
-def test_mix_pairs_matches_autograd(gated: bool, down: bool, masked: bool, use_grouped: bool, monkeypatch) -> None:
+def test_mix_pairs_matches_autograd(gated: bool, down: bool, masked: bool, use_grouped: bool, act, monkeypatch) -> None:
     """MixPairs (pre-activations kept, activations recomputed in backward, grouped or fallback products) against
-    the same maths in autograd ops, values and every gradient; an unused slot gets no down delta."""
+    the same maths in autograd ops, values and every gradient; an unused slot gets no down delta. SiLU has its
+    own backward kernel, other activations go through autograd."""
     monkeypatch.setattr(grouped, "USE_GROUPED_MM", use_grouped)
     g = torch.Generator().manual_seed(0)
     num_tokens, k, width, hidden, r, experts = 5, 2, 8, 4, 4, 3
@@ -158,7 +160,6 @@ def test_mix_pairs_matches_autograd(gated: bool, down: bool, masked: bool, use_g
     weight = pairs.weight[:, None].clone().requires_grad_(True)
     a, b = (rand(experts, r, width), rand(experts, hidden, r)) if down else (None, None)
     mask = (torch.rand(n, width, generator=g) > 0.3).to(torch.uint8) if masked else None
-    act = torch.nn.SiLU()
     inputs = [t for t in (up, gate, weight, a, b) if t is not None]
     got = grouped.mix_pairs(up, gate, weight, pairs, num_tokens, act, mask, 0.7, a, b)
     want = _mix_reference(up, gate, weight, pairs.active, pairs.token, pairs.expert, num_tokens, act, mask, 0.7, a, b)
@@ -172,3 +173,21 @@ def test_mix_pairs_matches_autograd(gated: bool, down: bool, masked: bool, use_g
     want_grads = torch.autograd.grad(loss(want), inputs)
     for x, y in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_gather_rows_values_and_gradients(with_delta: bool) -> None:
+    """gather_rows equals index_select (+ delta), and its backward sums each pair's gradient into its token's row
+    (tokens taken twice, once and never)."""
+    g = torch.Generator().manual_seed(0)
+    frozen = torch.randn(4, 6, generator=g).requires_grad_(True)
+    token = torch.tensor([2, 0, 2, 1, 0, 2])  # token 3 never taken
+    delta = torch.randn(6, 6, generator=g).requires_grad_(True) if with_delta else None
+    got = grouped.gather_rows(frozen, token, delta)
+    want = frozen.index_select(0, token) + (delta if with_delta else 0)
+    torch.testing.assert_close(got, want)
+    probe = torch.randn(6, 6, generator=g)
+    inputs = [frozen] + ([delta] if with_delta else [])
+    for x, y in zip(torch.autograd.grad((got * probe).sum(), inputs), torch.autograd.grad((want * probe).sum(), inputs),
+                    strict=True):
+        torch.testing.assert_close(x, y)

@@ -129,7 +129,8 @@ def token_inputs_matmul(x: torch.Tensor, a: torch.Tensor, pairs: Pairs) -> torch
     """
     a = a.to(x.dtype)
     if pairs.offsets is not None and _kernel_layout(x, *a.shape[1:]):
-        return F.grouped_mm(x.index_select(0, pairs.token), a.transpose(1, 2), offs=pairs.offsets)  # (N, r)
+        rows = gather_rows(x, pairs.token)  # (N, in) each pair's token
+        return F.grouped_mm(rows, a.transpose(1, 2), offs=pairs.offsets)  # (N, r)
     num_experts, rank, inp = a.shape
     full = (x @ a.reshape(num_experts * rank, inp).t()).view(x.shape[0], num_experts, rank)  # (T, E, r)
     return full[pairs.token, pairs.expert]  # (N, r)
@@ -175,7 +176,7 @@ class MixPairs(torch.autograd.Function):
             mixed = up.new_zeros(num_tokens, up.shape[1]).index_add_(0, pairs.token, h * weight)  # (T, I)
             down = z = None
             if a is not None:
-                hk = h * mask if mask is not None else h  # (N, I)
+                hk = h * mask.to(h.dtype) if mask is not None else h  # (N, I)
                 z = expert_matmul(hk, a, pairs)  # (N, r) unscaled
                 wd = weight * pairs.active.to(weight.dtype)[:, None]  # (N, 1) no down delta on unused slots
                 delta = expert_matmul(z * (wd * scale), b, pairs)  # (N, H)
@@ -195,20 +196,28 @@ class MixPairs(torch.autograd.Function):
         up, gate, weight, mask, z, a, b, token, expert, offsets = saved
         pairs = Pairs(token, expert, weight[:, 0], ctx.active, offsets)
         act, scale = ctx.act, ctx.scale
-        pre = (gate if gate is not None else up).detach().requires_grad_(True)
-        with torch.enable_grad():
-            act_pre = act(pre)  # (N, I) recomputed activation of the gate (or of up)
-        h = act_pre.detach() * up if gate is not None else act_pre.detach()  # (N, I)
-        grad_h = up.new_zeros(up.shape)
+        pre = gate if gate is not None else up  # (N, I) the activation's input
+        silu = isinstance(act, torch.nn.SiLU)
+        if silu:
+            act_pre = F.silu(pre)  # (N, I) recomputed
+        else:
+            pre = pre.detach().requires_grad_(True)
+            with torch.enable_grad():
+                act_pre_graph = act(pre)  # (N, I) recomputed, differentiated below
+            act_pre = act_pre_graph.detach()
+        h = act_pre * up if gate is not None else act_pre  # (N, I)
         grad_w = weight.new_zeros(weight.shape)  # (N, 1)
         if grad_mixed is not None:
-            gm = grad_mixed.to(up.dtype).index_select(0, token)  # (N, I)
-            grad_w += (gm * h).sum(-1, keepdim=True)
-            grad_h += gm * weight
+            grad_h = grad_mixed.to(up.dtype).index_select(0, token)  # (N, I) each pair's token's gradient
+            grad_w += (grad_h * h).sum(-1, keepdim=True)
+            grad_h.mul_(weight)  # (N, I) gradient of h through mixed
+        else:
+            grad_h = up.new_zeros(up.shape)
         grad_a = grad_b = None
         if a is not None and grad_down is not None:
             gd = grad_down.to(up.dtype).index_select(0, token)  # (N, H)
-            hk = h * mask if mask is not None else h  # (N, I)
+            maskf = mask.to(h.dtype) if mask is not None else None  # (N, I) converted once, used twice
+            hk = h * maskf if maskf is not None else h  # (N, I)
             active = ctx.active.to(weight.dtype)[:, None]  # (N, 1)
             wd = weight * active  # (N, 1)
             zs = z * (wd * scale)  # (N, r) the products B saw
@@ -217,15 +226,60 @@ class MixPairs(torch.autograd.Function):
             grad_w += scale * active * (gzs * z).sum(-1, keepdim=True)
             gz = gzs * (wd * scale)  # (N, r) gradient of z
             grad_a = expert_weight_grad(gz, hk, pairs, a.shape[0])  # (E, r, I)
+            del hk
             grad_hk = expert_matmul(gz, a.transpose(1, 2), pairs)  # (N, I)
-            grad_h += grad_hk * mask if mask is not None else grad_hk
+            if maskf is not None:
+                grad_h.addcmul_(grad_hk, maskf)
+            else:
+                grad_h.add_(grad_hk)
+            del grad_hk
         if gate is not None:
-            grad_up = grad_h * act_pre.detach()
-            (grad_gate,) = torch.autograd.grad(act_pre, pre, grad_h * up)
+            grad_up = grad_h * act_pre  # (N, I)
+            grad_h.mul_(up)  # (N, I) gradient of act(gate)
+            grad_act = grad_h
         else:
-            grad_gate = None
-            (grad_up,) = torch.autograd.grad(act_pre, pre, grad_h)
+            grad_up, grad_act = None, grad_h
+        if silu:
+            grad_pre = torch.ops.aten.silu_backward(grad_act, pre)  # (N, I)
+        else:
+            (grad_pre,) = torch.autograd.grad(act_pre_graph, pre, grad_act)
+        if gate is None:
+            grad_up, grad_gate = grad_pre, None
+        else:
+            grad_gate = grad_pre
         return grad_up, grad_gate, grad_w, None, None, None, None, None, grad_a, grad_b
+
+
+class GatherRows(torch.autograd.Function):
+    """``rows = frozen[token] (+ delta)``: each pair's row of a per-token tensor, plus its own delta.
+
+    Backward sums each pair's gradient into its token's row, in place in one zero tensor (autograd's
+    ``index_select`` backward adds into a copy of one).
+    """
+
+    @staticmethod
+    def forward(ctx, frozen, token, delta):  # noqa: ANN001, ANN205
+        rows = frozen.index_select(0, token)  # (N, I)
+        if delta is not None:
+            rows.add_(delta.to(rows.dtype))
+        ctx.save_for_backward(token)
+        ctx.num_rows, ctx.delta_dtype = frozen.shape[0], None if delta is None else delta.dtype
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (token,) = ctx.saved_tensors
+        grad_frozen = grad_delta = None
+        if ctx.needs_input_grad[0]:
+            grad_frozen = grad.new_zeros(ctx.num_rows, grad.shape[1]).index_add_(0, token, grad)  # (T, I)
+        if ctx.needs_input_grad[2]:
+            grad_delta = grad.to(ctx.delta_dtype)
+        return grad_frozen, None, grad_delta
+
+
+def gather_rows(frozen: torch.Tensor, token: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """``frozen.index_select(0, token) + delta``: frozen (T, I), token (N,), delta (N, I) or None -> (N, I)."""
+    return GatherRows.apply(frozen, token, delta)
 
 
 def mix_pairs(

@@ -30,7 +30,15 @@ from .config import MixLoraConfig
 from .dropout import FastDropout, dropout_keep_mask
 from .experts import AdapterExperts, ExpertLoRA, FrozenFFN
 from .ffn_spec import FFNSpec, linear_shape
-from .grouped import Pairs, expert_matmul, grouped_mm_supported, mix_pairs, routing_pairs, token_inputs_matmul
+from .grouped import (
+    Pairs,
+    expert_matmul,
+    gather_rows,
+    grouped_mm_supported,
+    mix_pairs,
+    routing_pairs,
+    token_inputs_matmul,
+)
 from .precision import compute_dtype
 from .routers import Router, Routing, build_router
 
@@ -156,7 +164,7 @@ class MixLoraFFN(FrozenFFN):
         """Each pair's gate/up pre-activations (N, I): its token's frozen rows of up/gate (T, I) plus its expert's
         LoRA of the dropout-masked input x_kept (T, H); gate and up share one pass over their stacked A."""
         frozen = {"up": up} if gate is None else {"up": up, "gate": gate}
-        rows = {role: t.index_select(0, pairs.token) for role, t in frozen.items()}  # (N, I) each
+        deltas: dict[str, torch.Tensor] = {}
         adapted = [role for role in ("gate", "up") if role in frozen and role in self.targets]
         if adapted:
             lora = [self.mixlora_experts[role] for role in adapted]
@@ -167,8 +175,9 @@ class MixLoraFFN(FrozenFFN):
             offset = 0
             for role, e in zip(adapted, lora, strict=True):
                 r = e.lora_B.shape[-1]
-                rows[role] = rows[role] + expert_matmul(z[:, offset : offset + r], e.lora_B, pairs)  # (N, I)
+                deltas[role] = expert_matmul(z[:, offset : offset + r], e.lora_B, pairs)  # (N, I)
                 offset += r
+        rows = {role: gather_rows(t, pairs.token, deltas.get(role)) for role, t in frozen.items()}  # (N, I) each
         return rows["up"], rows.get("gate")
 
     def _mix_pairs_recomputed(

@@ -81,17 +81,21 @@ def test_expert_matmul_equals_the_loop_over_experts(dtype, inp: int, out: int, c
 
 
 @pytest.mark.parametrize("use_grouped", [True, False])
-def test_token_inputs_matmul_gathers_each_pairs_token_and_expert(use_grouped: bool, monkeypatch) -> None:
-    """The A side of gate/up: x per token (T, in), one product per (token, expert) pair, on both paths."""
+@pytest.mark.parametrize("masked", [True, False])
+def test_token_inputs_matmul_gathers_each_pairs_token_and_expert(use_grouped: bool, masked: bool, monkeypatch) -> None:
+    """The A side of gate/up: x per token (T, in) under a per-token dropout keep-mask, one product per (token,
+    expert) pair, on both paths, values and gradients."""
     monkeypatch.setattr(grouped, "USE_GROUPED_MM", use_grouped)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 6, generator=g, requires_grad=True)
-    a = torch.randn(3, 2, 6, generator=g, requires_grad=True)
+    x = torch.randn(5, 8, generator=g, requires_grad=True)
+    a = torch.randn(3, 4, 8, generator=g, requires_grad=True)
+    mask = (torch.rand(5, 8, generator=g) > 0.3).to(torch.uint8) if masked else None
     routing = _routing([[0, 2], [1, 0], [2, 2], [1, 1], [0, 1]], [[True] * 2] * 5, [[0.5, 0.5]] * 5, experts=3)
     pairs = routing_pairs(routing, 3, grouped=grouped_mm_supported(torch.float32, x.device))
     assert (pairs.offsets is not None) == use_grouped
-    got = token_inputs_matmul(x, a, pairs)
-    want = torch.stack([x[t] @ a[e].t() for t, e in zip(pairs.token.tolist(), pairs.expert.tolist(), strict=True)])
+    got = token_inputs_matmul(x, a, pairs, mask)
+    kept = x * mask if masked else x
+    want = torch.stack([kept[t] @ a[e].t() for t, e in zip(pairs.token.tolist(), pairs.expert.tolist(), strict=True)])
     torch.testing.assert_close(got, want)
     probe = torch.randn(want.shape, generator=g)
     got_grads = torch.autograd.grad((got * probe).sum(), [x, a], retain_graph=True)

@@ -121,19 +121,51 @@ def expert_matmul_reference(x: torch.Tensor, w: torch.Tensor, expert: torch.Tens
     return out
 
 
-def token_inputs_matmul(x: torch.Tensor, a: torch.Tensor, pairs: Pairs) -> torch.Tensor:
-    """``x[token[i]] @ a[expert[i]].T`` for every pair i, x (T, in) per token, a (E, r, in) -> (N, r).
+def token_inputs_matmul(
+    x: torch.Tensor, a: torch.Tensor, pairs: Pairs, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(x * mask)[token[i]] @ a[expert[i]].T`` for every pair i, x (T, in) per token, a (E, r, in), mask (T, in)
+    a uint8 dropout keep-mask or None -> (N, r).
 
-    Grouped: the pairs' rows gathered and multiplied once each. Fallback: the T tokens against all E experts
-    (T*E products of width r instead of N*E), then each pair's block picked out.
+    Grouped (:class:`TokenInputs`): the pairs' rows gathered and multiplied once each; backward keeps x and the
+    one-byte mask, not the (N, in) rows. Fallback: the T tokens against all E experts (T*E products of width r
+    instead of N*E), then each pair's block picked out.
     """
     a = a.to(x.dtype)
     if pairs.offsets is not None and _kernel_layout(x, *a.shape[1:]):
-        rows = gather_rows(x, pairs.token)  # (N, in) each pair's token
-        return F.grouped_mm(rows, a.transpose(1, 2), offs=pairs.offsets)  # (N, r)
+        return TokenInputs.apply(x, mask, a, pairs.token, pairs.offsets)  # (N, r)
+    kept = x * mask.to(x.dtype) if mask is not None else x  # (T, in)
     num_experts, rank, inp = a.shape
-    full = (x @ a.reshape(num_experts * rank, inp).t()).view(x.shape[0], num_experts, rank)  # (T, E, r)
+    full = (kept @ a.reshape(num_experts * rank, inp).t()).view(x.shape[0], num_experts, rank)  # (T, E, r)
     return full[pairs.token, pairs.expert]  # (N, r)
+
+
+class TokenInputs(torch.autograd.Function):
+    """The grouped route of :func:`token_inputs_matmul`: x (T, in), mask (T, in) uint8 or None, a (E, r, in), the
+    pairs' tokens (N,) sorted by expert and the group ends (E,) -> (N, r). Saves x (which the router keeps too)
+    and the mask instead of the gathered (N, in) rows, and gathers them again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, mask, a, token, offsets):  # noqa: ANN001, ANN205
+        kept = x * mask.to(x.dtype) if mask is not None else x  # (T, in)
+        ctx.save_for_backward(x, mask, a, token, offsets)
+        return F.grouped_mm(kept.index_select(0, token), a.transpose(1, 2), offs=offsets)  # (N, r)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, mask, a, token, offsets = ctx.saved_tensors
+        grad = grad.contiguous()  # (N, r)
+        maskf = mask.to(x.dtype) if mask is not None else None  # (T, in)
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[2]:
+            kept = x * maskf if maskf is not None else x  # (T, in)
+            grad_a = F.grouped_mm(grad.t(), kept.index_select(0, token), offs=offsets)  # (E, r, in)
+        if ctx.needs_input_grad[0]:
+            grad_rows = F.grouped_mm(grad, a, offs=offsets)  # (N, in)
+            grad_x = grad_rows.new_zeros(x.shape).index_add_(0, token, grad_rows)  # (T, in)
+            if maskf is not None:
+                grad_x.mul_(maskf)
+        return grad_x, None, grad_a, None, None
 
 
 def expert_weight_grad(grad: torch.Tensor, x: torch.Tensor, pairs: Pairs, num_experts: int) -> torch.Tensor:

@@ -143,9 +143,10 @@ class MixLoraFFN(FrozenFFN):
         num_tokens = x.shape[0]
         dtype = compute_dtype(x)  # the autocast dtype under torch.autocast, else x's
         pairs = routing_pairs(routing, self.num_experts, grouped_mm_supported(dtype, x.device))  # N = T*K pairs
-        x_kept, rescale = self.mixlora_dropout.unscaled(x)  # (T, H) one mask per token: half the RNG work
+        # one dropout mask per token (T, H) for every expert's input: half the RNG work
+        keep, rescale = dropout_keep_mask(x, self.mixlora_dropout.p, self.mixlora_dropout.training)
         up, gate = self.frozen_projections(x, dtype)  # (T, I) each, frozen projections once per token
-        pair_up, pair_gate = self._pair_projections(x_kept.to(dtype), up, gate, pairs, rescale)  # (N, I) each
+        pair_up, pair_gate = self._pair_projections(x.to(dtype), keep, up, gate, pairs, rescale)  # (N, I) each
         weight = pairs.weight.to(dtype)[:, None]  # (N, 1)
         if self.recompute_experts and self.training and torch.is_grad_enabled():
             # backward keeps the pairs' gate/up pre-activations and recomputes the activations from them
@@ -159,17 +160,19 @@ class MixLoraFFN(FrozenFFN):
         return self.finish(out)
 
     def _pair_projections(
-        self, x_kept: torch.Tensor, up: torch.Tensor, gate: torch.Tensor | None, pairs: Pairs, rescale: float,
+        self, x: torch.Tensor, keep: torch.Tensor | None, up: torch.Tensor, gate: torch.Tensor | None, pairs: Pairs,
+        rescale: float,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each pair's gate/up pre-activations (N, I): its token's frozen rows of up/gate (T, I) plus its expert's
-        LoRA of the dropout-masked input x_kept (T, H); gate and up share one pass over their stacked A."""
+        LoRA of the input x (T, H) under the dropout keep-mask ``keep`` (uint8 (T, H) or None) and its factor
+        ``rescale``; gate and up share one pass over their stacked A."""
         frozen = {"up": up} if gate is None else {"up": up, "gate": gate}
         deltas: dict[str, torch.Tensor] = {}
         adapted = [role for role in ("gate", "up") if role in frozen and role in self.targets]
         if adapted:
             lora = [self.mixlora_experts[role] for role in adapted]
             a = torch.cat([e.lora_A for e in lora], dim=1) if len(lora) > 1 else lora[0].lora_A  # (E, R, H)
-            z = token_inputs_matmul(x_kept, a, pairs)  # (N, R) unscaled rank-R products
+            z = token_inputs_matmul(x, a, pairs, keep)  # (N, R) unscaled rank-R products
             scale = pairs.active.to(z.dtype)[:, None] * (lora[0].scaling * rescale)  # (N, 1): 0 for unused slots
             z = z * scale
             offset = 0

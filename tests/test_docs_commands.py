@@ -47,15 +47,18 @@ import pytest
 import yaml
 
 from helpers.doc_commands import (
+    PAGES,
     PLACEHOLDER,
     ROOT,
     DocCommand,
     Result,
     code_blocks,
+    code_lines,
     doc_commands,
     expand,
     flag_value,
     page_commands,
+    page_variables,
     run_cli,
     set_flag,
     sized,
@@ -163,6 +166,8 @@ PLANS = [
          "lm-eval's boolq downloads super_glue from the Hugging Face hub; there is no network here (loramix's "
          "own boolq runs in README.md's eval)"),
     Plan("docs/training.md", "srun loramix train", runner="run_slurm_script"),
+    Plan("docs/reports/skills.md", "loramix skills add $1", "slow", "an experiment report's run, with tiny settings",
+         needs=("*",), runner="run_report_skill_add"),
 ]
 
 
@@ -172,7 +177,7 @@ def plan_for(cmd: DocCommand) -> Plan:
     if found:
         return found[0]
     if cmd.page.startswith("docs/reports/"):
-        return Plan(cmd.page, "", "slow", "an experiment report's run, with tiny settings")
+        return Plan(cmd.page, "", "slow", "an experiment report's run, with tiny settings", needs=("*",))
     return Plan(cmd.page, "")
 
 
@@ -193,6 +198,7 @@ class Workspace:
     model: str | None
     data_dir: Path
     variables: dict[str, str]
+    arrays: dict[str, list[str]] = field(default_factory=dict)
     results: dict[int, Result] = field(default_factory=dict)
 
     @property
@@ -253,6 +259,26 @@ def skill_library(ws: Workspace, library: str) -> None:
         assert result.rc == 0, result.describe()
 
 
+def python_output(code: str) -> str:
+    """What ``python -c code`` prints (run in-process, from the repository root's imports)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "<page>", "exec"), {"__name__": "__main__"})
+    return out.getvalue()
+
+
+def page_arrays(text: str) -> dict[str, list[str]]:
+    """The bash arrays a page fills from a program's NUL-separated output
+    (`mapfile -d '' -t P < <(python -c "...")`), computed as the page computes them."""
+    found = {}
+    for name, code in re.findall(r"mapfile -d '' -t (\w+) < <\(python -c \"(.*?)\"\)", text, flags=re.S):
+        found[name] = python_output(code).split("\0")
+    return found
+
+
 def prepare(ws: Workspace) -> None:
     """What ``ws.page`` assumes besides the common files (see the module docstring)."""
     w = ws.path
@@ -263,6 +289,11 @@ def prepare(ws: Workspace) -> None:
     if ws.page == "docs/continual.md":
         (w / "my_continual.yaml").write_text(
             "tasks: tickets_jan.jsonl,tickets_feb.jsonl\nlearning_rate: 2.0e-3\noutput_dir: runs/my_continual\n")
+    if ws.page == "docs/reports/skills.md":
+        from bench.skills_demo.demo import prepare as prepare_skills_data
+
+        prepare_skills_data(w / ws.variables["D"], ws.data_dir)  # the report's `demo prepare $D`
+        ws.arrays.update(page_arrays((ROOT / ws.page).read_text()))
     if ws.page == "docs/deploy.md":
         tiny_adapter(ws.model, w / "runs" / "quickstart" / "adapter")
         tiny_adapter(ws.model, w / "runs" / "llama" / "adapter")
@@ -285,8 +316,9 @@ def workspaces(tmp_path_factory):
             path = tmp_path_factory.mktemp("docs_" + re.sub(r"\W", "_", page))
             shutil.copytree(ROOT / "configs", path / "configs")
             write_user_files(path)
-            ws = Workspace(page, path, None if real_model else tiny, data_dir,
-                           {"LORAMIX_DATA_DIR": str(data_dir), "DATA": str(data_dir)})
+            variables = {**page_variables((ROOT / page).read_text()), "LORAMIX_DATA_DIR": str(data_dir),
+                         "DATA": str(data_dir)}
+            ws = Workspace(page, path, None if real_model else tiny, data_dir, variables)
             prepare(ws)
             made[(page, real_model, key)] = ws
         return made[(page, real_model, key)]
@@ -302,7 +334,7 @@ def command_argv(cmd: DocCommand, ws: Workspace) -> tuple[list[str], dict[str, s
     for name, value in cmd.env.items():
         env[name] = str(ws.data_dir) if name == "LORAMIX_DATA_DIR" else value
     argv = [str(ws.path / a.removeprefix("/")) if a.startswith("/tmp/") else a for a in cmd.argv]
-    argv = expand(argv, {**ws.variables, **env})
+    argv = expand(argv, {**ws.variables, **env}, ws.arrays)
     return sized(argv, cmd.name, ws.model), env
 
 
@@ -337,7 +369,7 @@ def check_result(cmd: DocCommand, result: Result, cwd: Path) -> None:
     elif name == "bench":
         assert "PEFT" in result.out or "lora" in result.out.lower(), result.describe()
         if flag_value(argv, "--json-path"):
-            assert json.loads((cwd / flag_value(argv, "--json-path")).read_text())["rows"]
+            assert json.loads((cwd / flag_value(argv, "--json-path")).read_text())["variants"]
     elif name == "export":
         assert (cwd / out_dir / "config.json").is_file(), result.describe()
     elif name == "continual":
@@ -372,16 +404,29 @@ def page_order(cmd: DocCommand) -> list[tuple[int, DocCommand]]:
 
 def run_earlier(ws: Workspace, cmd: DocCommand, plan: Plan) -> None:
     """The page's earlier commands this one may read from: for a default command every earlier default
-    command of the page; for a slow one those in ``plan.needs``."""
+    command of the page; for a slow one those in ``plan.needs`` (``"*"``: every earlier one that runs)."""
     for i, earlier in page_order(cmd):
         if earlier is cmd:
             return
         earlier_plan = plan_for(earlier)
-        wanted = (any(n in earlier.line for n in plan.needs) if plan.suite == "slow" or plan.fresh
-                  else earlier_plan.suite == "default" and not earlier_plan.fresh and not earlier_plan.runner)
+        if plan.needs == ("*",):
+            wanted = earlier_plan.suite != "skip"
+        elif plan.suite == "slow" or plan.fresh:
+            wanted = any(n in earlier.line for n in plan.needs)
+        else:
+            wanted = earlier_plan.suite == "default" and not earlier_plan.fresh and not earlier_plan.runner
         if wanted and i not in ws.results:
-            result = run_in(ws, i, earlier)
-            assert result.rc == 0, f"an earlier command of the page failed:\n{result.describe()}"
+            run_command(ws, i, earlier, earlier_plan)
+
+
+def run_command(ws: Workspace, index: int, cmd: DocCommand, plan: Plan) -> None:
+    """Run ``cmd`` in ``ws`` (by its plan's runner, or in-process) and check what it did."""
+    if plan.runner:
+        globals()[plan.runner](cmd, ws)
+        ws.results[index] = Result(cmd.argv, 0, "", "")
+        return
+    result = run_in(ws, index, cmd)
+    check_result(cmd, result, ws.path)
 
 
 def _params():
@@ -393,20 +438,29 @@ def _params():
     return params
 
 
+def test_page_variables_and_arrays():
+    """The report's shell variables and its array of example requests, as bash would set them."""
+    text = (ROOT / "docs/reports/skills.md").read_text()
+    assert page_variables(text)["L"] == "runs/skills18/lib2"
+    prompts = page_arrays(text)["P"]
+    assert len(prompts) == 4 and all(p.strip() for p in prompts)
+    assert expand(["$D/$1_train.jsonl", "${P[@]}"], {"D": "d", "1": "boolq"}, {"P": ["a", "b"]}) == [
+        "d/boolq_train.jsonl", "a", "b"]
+
+
 @pytest.mark.parametrize("cmd,plan", _params())
 def test_documented_command_runs(cmd, plan, workspaces):
     index = COMMANDS.index(cmd)
     ws = workspaces(cmd.page, plan.real_model, index if plan.fresh else None)
     run_earlier(ws, cmd, plan)
-    if plan.runner:
-        globals()[plan.runner](cmd, ws)
-        return
-    result = ws.results.get(index) or run_in(ws, index, cmd)
-    check_result(cmd, result, ws.path)
+    if index in ws.results and not plan.runner:
+        check_result(cmd, ws.results[index], ws.path)
+    else:
+        run_command(ws, index, cmd, plan)
 
 
 # --- commands that need more than an in-process call -------------------------------------------------------------
-def record_script(script: str, ws: Workspace, env: dict[str, str], shims: dict[str, str] | None = None
+def record_script(script: str | Path, ws: Workspace, env: dict[str, str], shims: dict[str, str] | None = None
                   ) -> list[tuple[Path, list[str]]]:
     """Run a page's shell script with bash, a `loramix` on PATH that only records its working directory and
     arguments (bash does the script's own work: variables, conditions, arrays), and ``shims`` (name -> bash
@@ -420,8 +474,9 @@ def record_script(script: str, ws: Workspace, env: dict[str, str], shims: dict[s
     for name, body in programs.items():
         (bin_dir / name).write_text("#!/bin/bash\n" + body)
         (bin_dir / name).chmod(0o755)
-    script_file = ws.path / ".script.sh"
-    script_file.write_text(script)
+    script_file = script if isinstance(script, Path) else ws.path / ".script.sh"
+    if not isinstance(script, Path):
+        script_file.write_text(script)
     proc = subprocess.run(["bash", str(script_file)], cwd=ws.path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, **env, "LORAMIX_RECORD": str(record),
                                "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
@@ -447,6 +502,37 @@ def run_slurm_script(cmd: DocCommand, ws: Workspace) -> None:
         result = run_cli(sized(argv, "train", ws.model), cwd, ws.env)
         check_result(cmd, result, cwd)
     assert "--overwrite" in starts[0] and shlex.join(starts[1]).endswith("--resume true"), starts
+
+
+def run_report_skill_add(cmd: DocCommand, ws: Workspace) -> None:
+    """The skills report's `add()` shell function, once per `add SKILL N` call on the page, in page order: `$1`
+    and `$2` are the call's words and `--instructions "$(python -m bench.skills_demo.demo instructions $1)"`
+    gets what that program prints."""
+    calls = [line.split()[1:] for line in code_lines((ROOT / cmd.page).read_text())
+             if re.fullmatch(r"add \S+ \d+", line)]
+    assert calls, f"{cmd.page}: no `add SKILL N` call"
+    for skill, count in calls:
+        printed = program_output("bench.skills_demo.demo", ["instructions", skill])
+        argv = [printed.strip() if a == PLACEHOLDER else a for a in cmd.argv]
+        argv = sized(expand(argv, {**ws.variables, "1": skill, "2": count}), cmd.name, ws.model)
+        result = run_cli(argv, ws.path, ws.env)
+        check_result(cmd, result, ws.path)
+
+
+def program_output(module: str, args: list[str]) -> str:
+    """What ``python -m module args`` prints (run in-process)."""
+    import contextlib
+    import io
+    import runpy
+
+    out, saved = io.StringIO(), sys.argv
+    sys.argv = [module, *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = saved
+    return out.getvalue()
 
 
 def free_port() -> int:
@@ -529,3 +615,87 @@ def run_accelerate(cmd: DocCommand, ws: Workspace) -> None:
                           text=True, timeout=600)
     result = Result(argv, proc.returncode, proc.stdout, proc.stderr)
     check_result(cmd, result, ws.path)
+
+
+# --- the pages' other programs: python -m modules, python and bash scripts ---------------------------------------
+PROGRAM = re.compile(r"^(?:[A-Za-z_]\w*=\S+\s+)*(?:\S*/)?(?P<prog>python3?|bash)\s+(?:-m\s+)?(?P<target>\S+)")
+
+
+def page_programs() -> list[tuple[str, str, str]]:
+    """(page, program, module or script) of each `python -m X`, `python script.py` and `bash script.sh` in the
+    pages' code (each part of a `... && ...` line)."""
+    found = []
+    for page in PAGES:
+        for line in code_lines(page.read_text()):
+            for part in line.split("&&"):
+                match = PROGRAM.match(part.strip())
+                if match and (match.group("target"), page) not in {(t, p) for _, _, t, p in found}:
+                    found.append((str(page.relative_to(ROOT)), match.group("prog"), match.group("target"), page))
+    return [(page, prog, target) for page, prog, target, _ in found]
+
+
+PROGRAM_SKIPS = {
+    "pytest": "the test runner itself",
+    "venv": "makes a virtual environment (the set-up; .ci/run builds one from scratch)",
+    "scripts/setup.sh": "installs the packages from PyPI into .venv; .ci/run runs it from a fresh clone",
+    "bench/gpu_check.sh": "needs a CUDA GPU; tests/test_gpu_check.py runs its dry run",
+    "vllm.entrypoints.openai.api_server": "vLLM lives in its own virtualenv; the slow tests of "
+                                          "tests/test_vllm_native.py and tests/test_skills_serving.py start this "
+                                          "server when LORAMIX_VLLM_PYTHON names one",
+    "$LLAMA/convert_hf_to_gguf.py": "llama.cpp's converter comes from a download (the llama-cpp-python sdist); "
+                                    "the slow tests of tests/test_export_serving.py run it when "
+                                    "LORAMIX_LLAMA_CPP_DIR names it",
+    "scripts/quickstart.sh": "the main job: test_quickstart_main_job (slow suite, the packaged model)",
+}
+PROGRAMS = page_programs()
+
+
+def test_the_pages_show_programs():
+    targets = {t for _, _, t in PROGRAMS}
+    assert {"bench.run_bench", "bench.probes.launches", "bench.skills_demo.demo", "scripts/quickstart.sh",
+            "bench/lmeval_check/export_mc.py"} <= targets
+
+
+@pytest.mark.parametrize("page,prog,target", [
+    pytest.param(*p, marks=[pytest.mark.skip(reason=PROGRAM_SKIPS[p[2]])] if p[2] in PROGRAM_SKIPS else [],
+                 id=f"{p[0]}: {p[1]} {p[2]}") for p in PROGRAMS])
+def test_documented_program_answers_help(page, prog, target, capsys, monkeypatch):
+    """Each module of a `python -m X` line imports and its `--help` prints its usage; each `python script.py`
+    likewise (in-process, through runpy, as `python` would run it)."""
+    import runpy
+
+    assert prog.startswith("python"), f"{page}: no test runs {prog} {target}; add it to PROGRAM_SKIPS or run it"
+    monkeypatch.setattr(sys, "argv", [target, "--help"])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        if target.endswith(".py"):
+            runpy.run_path(str(ROOT / target), run_name="__main__")
+        else:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+    assert e.value.code == 0, capsys.readouterr().err
+    assert "usage:" in capsys.readouterr().out
+
+
+# --- the main job ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quickstart_main_job(tmp_path):
+    """README.md's and quickstart.md's main job, `bash scripts/quickstart.sh`, with the packaged
+    SmolLM2-135M-Instruct, in a copy of the repository's scripts, configs and data: bash runs the script, and
+    each `loramix` line it reaches runs in-process with the size flags of the other tests (2 steps, 4 new
+    tokens). The set-up before it (`bash scripts/setup.sh && . .venv/bin/activate`) is .ci/run's."""
+    from helpers.doc_data import write_data_dir
+
+    for name in ("scripts", "configs", "data"):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    ws = Workspace("README.md", tmp_path, None, write_data_dir(tmp_path / "datasets"), {})
+    calls = record_script(tmp_path / "scripts" / "quickstart.sh", ws, ws.env)
+    assert [argv[0] for _, argv in calls] == ["train", "generate", "generate"], calls
+    for cwd, argv in calls:
+        assert cwd == tmp_path
+        cmd = DocCommand("scripts/quickstart.sh", shlex.join(argv), argv)
+        result = run_cli(sized(argv, argv[0], None), cwd, ws.env)
+        check_result(cmd, result, cwd)
+    summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
+    assert "SmolLM2" in json.loads((tmp_path / "runs" / "quickstart" / "adapter" / "adapter_config.json")
+                                   .read_text())["base_model_name_or_path"]
+    assert summary["final_val_loss"] is not None

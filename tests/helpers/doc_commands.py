@@ -101,6 +101,17 @@ def loramix_commands(text: str) -> list[list[str]]:
     return [c.argv for c in doc_commands(text)]
 
 
+def page_variables(text: str) -> dict[str, str]:
+    """The plain shell assignments of a page's code (`D=runs/skills18/data; A=...`), in page order."""
+    found = {}
+    for line in code_lines(text):
+        for part in line.split(";"):
+            match = re.fullmatch(r"([A-Za-z_]\w*)=([^\s$`()]+)", part.strip())
+            if match and match.group(2) != "...":
+                found[match.group(1)] = match.group(2)
+    return found
+
+
 def page_commands(pages: list[Path] = PAGES) -> list[DocCommand]:
     return [c for page in pages for c in doc_commands(page.read_text(), str(page.relative_to(ROOT)))]
 
@@ -163,9 +174,17 @@ def sized(argv: list[str], name: str, model: str | None) -> list[str]:
     return out
 
 
-def expand(argv: list[str], variables: dict[str, str]) -> list[str]:
-    """Shell variables (`$NAME`, `${NAME}`) in ``argv`` replaced by ``variables``; an unknown one is an error
-    naming it (the test must say what the page means by it)."""
+def expand(argv: list[str], variables: dict[str, str], arrays: dict[str, list[str]] | None = None) -> list[str]:
+    """Shell variables (`$NAME`, `${NAME}`, `$1`) in ``argv`` replaced by ``variables``, and an argument that is
+    a whole array (`${P[@]}`) by the items of ``arrays``; an unknown one is an error naming it (the test must
+    say what the page means by it)."""
+    spliced = []
+    for a in argv:
+        whole = re.fullmatch(r"\$\{(\w+)\[@\]\}", a)
+        if whole and whole.group(1) not in (arrays or {}):
+            raise KeyError(f"the page uses the array ${{{whole.group(1)}[@]}}, which the test does not define")
+        spliced += arrays[whole.group(1)] if whole else [a]
+    argv = spliced
 
     def one(match: re.Match) -> str:
         name = match.group(1) or match.group(2)
@@ -173,7 +192,7 @@ def expand(argv: list[str], variables: dict[str, str]) -> list[str]:
             raise KeyError(f"the page uses ${name}, which the test does not define")
         return variables[name]
 
-    return [re.sub(r"\$\{(\w+)\}|\$(\w+)", one, a) for a in argv]
+    return [re.sub(r"\$\{(\w+)\}|\$([0-9]|[A-Za-z_]\w*)", one, a) for a in argv]
 
 
 @dataclass

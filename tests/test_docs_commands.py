@@ -22,10 +22,11 @@ the same directory). What the test changes about a command, and why:
 * `skills serve` gets a free port and, as `--upstream`, a stand-in OpenAI-compatible server (vLLM is not
   installed here); `chat` reads two messages and `/exit` from its standard input.
 
-No flag the page shows is dropped. The page's `...` (more flags of the reader's own) is left out, except for
-`accelerate launch ... train ...`, which gets the tiny model, data and output directory. Commands that cannot
-run here are skipped with the reason. Each run must exit 0 and write or print what the command promises
-(`check_result`).
+The experiment reports (docs/reports/) run in the slow suite with the same tiny settings, each after the
+report's earlier commands. No flag the page shows is dropped. The page's `...` (more flags of the reader's
+own) is left out, except for `accelerate launch ... train ...`, which gets the tiny model, data and output
+directory. Commands that cannot run here are skipped with the reason. Each run must exit 0 and write or
+print what the command promises (`check_result`).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class Plan:
     script)."""
 
 
-COMPILE = "torch.compile with inductor takes minutes on a CPU"
+COMPILE = "it compiles with torch.compile (inductor), which is slow on a CPU"
 PLANS = [
     Plan("README.md", "--precision bf16 --compile", "slow", COMPILE, fresh=True),
     Plan("README.md", "loramix chat --adapter runs/counsel_chat/adapter --merge --compile-decode", "slow", COMPILE,
@@ -356,8 +357,11 @@ def check_result(cmd: DocCommand, result: Result, cwd: Path) -> None:
         summary = json.loads((run / "summary.json").read_text())
         assert summary["steps"] == int(flag_value(argv, "--max-steps")), summary
         assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    elif name in ("generate", "chat"):
+    elif name == "generate":
         assert result.out.strip(), result.describe()
+    elif name == "chat":  # a prompt for each line read (two messages and /exit), a reply after each message
+        turns = result.out.split(">>> ")
+        assert len(turns) == 4 and all(t.strip() for t in turns[1:3]), result.describe()
     elif name == "eval":
         for task in yaml.safe_load(flag_value(argv, "--tasks") or "[]") or []:
             assert f"| {task} |" in result.out, result.describe()
@@ -615,6 +619,8 @@ def run_accelerate(cmd: DocCommand, ws: Workspace) -> None:
                           text=True, timeout=600)
     result = Result(argv, proc.returncode, proc.stdout, proc.stderr)
     check_result(cmd, result, ws.path)
+    digests = sorted((ws.path / "runs" / "ddp" / "rank_digests").glob("rank*.txt"))
+    assert len(digests) == 2 and digests[0].read_text() == digests[1].read_text(), digests  # two processes
 
 
 # --- the pages' other programs: python -m modules, python and bash scripts ---------------------------------------

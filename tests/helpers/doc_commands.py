@@ -67,7 +67,8 @@ class DocCommand:
 
     @property
     def text(self) -> str:
-        return f"loramix {' '.join(self.argv)}"
+        program = self.launcher if "which loramix" in self.launcher else f"{self.launcher} loramix".strip()
+        return f"{program} {' '.join(self.argv)}"
 
     @property
     def id(self) -> str:

@@ -404,6 +404,25 @@ def test_resume_skips_an_incomplete_newest_checkpoint(tiny_run_inputs, tmp_path,
     assert "checkpoint-5" in caplog.text and "trainer_state.json is missing" in caplog.text
 
 
+def test_resuming_a_finished_run_trains_no_step_past_max_steps(tiny_run_inputs, tmp_path, caplog):
+    """`--resume true` on a run whose last checkpoint is at --max-steps (a requeued job that had finished, the
+    SLURM script of docs/training.md run again) trains nothing: the run stays at max_steps, no checkpoint is
+    added, and the adapter is the one the run ended with (the best checkpoint's, with validation)."""
+    model_dir, data = tiny_run_inputs
+    run = tmp_path / "run"
+    first = train(**_opts(model_dir, data, run, max_steps=4, eval_steps=2, val_size=4))
+    adapter = _weights(run)
+    with caplog.at_level("WARNING", logger="loramix.train"):
+        again = train(**_opts(model_dir, data, run, max_steps=4, eval_steps=2, val_size=4, resume=True))
+    assert again["steps"] == first["steps"] == 4 and again["resumed_from"] == str(run / "checkpoint-4")
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert again["final_val_loss"] == pytest.approx(first["final_val_loss"], abs=1e-6)
+    assert all(torch.equal(adapter[k], v) for k, v in _weights(run).items())
+    assert "nothing left to train" in caplog.text
+    more = train(**_opts(model_dir, data, run, max_steps=5, eval_steps=2, val_size=4, resume=True))
+    assert more["steps"] == 5  # a higher --max-steps trains on
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("batch_size", "four", r"TrainConfig\.batch_size: must be an int >= 1, got 'four'"),
     ("max_steps", "abc", r"TrainConfig\.max_steps: must be an int, got 'abc'"),

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from . import diskspace
 from .checkpoint import (
@@ -856,7 +856,10 @@ def _train(
     diverged = None
     guard.training_starts()
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if resume_from is not None and _reached_max_steps(resume_from, train_cfg.max_steps):
+            _restore_finished_run(trainer, resume_from)  # Trainer would take one step past max_steps
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except diskspace.DiskFullError as e:
         if e.saved is not None and trainer.is_world_process_zero():
             guard.commit()  # the adapter of the step is saved: the run has something of its own
@@ -928,6 +931,25 @@ def _train(
         raise TrainingDivergedError(f"{diverged}; the last good adapter is in {out / 'last_good'}"
                                     f" (checkpoints: {sorted(p.name for p in out.glob('checkpoint-*'))})")
     return summary
+
+
+def _reached_max_steps(checkpoint: Path, max_steps: int) -> bool:
+    """Whether ``checkpoint`` is at or past ``max_steps`` (> 0): resuming it has nothing left to train."""
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return max_steps > 0 and state.global_step >= max_steps
+
+
+def _restore_finished_run(trainer: LoramixTrainer, checkpoint: Path) -> None:
+    """The state and weights a finished run ended with, from its last checkpoint: the best checkpoint's
+    adapter where the run keeps the best one, otherwise the checkpoint's own."""
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
+        trainer._load_best_model()
+    else:
+        trainer._load_from_checkpoint(str(checkpoint))
+    logger.warning("%s is at step %d, which reaches --max-steps: nothing left to train; the run's adapter is "
+                   "saved from it (raise --max-steps to train further)", checkpoint, trainer.state.global_step)
 
 
 def _count(n: int) -> str:

@@ -419,8 +419,11 @@ def test_resuming_a_finished_run_trains_no_step_past_max_steps(tiny_run_inputs, 
     assert again["final_val_loss"] == pytest.approx(first["final_val_loss"], abs=1e-6)
     assert all(torch.equal(adapter[k], v) for k, v in _weights(run).items())
     assert "nothing left to train" in caplog.text
+    assert again["already_finished"] and not first["already_finished"]
+    assert summary_text(again).startswith("Nothing left to train: the run was already at step 4")
+    assert summary_text(first).startswith("Trained 4 steps")
     more = train(**_opts(model_dir, data, run, max_steps=5, eval_steps=2, val_size=4, resume=True))
-    assert more["steps"] == 5  # a higher --max-steps trains on
+    assert more["steps"] == 5 and not more["already_finished"]  # a higher --max-steps trains on
 
 
 @pytest.mark.parametrize("field, value, match", [

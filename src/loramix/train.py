@@ -854,9 +854,10 @@ def _train(
         base_val = trainer.evaluate(metric_key_prefix="base")["base_loss"]
     started = time.perf_counter()
     diverged = None
+    finished = resume_from is not None and _reached_max_steps(resume_from, train_cfg.max_steps)
     guard.training_starts()
     try:
-        if resume_from is not None and _reached_max_steps(resume_from, train_cfg.max_steps):
+        if finished:
             _restore_finished_run(trainer, resume_from)  # Trainer would take one step past max_steps
         else:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -882,6 +883,7 @@ def _train(
         "output_dir": str(out),
         "adapter_dir": str(out / "adapter"),
         "steps": trainer.state.global_step,
+        "already_finished": finished,  # resumed at --max-steps: nothing was trained
         "precision": precision,
         "interrupted": interrupt.requested,
         "stop_signal": signal.Signals(interrupt.signum).name if interrupt.requested else None,
@@ -963,8 +965,12 @@ def summary_text(summary: dict[str, Any]) -> str:
     out = Path(summary["output_dir"])
     steps, seconds = summary["steps"], summary["train_seconds"]
     per_step = f", {seconds / steps:.1f} s per step" if steps else ""
-    lines = [f"Trained {steps} steps in {_duration(seconds)}{per_step} ({summary['precision']}; "
-             f"{_count(summary['trainable_params'])} of {_count(summary['total_params'])} parameters trainable)."]
+    params = f"{_count(summary['trainable_params'])} of {_count(summary['total_params'])} parameters trainable"
+    if summary.get("already_finished"):
+        lines = [f"Nothing left to train: the run was already at step {steps}, which reaches --max-steps "
+                 f"({summary['precision']}; {params})."]
+    else:
+        lines = [f"Trained {steps} steps in {_duration(seconds)}{per_step} ({summary['precision']}; {params})."]
     if summary.get("resumed_from"):
         lines.append(f"Resumed from {summary['resumed_from']}.")
     data = summary.get("data")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
 
 from helpers.serving import greedy, vllm_python
 from helpers.tiny_models import perturb_adapters, tiny_model
@@ -30,9 +30,10 @@ REL = 1e-4
 
 
 def base(arch: str, **overrides) -> torch.nn.Module:
-    if arch == "qwen3":
+    if arch in ("qwen3", "mistral"):
         torch.manual_seed(0)
-        cfg = Qwen3Config(**(SIZES | overrides), head_dim=32, num_hidden_layers=2)
+        config = {"qwen3": Qwen3Config, "mistral": MistralConfig}[arch]
+        cfg = config(**(SIZES | overrides), head_dim=32, num_hidden_layers=2)
         return AutoModelForCausalLM.from_config(cfg).eval()
     return tiny_model(arch, **(SIZES | overrides))
 
@@ -45,6 +46,7 @@ CASES = {  # name: (base, MixLoraConfig fields)
     "llama_adapter": ("llama", dict(num_experts=4, top_k=2, expert_type="adapter")),
     "qwen2_topk": ("qwen2", dict(num_experts=4, top_k=2)),
     "qwen3_noisy_topk": ("qwen3", dict(num_experts=[0, 4], router="noisy_topk", top_k=2)),
+    "mistral_topk": ("mistral", dict(num_experts=4, top_k=2)),
 }
 
 
@@ -66,7 +68,7 @@ def prompt_logprobs(model: torch.nn.Module, prompt: list[int]) -> list[float]:
 
 def test_vllm_computes_loramix_for_every_adapter_kind(tmp_path):
     """One vLLM process serves one export per case (each router in its eval form with a trained balance bias,
-    adapter experts, per-layer expert counts with top-k > 1, Qwen2, Qwen3): float32 log-probs of every
+    adapter experts, per-layer expert counts with top-k > 1, Qwen2, Qwen3, Mistral): float32 log-probs of every
     prompt position within 1e-4 relative of loramix's, and the same greedy tokens."""
     python = vllm_python()
     jobs, expected = [], {}

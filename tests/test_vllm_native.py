@@ -157,13 +157,14 @@ def quickstart_adapter(tmp_path: Path) -> Path:
     return run / "adapter"
 
 
-def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
+def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys, monkeypatch):
     """The quickstart adapter (the README main job: configs/counsel_chat_quick.yaml with its defaults, balance
     bias on) on the packaged SmolLM2, exported with --format vllm: vLLM's float32 greedy tokens equal loramix's for
-    four chat prompts, 48 tokens each; the export is at most 1.1 x (base + adapter); a bfloat16 run's agreement is
-    printed beside the same figures for the base model alone (vLLM bfloat16 against transformers float32): the
-    size of bfloat16 rounding here."""
+    four chat prompts, 48 tokens each, eager and in vLLM's default compiled mode; the export is at most 1.1 x
+    (base + adapter); a bfloat16 run's agreement is printed beside the same figures for the base model alone
+    (vLLM bfloat16 against transformers float32): the size of bfloat16 rounding here."""
     python = vllm_python()
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm_cache"))  # compiled from this checkout's code
     try:
         from loramix.models import default_model_path
 
@@ -195,12 +196,17 @@ def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
     jobs = [{"model": str(tmp_path / "out"), "prompts": prompts, "max_tokens": 48, "dtype": dtype,
              "max_model_len": 512} for dtype in ("float32", "bfloat16")]
     jobs.append({"model": base_dir, "prompts": prompts, "max_tokens": 48, "dtype": "bfloat16", "max_model_len": 512})
+    jobs.append({"model": str(tmp_path / "out"), "prompts": prompts, "max_tokens": 48, "max_model_len": 512,
+                 "eager": False})  # vLLM's default compiled mode, float32
     results, proc = run_vllm(python, jobs, tmp_path)
     assert results is not None, (proc.stdout[-2000:], proc.stderr[-4000:])
-    f32, bf16, base16 = results
+    f32, bf16, base16, compiled32 = results
     assert [o["tokens"] for o in f32] == expected
+    assert [o["tokens"] for o in compiled32] == expected
     diff32 = max(abs(a - b) for w, o in zip(want_logprobs, f32, strict=True)
                  for a, b in zip(w, o["prompt_logprobs"], strict=True))
+    diff32_compiled = max(abs(a - b) for w, o in zip(want_logprobs, compiled32, strict=True)
+                          for a, b in zip(w, o["prompt_logprobs"], strict=True))
     diff16 = max(abs(a - b) for w, o in zip(want_logprobs, bf16, strict=True)
                  for a, b in zip(w, o["prompt_logprobs"], strict=True))
     same16 = [next((i for i, (a, b) in enumerate(zip(o["tokens"], e, strict=True)) if a != b), 48)
@@ -211,7 +217,8 @@ def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
                    for o, e in zip(base16, base_expected, strict=True)]
     with capsys.disabled():
         print(f"\nSmolLM2 quickstart adapter, --format vllm: exported {report.exported_bytes} bytes, base "
-              f"{report.base_bytes}, adapter {report.adapter_bytes}; float32 prompt log-prob max |diff| {diff32:.2e}; "
+              f"{report.base_bytes}, adapter {report.adapter_bytes}; float32 prompt log-prob max |diff| {diff32:.2e} "
+              f"(eager), {diff32_compiled:.2e} (compiled); "
               f"bfloat16: prompt log-prob max |diff| {diff16:.3f}, greedy tokens equal before the first "
               f"difference {same16} of 48; the base alone in bfloat16: prompt log-prob max |diff| {base_diff16:.3f}, "
               f"greedy tokens equal before the first difference {base_same16} of 48")

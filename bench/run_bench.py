@@ -10,6 +10,8 @@ transformers and vLLM beside loramix's own, as ratios to the base model of the s
     python -m bench.run_bench --routers topk --no-official --steps 5 --warmup 2 --threads 1 --export-decode \
         --vllm-python /path/to/vllm-venv/bin/python --json bench_export.json
 
+``--vllm-mode compiled`` (or ``both``) times vLLM in its default compiled mode instead of (or beside) eager.
+
 Add ``--profile`` to also print a torch.profiler breakdown of one MixLoRA training step.
 """
 
@@ -74,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "python when it imports vllm)",
     )
     p.add_argument(
+        "--vllm-mode",
+        choices=["eager", "compiled", "both"],
+        default="eager",
+        help="vLLM's mode for the --export-decode vLLM rows: eager (enforce_eager; rows vllm_*), compiled (vLLM's "
+        "default, each model compiled as it loads; rows vllm_compiled_*), or both (one vLLM process each)",
+    )
+    p.add_argument(
         "--no-tune-malloc",
         action="store_true",
         help="leave glibc malloc at its defaults (same as LORAMIX_TUNE_MALLOC=0; see loramix.allocator)",
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_decode=not args.no_compile,
         export_decode=args.export_decode,
         vllm_python=args.vllm_python,
+        vllm_modes=("eager", "compiled") if args.vllm_mode == "both" else (args.vllm_mode,),
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(format_table(result))
@@ -142,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     for name, ratio in result["ratios"].items():
-        if name.startswith(("exported_", "vllm_exported_", "vllm_native_")) and ratio["decode_vs_base"] is not None:
-            engine = "vLLM, vs vllm_base" if name.startswith("vllm_") else "transformers, vs base"
+        if (name.startswith(("exported_", "vllm_exported_", "vllm_native_", "vllm_compiled_exported_",
+                             "vllm_compiled_native_")) and ratio["decode_vs_base"] is not None):
+            engine = ("vLLM compiled, vs vllm_compiled_base" if name.startswith("vllm_compiled_") else
+                      "vLLM eager, vs vllm_base" if name.startswith("vllm_") else "transformers, vs base")
             print(f"{name}: decode {ratio['decode_vs_base']:.2f}x base ({engine})")
     for name, reason in result["skipped"].items():
         if name.startswith(("exported_", "native_", "vllm")):

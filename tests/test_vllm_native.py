@@ -7,11 +7,12 @@ vLLM's CPU attention needs head_dim >= 32, hence the tiny models' sizes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
 
 from helpers.serving import greedy, vllm_python
 from helpers.tiny_models import perturb_adapters, tiny_model
@@ -29,9 +30,10 @@ REL = 1e-4
 
 
 def base(arch: str, **overrides) -> torch.nn.Module:
-    if arch == "qwen3":
+    if arch in ("qwen3", "mistral"):
         torch.manual_seed(0)
-        cfg = Qwen3Config(**(SIZES | overrides), head_dim=32, num_hidden_layers=2)
+        config = {"qwen3": Qwen3Config, "mistral": MistralConfig}[arch]
+        cfg = config(**(SIZES | overrides), head_dim=32, num_hidden_layers=2)
         return AutoModelForCausalLM.from_config(cfg).eval()
     return tiny_model(arch, **(SIZES | overrides))
 
@@ -44,6 +46,7 @@ CASES = {  # name: (base, MixLoraConfig fields)
     "llama_adapter": ("llama", dict(num_experts=4, top_k=2, expert_type="adapter")),
     "qwen2_topk": ("qwen2", dict(num_experts=4, top_k=2)),
     "qwen3_noisy_topk": ("qwen3", dict(num_experts=[0, 4], router="noisy_topk", top_k=2)),
+    "mistral_topk": ("mistral", dict(num_experts=4, top_k=2)),
 }
 
 
@@ -65,7 +68,7 @@ def prompt_logprobs(model: torch.nn.Module, prompt: list[int]) -> list[float]:
 
 def test_vllm_computes_loramix_for_every_adapter_kind(tmp_path):
     """One vLLM process serves one export per case (each router in its eval form with a trained balance bias,
-    adapter experts, per-layer expert counts with top-k > 1, Qwen2, Qwen3): float32 log-probs of every
+    adapter experts, per-layer expert counts with top-k > 1, Qwen2, Qwen3, Mistral): float32 log-probs of every
     prompt position within 1e-4 relative of loramix's, and the same greedy tokens."""
     python = vllm_python()
     jobs, expected = [], {}
@@ -78,6 +81,32 @@ def test_vllm_computes_loramix_for_every_adapter_kind(tmp_path):
         jobs.append({"model": str(tmp_path / name), "prompts": PROMPTS, "max_tokens": STEPS})
     results, run = run_vllm(python, jobs, tmp_path)
     assert results is not None, (run.stdout[-2000:], run.stderr[-4000:])
+    for (name, want), got in zip(expected.items(), results, strict=True):
+        for (logprobs, tokens), out in zip(want, got, strict=True):
+            diff = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(logprobs, out["prompt_logprobs"], strict=True))
+            assert diff <= REL, (name, diff)
+            assert out["tokens"] == tokens, name
+
+
+COMPILED_CASES = ["llama_topk_bias_uneven", "llama_top_p", "llama_adapter"]
+
+
+def test_vllm_compiled_mode_computes_loramix(tmp_path, monkeypatch):
+    """vLLM's default compiled mode (no enforce_eager) compiles the plugin's model and computes loramix's: the
+    same log-prob and greedy-token checks on mixlora experts with a trained balance bias and per-layer counts,
+    top_p (every expert a slot) and adapter experts."""
+    python = vllm_python()
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm_cache"))  # compiled from this checkout's code
+    jobs, expected = [], {}
+    for name in COMPILED_CASES:
+        arch, fields = CASES[name]
+        model = adapted(arch, fields)
+        expected[name] = [(prompt_logprobs(model, p), greedy(model, p, STEPS)) for p in PROMPTS]
+        export_adapted(model, tmp_path / name, tiny_tokenizer(), format="vllm")
+        jobs.append({"model": str(tmp_path / name), "prompts": PROMPTS, "max_tokens": STEPS, "eager": False})
+    results, run = run_vllm(python, jobs, tmp_path)
+    assert results is not None, (run.stdout[-2000:], run.stderr[-4000:])
+    assert "enforce_eager=False" in run.stderr + run.stdout
     for (name, want), got in zip(expected.items(), results, strict=True):
         for (logprobs, tokens), out in zip(want, got, strict=True):
             diff = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(logprobs, out["prompt_logprobs"], strict=True))
@@ -104,12 +133,38 @@ SMOLLM2_PROMPTS = [
 ]
 
 
-def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
-    """The quickstart recipe (defaults: balance bias on) cut to 8 steps on the packaged SmolLM2, exported with
-    --format vllm: vLLM's float32 greedy tokens equal loramix's for four chat prompts, 48 tokens each; the
-    export is at most 1.1 x (base + adapter); a bfloat16 run's agreement is printed beside the same figures for
-    the base model alone (vLLM bfloat16 against transformers float32): the size of bfloat16 rounding here."""
+def quickstart_adapter(tmp_path: Path) -> Path:
+    """The README main job's adapter: configs/counsel_chat_quick.yaml trained as it is (40 steps, defaults, so the
+    balance bias is on), or, with ``LORAMIX_QUICKSTART_RUN`` naming a finished run of that config (e.g.
+    ``runs/quickstart`` after ``scripts/quickstart.sh``), that run's adapter, once its resolved options are checked
+    against the config."""
+    import yaml
+
+    from loramix.train import train
+
+    root = Path(__file__).resolve().parents[1]
+    config = root / "configs" / "counsel_chat_quick.yaml"
+    given = os.environ.get("LORAMIX_QUICKSTART_RUN")
+    if given:
+        want = yaml.safe_load(config.read_text())
+        got = yaml.safe_load((Path(given) / "resolved_config.yaml").read_text())
+        flat = {k: v for part in got.values() if isinstance(part, dict) for k, v in part.items()} | got
+        differ = {k: (v, flat.get(k)) for k, v in want.items() if k not in ("data", "output_dir") and flat.get(k) != v}
+        assert not differ, f"LORAMIX_QUICKSTART_RUN={given} was not trained with {config.name}: {differ}"
+        return Path(given) / "adapter"
+    run = tmp_path / "run"
+    train(str(config), data=str(root / "data" / "counsel_chat" / "counsel_chat_sample.jsonl"), output_dir=str(run))
+    return run / "adapter"
+
+
+def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys, monkeypatch):
+    """The quickstart adapter (the README main job: configs/counsel_chat_quick.yaml with its defaults, balance
+    bias on) on the packaged SmolLM2, exported with --format vllm: vLLM's float32 greedy tokens equal loramix's for
+    four chat prompts, 48 tokens each, eager and in vLLM's default compiled mode; the export is at most 1.1 x
+    (base + adapter); a bfloat16 run's agreement is printed beside the same figures for the base model alone
+    (vLLM bfloat16 against transformers float32): the size of bfloat16 rounding here."""
     python = vllm_python()
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm_cache"))  # compiled from this checkout's code
     try:
         from loramix.models import default_model_path
 
@@ -121,21 +176,16 @@ def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
     from loramix import load_adapter
     from loramix.export import export_model
     from loramix.models import convert_gguf, load_base_model
-    from loramix.train import train
 
-    root = Path(__file__).resolve().parents[1]
-    run = tmp_path / "run"
-    train(str(root / "configs" / "counsel_chat_quick.yaml"), data=str(root / "data" / "counsel_chat" /
-          "counsel_chat_sample.jsonl"), output_dir=str(run), max_steps=8, max_length=128, batch_size=2,
-          eval_steps=8)
-    report = export_model(run / "adapter", tmp_path / "out", format="vllm")
+    adapter = quickstart_adapter(tmp_path)
+    report = export_model(adapter, tmp_path / "out", format="vllm")
     assert report.exported_bytes <= 1.1 * (report.base_bytes + report.adapter_bytes)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False) for p in SMOLLM2_PROMPTS]
     prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
     base, _ = load_base_model(None, dtype="float32", device="cpu")
-    model = load_adapter(base, run / "adapter").eval()
+    model = load_adapter(base, adapter).eval()
     assert any(bool((layer.mlp.router.export_state()[1] != 0).any()) for layer in model.model.layers)
     expected = [greedy(model, p, 48) for p in prompts]
     want_logprobs = [prompt_logprobs(model, p) for p in prompts]
@@ -146,12 +196,17 @@ def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
     jobs = [{"model": str(tmp_path / "out"), "prompts": prompts, "max_tokens": 48, "dtype": dtype,
              "max_model_len": 512} for dtype in ("float32", "bfloat16")]
     jobs.append({"model": base_dir, "prompts": prompts, "max_tokens": 48, "dtype": "bfloat16", "max_model_len": 512})
+    jobs.append({"model": str(tmp_path / "out"), "prompts": prompts, "max_tokens": 48, "max_model_len": 512,
+                 "eager": False})  # vLLM's default compiled mode, float32
     results, proc = run_vllm(python, jobs, tmp_path)
     assert results is not None, (proc.stdout[-2000:], proc.stderr[-4000:])
-    f32, bf16, base16 = results
+    f32, bf16, base16, compiled32 = results
     assert [o["tokens"] for o in f32] == expected
+    assert [o["tokens"] for o in compiled32] == expected
     diff32 = max(abs(a - b) for w, o in zip(want_logprobs, f32, strict=True)
                  for a, b in zip(w, o["prompt_logprobs"], strict=True))
+    diff32_compiled = max(abs(a - b) for w, o in zip(want_logprobs, compiled32, strict=True)
+                          for a, b in zip(w, o["prompt_logprobs"], strict=True))
     diff16 = max(abs(a - b) for w, o in zip(want_logprobs, bf16, strict=True)
                  for a, b in zip(w, o["prompt_logprobs"], strict=True))
     same16 = [next((i for i, (a, b) in enumerate(zip(o["tokens"], e, strict=True)) if a != b), 48)
@@ -161,8 +216,9 @@ def test_smollm2_default_adapter_served_by_vllm(tmp_path, capsys):
     base_same16 = [next((i for i, (a, b) in enumerate(zip(o["tokens"], e, strict=True)) if a != b), 48)
                    for o, e in zip(base16, base_expected, strict=True)]
     with capsys.disabled():
-        print(f"\nSmolLM2 quickstart-8-step adapter, --format vllm: exported {report.exported_bytes} bytes, base "
-              f"{report.base_bytes}, adapter {report.adapter_bytes}; float32 prompt log-prob max |diff| {diff32:.2e}; "
+        print(f"\nSmolLM2 quickstart adapter, --format vllm: exported {report.exported_bytes} bytes, base "
+              f"{report.base_bytes}, adapter {report.adapter_bytes}; float32 prompt log-prob max |diff| {diff32:.2e} "
+              f"(eager), {diff32_compiled:.2e} (compiled); "
               f"bfloat16: prompt log-prob max |diff| {diff16:.3f}, greedy tokens equal before the first "
               f"difference {same16} of 48; the base alone in bfloat16: prompt log-prob max |diff| {base_diff16:.3f}, "
               f"greedy tokens equal before the first difference {base_same16} of 48")

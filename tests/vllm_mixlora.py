@@ -6,8 +6,9 @@ entry point (an installed loramix, or the test's temporary dist-info on PYTHONPA
     python vllm_mixlora.py <job.json>
 
 ``job.json``: a list of ``{"model": dir, "prompts": [[ids]], "max_tokens": n, "dtype": "float32"}``, run one
-after another in this process. Prints one JSON line: per job and prompt, the generated token ids and, for
-every prompt position after the first, the log-prob vLLM gives the prompt's own next token.
+after another in this process; ``"eager": false`` runs vLLM's default compiled mode (default: eager). Prints one
+JSON line: per job and prompt, the generated token ids and, for every prompt position after the first, the
+log-prob vLLM gives the prompt's own next token.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import sys
 def run(job: dict) -> list[dict]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"), skip_tokenizer_init=True, enforce_eager=True,
-              max_model_len=job.get("max_model_len", 256), seed=0)
+    llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"), skip_tokenizer_init=True,
+              enforce_eager=job.get("eager", True), max_model_len=job.get("max_model_len", 256), seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], detokenize=False, ignore_eos=True,
                             prompt_logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params)

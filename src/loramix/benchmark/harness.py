@@ -31,7 +31,9 @@ vLLM importable here) the base and each exported checkpoint are also decoded by 
 (``vllm_decode.py`` beside this file, one process, models interleaved round by round, same prompt and token count):
 the ``vllm_*`` rows, whose ``decode / base`` is relative to ``vllm_base`` measured in that same process.
 Each variant is also exported with ``format="vllm"`` (loramix's native MixLoRA model, base weights once) and
-decoded there with loramix's plugin (``vllm_native_<router>`` rows; :func:`vllm_plugin_env`).
+decoded there with loramix's plugin (``vllm_native_<router>`` rows; :func:`vllm_plugin_env`). vLLM runs with
+``enforce_eager`` (``vllm_modes=("eager",)``), in its default compiled mode (``"compiled"``: the same rows
+prefixed ``vllm_compiled_``, against ``vllm_compiled_base``), or both, one vLLM process per mode.
 
 The base model has nothing to train; its "training step" is the **floor**: forward + backward through the
 frozen model to its input embeddings (no weight gradients, no optimizer). Every adapter's step does this
@@ -537,44 +539,52 @@ def vllm_plugin_env(tmp: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
+#: vLLM's modes the vLLM rows can run in: row-name prefix and the ``enforce_eager`` value
+VLLM_MODES = {"eager": ("vllm_", True), "compiled": ("vllm_compiled_", False)}
+
+
 def _vllm_rows(base: nn.Module, exported: dict[str, Any], tmp: Path, vllm_python: str | None,
                skipped: dict[str, str], say: Callable[[str], Any], *, steps: int, warmup: int, decode_tokens: int,
-               prompt_len: int, vocab: int, common: dict[str, Any], threads: int | None) -> dict[str, dict]:
+               prompt_len: int, vocab: int, common: dict[str, Any], threads: int | None,
+               modes: Sequence[str] = ("eager",)) -> dict[str, dict]:
     python, why = find_vllm_python(vllm_python)
     if python is None:
         skipped["vllm"] = why
         return {}
     base_dir = tmp / "base"
     base.save_pretrained(base_dir)
-    models = {"vllm_base": str(base_dir)}
-    models.update({"vllm_" + name: str(e["dir"]) for name, e in exported.items()})
-    job = {"models": models, "steps": steps, "warmup": max(warmup, 1), "decode_tokens": decode_tokens,
-           "prompt": bench_prompt(vocab, common["batch_size"], common["seq_len"], prompt_len, common["seed"]),
-           "max_model_len": prompt_len + decode_tokens + 16}
+    paths = {"base": str(base_dir), **{name: str(e["dir"]) for name, e in exported.items()}}
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"),  # compiled mode: this code's graphs, not a cached one
            **vllm_plugin_env(tmp)}
     if threads is not None:  # as the transformers rows: this many threads, no pinning to cores
         env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads))
-    say(f"[bench] vLLM decode of {', '.join(models)} ({python}) ...")
-    try:
-        run = subprocess.run([python, str(VLLM_SCRIPT), json.dumps(job)], capture_output=True, text=True, env=env,
-                             timeout=3600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        skipped["vllm"] = f"vLLM run failed: {e}"
-        return {}
-    lines = [line for line in run.stdout.splitlines() if line.startswith(VLLM_MARK)]
-    if run.returncode != 0 or not lines:
-        tail = " ".join((run.stderr or run.stdout).strip().splitlines()[-3:])
-        skipped["vllm"] = f"vLLM run failed (exit {run.returncode}): {tail[-600:]}"
-        return {}
     rows = {}
-    for name, times in json.loads(lines[-1].removeprefix(VLLM_MARK)).items():
-        med = statistics.median(times["decode_s_all"])
-        rows[name] = {**_empty_figures(), "decode_s": med, "decode_s_all": times["decode_s_all"],
-                      "decode_new_tokens": times["decode_new_tokens"],
-                      "decode_tokens_per_s": times["decode_new_tokens"] / med if med else None,
-                      "engine": "vllm " + times.get("vllm_version", "")}
-        say(f"[bench] {name}: decode {rows[name]['decode_tokens_per_s']:.1f} tok/s")
+    for mode in modes:
+        prefix, eager = VLLM_MODES[mode]
+        models = {prefix + name: path for name, path in paths.items()}
+        job = {"models": models, "steps": steps, "warmup": max(warmup, 1), "decode_tokens": decode_tokens,
+               "prompt": bench_prompt(vocab, common["batch_size"], common["seq_len"], prompt_len, common["seed"]),
+               "max_model_len": prompt_len + decode_tokens + 16, "eager": eager}
+        say(f"[bench] vLLM decode ({mode}) of {', '.join(models)} ({python}) ...")
+        try:
+            run = subprocess.run([python, str(VLLM_SCRIPT), json.dumps(job)], capture_output=True, text=True,
+                                 env=env, timeout=3600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            skipped[prefix + "*"] = f"vLLM run failed: {e}"
+            continue
+        lines = [line for line in run.stdout.splitlines() if line.startswith(VLLM_MARK)]
+        if run.returncode != 0 or not lines:
+            tail = " ".join((run.stderr or run.stdout).strip().splitlines()[-3:])
+            skipped[prefix + "*"] = f"vLLM run failed (exit {run.returncode}): {tail[-600:]}"
+            continue
+        for name, times in json.loads(lines[-1].removeprefix(VLLM_MARK)).items():
+            med = statistics.median(times["decode_s_all"])
+            rows[name] = {**_empty_figures(), "decode_s": med, "decode_s_all": times["decode_s_all"],
+                          "decode_new_tokens": times["decode_new_tokens"],
+                          "decode_tokens_per_s": times["decode_new_tokens"] / med if med else None,
+                          "engine": f"vllm {times.get('vllm_version', '')} {mode}"}
+            say(f"[bench] {name}: decode {rows[name]['decode_tokens_per_s']:.1f} tok/s")
     return rows
 
 
@@ -677,6 +687,7 @@ def run_benchmark(
     compile_decode: bool = True,
     export_decode: bool = False,
     vllm_python: str | None = None,
+    vllm_modes: Sequence[str] = ("eager",),
     log: Callable[[str], Any] | None = print,
 ) -> dict[str, Any]:
     """Measure base / PEFT LoRA / MixLoRA (each router) / official mixlora in one run.
@@ -700,6 +711,9 @@ def run_benchmark(
             with transformers (``exported_<router>`` rows) and, when vLLM is found, with vLLM (``vllm_*`` rows).
         vllm_python: the Python of a virtualenv with vLLM, for the ``vllm_*`` rows (default:
             ``$LORAMIX_VLLM_PYTHON``, else this interpreter when it imports vllm, else those rows are skipped).
+        vllm_modes: vLLM's modes for those rows: ``eager`` (``enforce_eager``; rows ``vllm_*``) and/or
+            ``compiled`` (vLLM's default, compiling each model once as it loads; rows ``vllm_compiled_*``). Each
+            mode runs in its own vLLM process; its rows' ``decode / base`` is against its own base row.
         log: progress messages (``None`` = silent).
 
     Returns ``{"config", "machine", "memory_metric", "variants": {name: figures}, "ratios", "targets",
@@ -717,6 +731,7 @@ def run_benchmark(
                 decode_tokens=decode_tokens, prompt_len=prompt_len, num_experts=num_experts, top_k=top_k, r=r,
                 alpha=alpha, dropout=dropout, seed=seed, interleave=interleave, compile_decode=compile_decode,
                 export_decode=export_decode, vllm_python=vllm_python, threads=threads,
+                vllm_modes=tuple(vllm_modes),
             )
     finally:
         torch.set_num_threads(previous_threads)
@@ -748,7 +763,11 @@ def _run_in(
     export_decode: bool,
     vllm_python: str | None,
     threads: int | None,
+    vllm_modes: tuple[str, ...] = ("eager",),
 ) -> dict[str, Any]:
+    unknown = [m for m in vllm_modes if m not in VLLM_MODES]
+    if unknown:
+        raise ValueError(f"vllm_modes: {unknown} unknown; expected some of {sorted(VLLM_MODES)}")
     torch.manual_seed(seed)
     malloc_tuned = tune_malloc()  # before any variant, so every one of them runs with the same allocator
     base = frozen_base(model_spec, dev, dtype)
@@ -854,7 +873,7 @@ def _run_in(
     if exported or native:
         variants.update(_vllm_rows(base, {**exported, **native}, tmp, vllm_python, skipped, say, steps=steps,
                                    warmup=warmup, decode_tokens=decode_tokens, prompt_len=prompt_len, vocab=vocab,
-                                   common=common, threads=threads))
+                                   common=common, threads=threads, modes=vllm_modes))
     result = {
         "config": {
             "batch_size": batch_size,
@@ -873,6 +892,7 @@ def _run_in(
             "interleaved": interleave,
             "compile_decode": compile_decode,
             "export_decode": export_decode,
+            "vllm_modes": list(vllm_modes),
             "model": getattr(base.config, "_name_or_path", None) or type(base).__name__,
         },
         "machine": {**machine_info(dev), "malloc_tuned": malloc_tuned, ENV_SWITCH: os.environ.get(ENV_SWITCH)},
@@ -934,9 +954,11 @@ def _ratios(variants: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, fl
     def div(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b not in (None, 0) else None
 
-    vllm_base = variants.get("vllm_base")
+    vllm_base, vllm_compiled_base = variants.get("vllm_base"), variants.get("vllm_compiled_base")
     for name, f in variants.items():
-        ref = vllm_base if name.startswith("vllm_") else base  # each engine against its own base model
+        # each engine (and vLLM mode) against its own base model
+        ref = (vllm_compiled_base if name.startswith("vllm_compiled_") else vllm_base if name.startswith("vllm_")
+               else base)
         ratios[name] = {
             "step_vs_lora": div(f.get("train_step_s"), lora and lora.get("train_step_s")),
             "step_vs_official": div(f.get("train_step_s"), official and official.get("train_step_s")),

@@ -2,9 +2,10 @@
 interpreter (which needs no loramix):
 
     python vllm_decode.py '{"models": {name: dir}, "prompt": [ids], "decode_tokens": N, "steps": S,
-                                  "warmup": W, "max_model_len": L}'
+                                  "warmup": W, "max_model_len": L, "eager": true}'
 
-Every model is loaded (float32, eager, no tokenizer) and warmed up, then ``steps`` rounds time one greedy
+Every model is loaded (float32, no tokenizer; ``"eager": false`` runs vLLM's default compiled mode, which compiles
+each model once while it loads) and warmed up, then ``steps`` rounds time one greedy
 ``generate`` of exactly ``decode_tokens`` new tokens per model, the models interleaved with the order rotated
 each round. Prints one line: ``LORAMIX_VLLM_DECODE {name: {"decode_s_all": [...], "decode_new_tokens": n}}``.
 vLLM starts worker processes, so the work happens only under ``if __name__ == "__main__"``.
@@ -23,7 +24,7 @@ def run(job: dict) -> dict:
     import vllm
     from vllm import LLM, SamplingParams
 
-    llms = {name: LLM(model=path, dtype="float32", skip_tokenizer_init=True, enforce_eager=True,
+    llms = {name: LLM(model=path, dtype="float32", skip_tokenizer_init=True, enforce_eager=job.get("eager", True),
                       max_model_len=job["max_model_len"], seed=0)
             for name, path in job["models"].items()}
     params = SamplingParams(temperature=0.0, max_tokens=job["decode_tokens"], min_tokens=job["decode_tokens"],

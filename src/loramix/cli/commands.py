@@ -269,6 +269,7 @@ def bench_command(
     compile_decode: bool = True,
     export_decode: bool = False,
     vllm_python: str | None = None,
+    vllm_mode: str = "eager",
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Training step time, tokens/s, peak memory, decode tokens/s and trainable parameters of base, PEFT LoRA,
@@ -290,6 +291,8 @@ def bench_command(
             decoding with transformers and, when a vLLM interpreter is found, with vLLM.
         vllm_python: the python of a virtualenv with vLLM for the export_decode rows (default:
             $LORAMIX_VLLM_PYTHON).
+        vllm_mode: vLLM's mode for those rows: eager (enforce_eager), compiled (vLLM's default: each model is
+            compiled as it loads; rows vllm_compiled_*), or both.
         threads: torch CPU threads for the run (default: unchanged); 1 on a CPU other processes keep busy.
     """
     harness = bench_harness()
@@ -297,10 +300,15 @@ def bench_command(
         check_int(name, value, 1)
     check_int("warmup", warmup, 0)
     check_int("threads", threads, 1, optional=True)
+    if vllm_mode not in ("eager", "compiled", "both"):
+        from ..config import ConfigError
+
+        raise ConfigError(f"vllm_mode: must be eager, compiled or both, got {vllm_mode!r}")
     kwargs: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq_len, "steps": steps,
                               "include_official": include_official, "device": device, "warmup": warmup,
                               "compile_decode": compile_decode, "export_decode": export_decode,
-                              "vllm_python": vllm_python, "threads": threads}
+                              "vllm_python": vllm_python, "threads": threads,
+                              "vllm_modes": ("eager", "compiled") if vllm_mode == "both" else (vllm_mode,)}
     if routers:
         kwargs["routers"] = [routers] if isinstance(routers, str) else list(routers)
     result = harness.run_benchmark(model, **kwargs)

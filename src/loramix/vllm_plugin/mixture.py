@@ -17,11 +17,18 @@ The deltas take one of two fixed-shape routes, with no loop over experts:
 * many pairs (prefill): x against every expert's A at once (T, E*r), each slot keeping its expert's block,
   times every expert's B stacked (E*r, out); the down deltas are summed over the slots before their B.
   Gathering weights per pair would copy N x r x I values here.
+
+These functions are the plain reference. The plugin serves with the ``*_serving`` functions below, which compute
+the same with fewer ops on tensors laid out once at load time (:class:`ServingLayout`): gate's and up's factors
+stacked per expert, B transposed with the LoRA scaling folded in, each B read row by row with
+``F.embedding_bag`` (only the chosen experts' rows, no gathered copy), and no Python branch on the number of
+tokens inside a compiled graph.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -132,3 +139,134 @@ def adapter_ffn(x: torch.Tensor, frozen: torch.Tensor, weights: torch.Tensor, id
     z = F.silu(x @ _stacked_a(a))  # (T, E*r) every expert's silu(A x)
     z = (z.view(num_tokens, e, r) * dense[..., None]).reshape(num_tokens, e * r)  # (T, E*r) weighted
     return frozen + scale * (z @ _stacked_b(b))  # (T, H)
+
+
+# --------------------------------------------------------------------------------------------------
+# serving: the same maths on the load-time layout, fewer ops
+# --------------------------------------------------------------------------------------------------
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a (..., 2I) gate/up activation: (..., I)."""
+    half = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :half]) * gate_up[..., half:]  # (..., I)
+
+
+def serve_route(x: torch.Tensor, weight: torch.Tensor, balance_bias: torch.Tensor, rule: str, top_k: int,
+                top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route` with ``topk``'s weights as the softmax of the chosen logits (the renormalised probabilities
+    over the chosen experts, two ops fewer); the other rules as :func:`route`."""
+    if rule != "topk":
+        return route(x, weight, balance_bias, rule, top_k, top_p)
+    logits = F.linear(x.float(), weight)  # (T, E) routers in float32
+    idx = (logits + balance_bias).topk(top_k, dim=-1).indices  # (T, k) chosen with the bias
+    return logits.gather(-1, idx).softmax(dim=-1), idx  # (T, k) weighted without it
+
+
+@dataclass(eq=False)
+class ServingLayout:
+    """One MoE layer's expert tensors as the serving functions read them (views of storage the plugin loads into).
+
+    ``mixlora`` experts (roles the adapter does not train stay zero: they add exactly 0):
+
+    * ``a_gu`` (E, 2r, H): gate's A then up's A per expert; ``None`` when neither is adapted;
+    * ``b_gu`` (E*2r, I): gate's then up's B transposed, times the LoRA scaling, one row per
+      (expert, role, rank) (row ``e*2r + j``);
+    * ``a_down`` (E, r, I) and ``b_down`` (E*r, H): down's A and its scaled, transposed B; ``None`` when down is
+      not adapted.
+
+    ``adapter`` experts: ``a_down`` unused, ``a_gu`` (E, r, H) the adapters' A, ``b_down`` (E*r, H) their B
+    transposed (the learned ``scale`` is applied to the routing weights).
+    """
+
+    num_experts: int
+    rank: int
+    a_gu: torch.Tensor | None
+    b_gu: torch.Tensor | None
+    a_down: torch.Tensor | None
+    b_down: torch.Tensor | None
+
+    @classmethod
+    def from_factors(cls, loras: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> ServingLayout:
+        """From each adapted role's A (E, r, in) and B (E, out, r), as loramix's experts and the export hold them."""
+        a = next(iter(loras.values()))[0]
+        e, r = a.shape[0], a.shape[1]
+        a_gu = b_gu = a_down = b_down = None
+        if "gate" in loras or "up" in loras:
+            some = loras["gate"] if "gate" in loras else loras["up"]
+            hidden, inter = some[0].shape[2], some[1].shape[1]
+            a_gu = a.new_zeros(e, 2, r, hidden)  # (E, role, r, H)
+            b_gu = a.new_zeros(e, 2, r, inter)  # (E, role, r, I)
+            for j, role in enumerate(("gate", "up")):
+                if role in loras:
+                    a_gu[:, j] = loras[role][0]
+                    b_gu[:, j] = loras[role][1].transpose(1, 2) * scaling
+            a_gu, b_gu = a_gu.view(e, 2 * r, hidden), b_gu.view(e * 2 * r, inter)  # (E, 2r, H), (E*2r, I)
+        if "down" in loras:
+            a_down = loras["down"][0]  # (E, r, I)
+            b_down = (loras["down"][1].transpose(1, 2) * scaling).reshape(e * r, -1)  # (E*r, H)
+        return cls(e, r, a_gu, b_gu, a_down, b_down)
+
+    @classmethod
+    def from_adapters(cls, a: torch.Tensor, b: torch.Tensor) -> ServingLayout:
+        """From ``adapter`` experts' A (E, r, H) and B (E, H, r)."""
+        e, r = a.shape[0], a.shape[1]
+        return cls(e, r, a, None, None, b.transpose(1, 2).reshape(e * r, -1))  # B (E*r, H)
+
+
+def _chosen_a(x: torch.Tensor, a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(T, K, m): each (token, slot) pair's A_e x, for x (T, in), A (E, m, in), expert ids (T, K).
+
+    Eagerly, for at most :data:`PAIRWISE_MAX_PAIRS` pairs (decoding), the chosen experts' A are gathered and
+    multiplied per token; otherwise, and always inside a compiled graph (one graph serves every batch size),
+    every expert's A runs at once and each pair keeps its expert's block."""
+    num_tokens, k = idx.shape
+    e, m, width = a.shape
+    if not torch.compiler.is_compiling() and num_tokens * k <= PAIRWISE_MAX_PAIRS:
+        chosen = a.index_select(0, idx.reshape(-1)).view(num_tokens, k * m, width)  # (T, K*m, in)
+        return torch.bmm(chosen, x.view(num_tokens, width, 1)).view(num_tokens, k, m)  # (T, K, m)
+    every = F.linear(x, a.view(e * m, width)).view(num_tokens, e, m)  # (T, E, m) every expert's A x
+    return every.gather(1, idx[..., None].expand(num_tokens, k, m))  # (T, K, m)
+
+
+def _bag_rows(idx: torch.Tensor, offsets: torch.Tensor, width: int) -> torch.Tensor:
+    """Row ids (T, K, len(offsets)) of the pairs' B rows: expert ``e``'s rows are ``e*width + offsets``."""
+    return torch.add(offsets, idx[..., None], alpha=width)  # (T, K, n)
+
+
+def mixlora_ffn_serving(x: torch.Tensor, gate_up: torch.Tensor, down: Linear, weights: torch.Tensor,
+                        idx: torch.Tensor, layout: ServingLayout, offsets: torch.Tensor,
+                        act_and_mul: Linear = silu_and_mul) -> torch.Tensor:
+    """:func:`mixlora_ffn` on a :class:`ServingLayout`: x (T, H), the frozen merged gate/up projection (T, 2I),
+    the frozen ``down`` projection, routing weights / ids (T, K); ``offsets`` = ``arange(2r)``;
+    ``act_and_mul`` maps (..., 2I) to silu(gate) * up (..., I)."""
+    num_tokens, k = idx.shape
+    r = layout.rank
+    w = weights.to(x.dtype)  # (T, K)
+    pre = gate_up[:, None, :]  # (T, 1, 2I) the frozen part every slot shares
+    if layout.a_gu is not None:
+        z = _chosen_a(x, layout.a_gu, idx)  # (T, K, 2r): each pair's gate and up A x
+        rows = _bag_rows(idx, offsets, 2 * r).view(num_tokens * k * 2, r)  # (T*K*2, r) one bag per (pair, role)
+        delta = F.embedding_bag(rows, layout.b_gu, per_sample_weights=z.reshape(num_tokens * k * 2, r),
+                                mode="sum")  # (T*K*2, I) each pair's scaled gate and up B (A x)
+        pre = pre + delta.view(num_tokens, k, -1)  # (T, K, 2I) merged gate/up per slot
+    else:
+        pre = pre.expand(num_tokens, k, -1)  # (T, K, 2I)
+    h = act_and_mul(pre)  # (T, K, I) each slot's expert activation
+    out = down(torch.bmm(w[:, None, :], h).view(num_tokens, -1))  # (T, H) frozen down of the weighted sum
+    if layout.a_down is None:
+        return out
+    zd = _chosen_a(h.reshape(num_tokens * k, -1), layout.a_down, idx.reshape(num_tokens * k, 1))  # (T*K, 1, r)
+    zd = zd.view(num_tokens, k, r) * w[..., None]  # (T, K, r) weighted by the slot's routing weight
+    rows = _bag_rows(idx, offsets[:r], r).view(num_tokens, k * r)  # (T, K*r) one bag per token
+    return out + F.embedding_bag(rows, layout.b_down, per_sample_weights=zd.view(num_tokens, k * r), mode="sum")
+
+
+def adapter_ffn_serving(x: torch.Tensor, frozen: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                        layout: ServingLayout, scale: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`adapter_ffn` on a :class:`ServingLayout`: the frozen FFN's output (T, H) + scale * sum_k w_k
+    B_e silu(A_e x), only the chosen experts' B rows read."""
+    num_tokens, k = idx.shape
+    r = layout.rank
+    z = F.silu(_chosen_a(x, layout.a_gu, idx))  # (T, K, r) each pair's silu(A x)
+    z = z * (weights.to(x.dtype) * scale)[..., None]  # (T, K, r) weighted
+    rows = _bag_rows(idx, offsets[:r], r).view(num_tokens, k * r)  # (T, K*r) one bag per token
+    return frozen + F.embedding_bag(rows, layout.b_down, per_sample_weights=z.view(num_tokens, k * r), mode="sum")

@@ -2,8 +2,9 @@
 of each MoE layer replaced by :class:`MixLoraMLP`.
 
 Everything frozen is vLLM's (attention, norms, embeddings, the parallel gate/up and down projections), so
-its attention backends and tensor parallelism apply. :class:`MixLoraMLP` holds the adapter's tensors and
-computes with :mod:`loramix.vllm_plugin.mixture` what loramix's ``MixLoraFFN`` computes in eval mode.
+its attention backends and tensor parallelism apply. :class:`MixLoraMLP` holds the adapter's tensors in the
+serving layout and computes with :mod:`loramix.vllm_plugin.mixture`'s serving functions what loramix's
+``MixLoraFFN`` computes in eval mode.
 
 Tensor parallelism: gate/up's B and down's A are split along the FFN width like vLLM's projections; the
 down deltas are added before the down projection's all-reduce. Only one GPU / CPU process is tested.
@@ -12,13 +13,13 @@ down deltas are added before the down projection's all-reduce. Only one GPU / CP
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.distributed import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
 )
+from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
@@ -27,7 +28,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.utils import set_weight_attrs
 
 from . import FORMAT_VERSION, check_vllm_version
-from .mixture import adapter_ffn, mixlora_ffn, route
+from .mixture import adapter_ffn_serving, mixlora_ffn_serving, serve_route
 
 
 def _section(config) -> dict:
@@ -39,9 +40,10 @@ def _section(config) -> dict:
     return section
 
 
-def _loader(shard_dim: int | None, transpose: bool):
-    """A weight loader: B factors are kept transposed, (E, r, out), so that no forward copies them; a tensor split
-    for tensor parallelism keeps this rank's slice of ``shard_dim`` (the FFN width, in the kept layout)."""
+def _loader(shard_dim: int | None, transpose: bool, scale: float | None = None):
+    """A weight loader: B factors are kept transposed, (E, r, out), so that no forward copies them, and times the
+    LoRA scaling (``scale``); a tensor split for tensor parallelism keeps this rank's slice of ``shard_dim`` (the
+    FFN width, in the kept layout)."""
 
     def load(param: torch.Tensor, loaded: torch.Tensor) -> None:
         if transpose:
@@ -52,19 +54,27 @@ def _loader(shard_dim: int | None, transpose: bool):
         if param.shape != loaded.shape:
             raise ValueError(f"MixLoRA tensor of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
         param.data.copy_(loaded)
+        if scale is not None:
+            param.data.mul_(scale)
 
     return load
 
 
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype | None,
-           shard_dim: int | None = None, transpose: bool = False) -> None:
-    p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-    set_weight_attrs(p, {"weight_loader": _loader(shard_dim, transpose)})
+def _param(module: nn.Module, name: str, storage: torch.Tensor, shard_dim: int | None = None,
+           transpose: bool = False, scale: float | None = None) -> None:
+    """Register ``storage`` (a view of a serving buffer, or a tensor of its own) as the parameter that vLLM loads
+    the checkpoint tensor ``name`` into."""
+    p = nn.Parameter(storage, requires_grad=False)  # shares storage's memory
+    set_weight_attrs(p, {"weight_loader": _loader(shard_dim, transpose, scale)})
     module.register_parameter(name, p)
 
 
 class MixLoraMLP(nn.Module):
-    """A MixLoRA FFN on vLLM's parallel linear layers (see the module docstring)."""
+    """A MixLoRA FFN on vLLM's parallel linear layers (see the module docstring).
+
+    The checkpoint's per-role factors are loaded into views of the serving buffers that
+    :class:`~loramix.vllm_plugin.mixture.ServingLayout` describes (this module has its attributes): ``a_gu``,
+    ``b_gu``, ``a_down``, ``b_down``."""
 
     def __init__(self, config, section: dict, num_experts: int, quant_config=None, prefix: str = "") -> None:
         super().__init__()
@@ -72,7 +82,7 @@ class MixLoraMLP(nn.Module):
         tp = get_tensor_model_parallel_world_size()
         self.tp = tp
         self.inter = inter // tp  # this rank's FFN width
-        self.num_experts = num_experts
+        self.num_experts = e = num_experts
         self.rule = section["router"]
         self.top_k = min(int(section["top_k"]), num_experts)
         self.top_p = float(section["top_p"])
@@ -82,39 +92,53 @@ class MixLoraMLP(nn.Module):
                                                        prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(inter, hidden, bias=False, quant_config=quant_config,
                                            reduce_results=False, prefix=f"{prefix}.down_proj")
+        self.act_and_mul = SiluAndMul()
         self.router = nn.Module()
-        _param(self.router, "weight", (num_experts, hidden), torch.float32)  # routers in float32
-        _param(self.router, "balance_bias", (num_experts,), torch.float32)
+        _param(self.router, "weight", torch.empty(e, hidden, dtype=torch.float32))  # routers in float32
+        _param(self.router, "balance_bias", torch.empty(e, dtype=torch.float32))
+        self.register_buffer("offsets", torch.arange(2 * r), persistent=False)  # (2r,) a pair's B rows
+        for name in ("a_gu", "b_gu", "a_down", "b_down"):
+            self.register_buffer(name, None, persistent=False)
         if self.expert_type == "mixlora":
-            self.targets = list(section["targets"])
-            self.scaling = float(section["scaling"])
-            self.experts = nn.ModuleDict()
-            fans = {"gate": (hidden, self.inter), "up": (hidden, self.inter), "down": (self.inter, hidden)}
-            for role in self.targets:
-                fan_in, fan_out = fans[role]
-                m = nn.Module()
-                _param(m, "lora_A", (num_experts, r, fan_in), None, 2 if role == "down" else None)  # (E, r, in)
-                _param(m, "lora_B", (num_experts, r, fan_out), None, None if role == "down" else 2, True)  # (E, r, out)
-                self.experts[role] = m
+            self._mixlora_params(section, hidden)
         else:
+            self.a_gu = torch.zeros(e, r, hidden)  # (E, r, H) the adapters' A
+            self.b_down = torch.zeros(e * r, hidden)  # (E*r, H) their B transposed
             self.adapters = nn.Module()
-            _param(self.adapters, "lora_A", (num_experts, r, hidden), None)  # (E, r, H)
-            _param(self.adapters, "lora_B", (num_experts, r, hidden), None, transpose=True)  # (E, r, H)
-            _param(self.adapters, "scale", (1,), None)
+            _param(self.adapters, "lora_A", self.a_gu)
+            _param(self.adapters, "lora_B", self.b_down.view(e, r, hidden), transpose=True)  # (E, r, H)
+            _param(self.adapters, "scale", torch.empty(1))
+
+    def _mixlora_params(self, section: dict, hidden: int) -> None:
+        e, r, inter = self.num_experts, self.rank, self.inter
+        targets = list(section["targets"])
+        scaling = float(section["scaling"])
+        self.experts = nn.ModuleDict({role: nn.Module() for role in targets})
+        if "gate" in targets or "up" in targets:  # a role not adapted keeps zero factors: it adds exactly 0
+            self.a_gu = torch.zeros(e, 2 * r, hidden)  # (E, 2r, H) gate's A then up's A per expert
+            self.b_gu = torch.zeros(e * 2 * r, inter)  # (E*2r, I) gate's then up's B transposed, scaled
+            b_gu = self.b_gu.view(e, 2, r, inter)  # (E, role, r, I)
+            for j, role in enumerate(("gate", "up")):
+                if role in targets:
+                    _param(self.experts[role], "lora_A", self.a_gu[:, j * r:(j + 1) * r])  # (E, r, H)
+                    _param(self.experts[role], "lora_B", b_gu[:, j], 2, True, scaling)  # (E, r, I)
+        if "down" in targets:
+            self.a_down = torch.zeros(e, r, inter)  # (E, r, I)
+            self.b_down = torch.zeros(e * r, hidden)  # (E*r, H) B transposed, scaled
+            _param(self.experts["down"], "lora_A", self.a_down, 2)
+            _param(self.experts["down"], "lora_B", self.b_down.view(e, r, hidden), None, True, scaling)  # (E, r, H)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)  # (T, 2I) frozen, once per token
-        gate, up = gate_up.split(self.inter, dim=-1)  # (T, I) each
-        weights, idx = route(x, self.router.weight, self.router.balance_bias, self.rule, self.top_k, self.top_p)
+        weights, idx = serve_route(x, self.router.weight, self.router.balance_bias, self.rule, self.top_k,
+                                   self.top_p)
         if self.expert_type == "adapter":
-            frozen = self._down(F.silu(gate) * up)  # (T, H)
+            frozen = self._down(self.act_and_mul(gate_up))  # (T, H)
             if self.tp > 1:
                 frozen = tensor_model_parallel_all_reduce(frozen)
-            return adapter_ffn(x, frozen, weights, idx, self.adapters.lora_A, self.adapters.lora_B,
-                               self.adapters.scale)
-        loras = {role: (m.lora_A, m.lora_B) for role, m in self.experts.items()}
-        out = mixlora_ffn(x, gate, up, self._down, weights, idx, loras, self.scaling)  # this rank's part
-        if self.tp > 1:  # the down deltas of this rank's FFN slice are summed with the projection
+            return adapter_ffn_serving(x, frozen, weights, idx, self, self.adapters.scale, self.offsets)
+        out = mixlora_ffn_serving(x, gate_up, self._down, weights, idx, self, self.offsets, self.act_and_mul)
+        if self.tp > 1:  # this rank's FFN slice: its down deltas are summed with the projection's
             out = tensor_model_parallel_all_reduce(out)
         return out
 

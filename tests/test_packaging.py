@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from helpers.tiny_lm import save_tiny_lm
+from helpers.wheel import build_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # installed first, as the README says: the CPU build of this machine's wheel cache
@@ -70,15 +70,7 @@ def _run(argv: list[str], cwd: Path, timeout: int = 900, env: dict[str, str] | N
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The loramix wheel, built (`pip wheel --no-deps`) from a copy of the source tree."""
-    work = tmp_path_factory.mktemp("wheel")
-    src = work / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "dist"), str(src)], work)
-    (built,) = (work / "dist").glob("loramix-*.whl")
-    return built
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def _venv(path: Path) -> Path:

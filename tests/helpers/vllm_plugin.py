@@ -17,8 +17,13 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 SCRIPT = Path(__file__).resolve().parents[1] / "vllm_mixlora.py"
 
 
-def plugin_env(tmp: Path, with_plugin: bool = True) -> dict[str, str]:
+def plugin_env(tmp: Path, with_plugin: bool = True, site: Path | None = None) -> dict[str, str]:
+    """``site``: a directory that holds an installed loramix (``pip install --target``), used instead of the
+    checkout's ``src/`` and the written dist-info."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    if site is not None:
+        env["PYTHONPATH"] = str(site)
+        return env
     paths = [str(SRC)]
     if with_plugin:
         dist = tmp / "site" / "loramix_checkout_plugin-0.0.dist-info"
@@ -31,11 +36,11 @@ def plugin_env(tmp: Path, with_plugin: bool = True) -> dict[str, str]:
 
 
 def run_vllm(python: Path, jobs: list[dict], tmp: Path, with_plugin: bool = True,
-             timeout: float = 1800) -> tuple[list | None, subprocess.CompletedProcess]:
+             timeout: float = 1800, site: Path | None = None) -> tuple[list | None, subprocess.CompletedProcess]:
     """Run ``tests/vllm_mixlora.py`` on ``jobs``; (its results or None, the finished process)."""
     job_file = tmp / "jobs.json"
     job_file.write_text(json.dumps(jobs))
     run = subprocess.run([str(python), str(SCRIPT), str(job_file)], capture_output=True, text=True,
-                         env=plugin_env(tmp, with_plugin), timeout=timeout)
+                         env=plugin_env(tmp, with_plugin, site), timeout=timeout)
     lines = [line for line in run.stdout.splitlines() if line.startswith("VLLM_RESULT ")]
     return (json.loads(lines[-1].removeprefix("VLLM_RESULT ")) if lines else None), run

@@ -68,6 +68,15 @@ def prompt_logprobs(model: torch.nn.Module, prompt: list[int]) -> list[float]:
     return [float(logp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
 
 
+def assert_serves_loramix(want: list[tuple[list[float], list[int]]], got: list[dict], name: str) -> None:
+    """vLLM's results for one export (per prompt: prompt log-probs and greedy tokens) against loramix's ``want``:
+    log-probs within ``REL`` relative, the same tokens."""
+    for (logprobs, tokens), out in zip(want, got, strict=True):
+        diff = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(logprobs, out["prompt_logprobs"], strict=True))
+        assert diff <= REL, (name, diff)
+        assert out["tokens"] == tokens, name
+
+
 def test_vllm_computes_loramix_for_every_adapter_kind(tmp_path):
     """One vLLM process serves one export per case (each router in its eval form with a trained balance bias,
     adapter experts, per-layer expert counts with top-k > 1, Qwen2, Qwen3, Mistral): float32 log-probs of every
@@ -84,10 +93,7 @@ def test_vllm_computes_loramix_for_every_adapter_kind(tmp_path):
     results, run = run_vllm(python, jobs, tmp_path)
     assert results is not None, (run.stdout[-2000:], run.stderr[-4000:])
     for (name, want), got in zip(expected.items(), results, strict=True):
-        for (logprobs, tokens), out in zip(want, got, strict=True):
-            diff = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(logprobs, out["prompt_logprobs"], strict=True))
-            assert diff <= REL, (name, diff)
-            assert out["tokens"] == tokens, name
+        assert_serves_loramix(want, got, name)
 
 
 COMPILED_CASES = ["llama_topk_bias_uneven", "llama_top_p", "llama_adapter"]
@@ -110,10 +116,7 @@ def test_vllm_compiled_mode_computes_loramix(tmp_path, monkeypatch):
     assert results is not None, (run.stdout[-2000:], run.stderr[-4000:])
     assert "enforce_eager=False" in run.stderr + run.stdout
     for (name, want), got in zip(expected.items(), results, strict=True):
-        for (logprobs, tokens), out in zip(want, got, strict=True):
-            diff = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(logprobs, out["prompt_logprobs"], strict=True))
-            assert diff <= REL, (name, diff)
-            assert out["tokens"] == tokens, name
+        assert_serves_loramix(want, got, name)
 
 
 def test_without_the_plugin_vllm_refuses_the_architecture(tmp_path):
@@ -144,10 +147,7 @@ def test_the_installed_wheel_registers_the_plugin(tmp_path):
     results, run = run_vllm(python, [{"model": str(tmp_path / "out"), "prompts": PROMPTS, "max_tokens": STEPS}],
                             tmp_path, site=site)
     assert results is not None, (run.stdout[-2000:], run.stderr[-4000:])
-    for (logprobs, tokens), out in zip(want, results[0], strict=True):
-        diff = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(logprobs, out["prompt_logprobs"], strict=True))
-        assert diff <= REL, diff
-        assert out["tokens"] == tokens
+    assert_serves_loramix(want, results[0], "wheel")
 
 
 SMOLLM2_PROMPTS = [

@@ -11,14 +11,11 @@ what the backend costs on the frozen base alone bounds what it would cost with l
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
-from loramix.benchmark.harness import VLLM_MARK, VLLM_SCRIPT, bench_prompt, find_vllm_python
+from loramix.benchmark.harness import bench_prompt, find_vllm_python, run_vllm_decode, vllm_env
 from loramix.models import load_base_model
 
 IMPLS = {"vllm_own": "vllm", "transformers_backend": "transformers"}
@@ -41,20 +38,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = Path(tmp) / "base"
         model.save_pretrained(base_dir)
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(Path(tmp) / "vllm_cache"),
-               "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(args.threads)}
+        env = vllm_env(Path(tmp), args.threads)
         prompt = bench_prompt(model.config.vocab_size, 4, 128, args.prompt_len, 0)
         for mode in args.modes:
             job = {"models": {name: str(base_dir) for name in IMPLS}, "model_impl": IMPLS, "steps": args.steps,
                    "warmup": args.warmup, "decode_tokens": args.decode_tokens, "prompt": prompt,
                    "max_model_len": args.prompt_len + args.decode_tokens + 16, "eager": mode == "eager"}
-            run = subprocess.run([python, str(VLLM_SCRIPT), json.dumps(job)], capture_output=True, text=True,
-                                 env=env)
-            lines = [line for line in run.stdout.splitlines() if line.startswith(VLLM_MARK)]
-            if run.returncode != 0 or not lines:
-                print(f"{mode}: vLLM failed (exit {run.returncode}): {run.stderr[-2000:]}")
+            result, why = run_vllm_decode(python, job, env)
+            if result is None:
+                print(f"{mode}: {why}")
                 continue
-            result = json.loads(lines[-1].removeprefix(VLLM_MARK))
             speed = {name: r["decode_new_tokens"] / statistics.median(r["decode_s_all"]) for name, r in result.items()}
             for name, tok_s in speed.items():
                 print(f"{mode:9s} {name:22s} {tok_s:6.1f} tok/s  {tok_s / speed['vllm_own']:.2f}x vLLM's own class")

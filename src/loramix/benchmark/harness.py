@@ -539,6 +539,31 @@ def vllm_plugin_env(tmp: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
+def vllm_env(tmp: Path, threads: int | None = None) -> dict[str, str]:
+    """The environment of a :data:`VLLM_SCRIPT` run: a small KV cache (unless set), a compile cache under ``tmp``
+    (compiled mode builds this code's graphs, not a cached one), and with ``threads`` that many threads without
+    pinning to cores, as the transformers rows run."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "VLLM_CACHE_ROOT": str(tmp / "vllm_cache")}
+    if threads is not None:
+        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads))
+    return env
+
+
+def run_vllm_decode(python: str, job: dict[str, Any], env: dict[str, str]) -> tuple[dict | None, str]:
+    """Run :data:`VLLM_SCRIPT` on ``job`` with ``python``: (its per-model times, "") or (None, why it failed)."""
+    try:
+        run = subprocess.run([python, str(VLLM_SCRIPT), json.dumps(job)], capture_output=True, text=True, env=env,
+                             timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"vLLM run failed: {e}"
+    lines = [line for line in run.stdout.splitlines() if line.startswith(VLLM_MARK)]
+    if run.returncode != 0 or not lines:
+        tail = " ".join((run.stderr or run.stdout).strip().splitlines()[-3:])
+        return None, f"vLLM run failed (exit {run.returncode}): {tail[-600:]}"
+    return json.loads(lines[-1].removeprefix(VLLM_MARK)), ""
+
+
 #: vLLM's modes the vLLM rows can run in: row-name prefix and the ``enforce_eager`` value
 VLLM_MODES = {"eager": ("vllm_", True), "compiled": ("vllm_compiled_", False)}
 
@@ -554,11 +579,7 @@ def _vllm_rows(base: nn.Module, exported: dict[str, Any], tmp: Path, vllm_python
     base_dir = tmp / "base"
     base.save_pretrained(base_dir)
     paths = {"base": str(base_dir), **{name: str(e["dir"]) for name, e in exported.items()}}
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"),  # compiled mode: this code's graphs, not a cached one
-           **vllm_plugin_env(tmp)}
-    if threads is not None:  # as the transformers rows: this many threads, no pinning to cores
-        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads))
+    env = {**vllm_env(tmp, threads), **vllm_plugin_env(tmp)}
     rows = {}
     for mode in modes:
         prefix, eager = VLLM_MODES[mode]
@@ -567,18 +588,11 @@ def _vllm_rows(base: nn.Module, exported: dict[str, Any], tmp: Path, vllm_python
                "prompt": bench_prompt(vocab, common["batch_size"], common["seq_len"], prompt_len, common["seed"]),
                "max_model_len": prompt_len + decode_tokens + 16, "eager": eager}
         say(f"[bench] vLLM decode ({mode}) of {', '.join(models)} ({python}) ...")
-        try:
-            run = subprocess.run([python, str(VLLM_SCRIPT), json.dumps(job)], capture_output=True, text=True,
-                                 env=env, timeout=3600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            skipped[prefix + "*"] = f"vLLM run failed: {e}"
+        result, why = run_vllm_decode(python, job, env)
+        if result is None:
+            skipped[prefix + "*"] = why
             continue
-        lines = [line for line in run.stdout.splitlines() if line.startswith(VLLM_MARK)]
-        if run.returncode != 0 or not lines:
-            tail = " ".join((run.stderr or run.stdout).strip().splitlines()[-3:])
-            skipped[prefix + "*"] = f"vLLM run failed (exit {run.returncode}): {tail[-600:]}"
-            continue
-        for name, times in json.loads(lines[-1].removeprefix(VLLM_MARK)).items():
+        for name, times in result.items():
             med = statistics.median(times["decode_s_all"])
             rows[name] = {**_empty_figures(), "decode_s": med, "decode_s_all": times["decode_s_all"],
                           "decode_new_tokens": times["decode_new_tokens"],

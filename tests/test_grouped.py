@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.activations import SiLUActivation
 
+import loramix.fused as fused
 import loramix.grouped as grouped
 from loramix.grouped import (
     expert_matmul,
@@ -40,6 +42,10 @@ def test_routing_pairs_keep_every_slot_and_sort_by_expert() -> None:
     assert pairs.offsets.dtype == torch.int32 and pairs.offsets.tolist() == [2, 5, 7, 8]
     assert pairs.token.tolist() == [0, 2, 1, 2, 3, 0, 1, 3]  # stable: a token's slots keep their order
     assert pairs.weight.tolist() == pytest.approx([0.4, 0.7, 1.0, 0.3, 0.0, 0.6, 0.0, 1.0])
+    # slots: where each token's pairs are, in slot order
+    assert flat.slots.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert pairs.slots.tolist() == [[5, 0], [2, 6], [1, 3], [7, 4]]
+    assert pairs.expert[pairs.slots].tolist() == routing.indices.tolist()
 
 
 def _case(dtype: torch.dtype, inp: int, out: int, counts: list[int], seed: int = 0):
@@ -136,16 +142,23 @@ def _mix_reference(up, gate, weight, active, token, expert, num_tokens, act, mas
     return mixed, torch.zeros(num_tokens, b.shape[1], dtype=h.dtype).index_add(0, token, delta)
 
 
-@pytest.mark.parametrize("act", [torch.nn.SiLU(), torch.nn.GELU(approximate="tanh")], ids=["silu", "gelu"])
+@pytest.mark.parametrize("act", [torch.nn.SiLU(), SiLUActivation(), torch.nn.GELU(approximate="tanh")],
+                         ids=["silu", "hf_silu", "gelu"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "eager"])
 @pytest.mark.parametrize("use_grouped", [True, False])
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("down", [True, False])
 @pytest.mark.parametrize("gated", [True, False])
-def test_mix_pairs_matches_autograd(gated: bool, down: bool, masked: bool, use_grouped: bool, act, monkeypatch) -> None:
+def test_mix_pairs_matches_autograd(
+    gated: bool, down: bool, masked: bool, use_grouped: bool, fuse: bool, act, monkeypatch
+) -> None:
     """MixPairs (pre-activations kept, activations recomputed in backward, grouped or fallback products) against
-    the same maths in autograd ops, values and every gradient; an unused slot gets no down delta. SiLU has its
-    own backward kernel, other activations go through autograd."""
+    the same maths in autograd ops, values and every gradient; an unused slot gets no down delta. With SiLU
+    (torch's or transformers') the elementwise passes are fused on CPU or run as eager ops with SiLU's own
+    backward kernel; other activations go through autograd."""
     monkeypatch.setattr(grouped, "USE_GROUPED_MM", use_grouped)
+    monkeypatch.setattr(fused, "FUSE", fuse)
+    calls = _count_fused_calls(monkeypatch)
     g = torch.Generator().manual_seed(0)
     num_tokens, k, width, hidden, r, experts = 5, 2, 8, 4, 4, 3
 
@@ -177,6 +190,21 @@ def test_mix_pairs_matches_autograd(gated: bool, down: bool, masked: bool, use_g
     want_grads = torch.autograd.grad(loss(want), inputs)
     for x, y in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    silu = not isinstance(act, torch.nn.GELU)
+    assert calls == (["pairs_forward", "pairs_backward"] if fuse and silu else [])
+
+
+def _count_fused_calls(monkeypatch) -> list[str]:
+    """The names of the fused passes run from now on (through :func:`loramix.fused.run`)."""
+    calls: list[str] = []
+    run = fused.run
+
+    def counting(fn, *args):  # noqa: ANN001, ANN202
+        calls.append(fn.__name__)
+        return run(fn, *args)
+
+    monkeypatch.setattr(fused, "run", counting)
+    return calls
 
 
 @pytest.mark.parametrize("with_delta", [True, False])
@@ -195,3 +223,27 @@ def test_gather_rows_values_and_gradients(with_delta: bool) -> None:
     for x, y in zip(torch.autograd.grad((got * probe).sum(), inputs), torch.autograd.grad((want * probe).sum(), inputs),
                     strict=True):
         torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_gather_rows_with_slots_sums_each_tokens_pairs(with_delta: bool, fuse: bool, monkeypatch) -> None:
+    """With the pairs' slots (each token's K pairs, sorted by expert) the backward sums a token's pairs in one
+    fused pass on CPU, or adds them in place: both equal autograd's index_select."""
+    monkeypatch.setattr(fused, "FUSE", fuse)
+    calls = _count_fused_calls(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    routing = _routing(torch.randint(0, 4, (5, 2), generator=g).tolist(), [[True, True]] * 5, [[0.5, 0.5]] * 5)
+    pairs = routing_pairs(routing, 4, grouped=True)
+    frozen = torch.randn(5, 6, generator=g).requires_grad_(True)
+    delta = torch.randn(10, 6, generator=g).requires_grad_(True) if with_delta else None
+    got = grouped.gather_rows(frozen, pairs.token, delta, pairs.slots)
+    want = frozen.index_select(0, pairs.token) + (delta if with_delta else 0)
+    torch.testing.assert_close(got, want)
+    probe = torch.randn(10, 6, generator=g)
+    inputs = [frozen] + ([delta] if with_delta else [])
+    for x, y in zip(torch.autograd.grad((got * probe).sum(), inputs), torch.autograd.grad((want * probe).sum(), inputs),
+                    strict=True):
+        torch.testing.assert_close(x, y)
+    expected = (["gather_add"] if with_delta else []) + ["token_sums"]
+    assert calls == (expected if fuse else [])

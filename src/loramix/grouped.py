@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from .routers import Routing
 
 USE_GROUPED_MM = True  # False: always the fallback (tests of the fallback, or a torch without the kernel)
@@ -67,6 +68,7 @@ class Pairs:
     #                       first slot of a token no expert took, whose LoRA delta is 0 (it gets the frozen FFN)
     active: torch.Tensor  # (N,) bool: the slot is used (its expert's LoRA applies)
     offsets: torch.Tensor | None  # (E,) int32 end of each expert's rows (grouped path), None: unsorted
+    slots: torch.Tensor | None = None  # (T, K) long: where each token's K pairs are among these N
 
 
 def routing_pairs(routing: Routing, num_experts: int, grouped: bool) -> Pairs:
@@ -78,13 +80,15 @@ def routing_pairs(routing: Routing, num_experts: int, grouped: bool) -> Pairs:
     first = torch.arange(k, device=expert.device) == 0  # (k,)
     fallback = (dropped[:, None] & first).reshape(-1)  # (N,) the pair that carries a dropped token's frozen FFN
     weight = (routing.weights * routing.mask).reshape(-1) + fallback.to(routing.weights.dtype)  # (N,)
-    token = torch.arange(num_tokens * k, device=expert.device) // k  # (N,)
+    position = torch.arange(num_tokens * k, device=expert.device)  # (N,)
+    token = position // k  # (N,)
     if not grouped:
-        return Pairs(token, expert, weight, active, None)
+        return Pairs(token, expert, weight, active, None, position.view(num_tokens, k))
     order = torch.argsort(expert, stable=True)  # (N,) pairs sorted by expert
     expert = expert[order]
     ends = torch.searchsorted(expert, torch.arange(num_experts, device=expert.device), right=True, out_int32=True)
-    return Pairs(token[order], expert, weight[order], active[order], ends)
+    slots = torch.empty_like(position).scatter_(0, order, position).view(num_tokens, k)  # (T, k) inverse of order
+    return Pairs(token[order], expert, weight[order], active[order], ends, slots)
 
 
 def _kernel_layout(x: torch.Tensor, out: int, inp: int) -> bool:
@@ -204,11 +208,16 @@ class MixPairs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, up, gate, weight, pairs, num_tokens, act, mask, scale, a, b):  # noqa: ANN001, ANN205
         with torch.autocast(up.device.type, enabled=False), torch.no_grad():
-            h = act(gate) * up if gate is not None else act(up)  # (N, I)
-            mixed = up.new_zeros(num_tokens, up.shape[1]).index_add_(0, pairs.token, h * weight)  # (T, I)
+            if fused.fusable(up, act):  # one pass for the activation, the weighting and the mask
+                weighted, hk = fused.run(fused.pairs_forward, up, gate, weight, mask, a is not None)  # (N, I) each
+            else:
+                h = act(gate) * up if gate is not None else act(up)  # (N, I)
+                weighted = h * weight  # (N, I)
+                hk = None if a is None else h * mask.to(h.dtype) if mask is not None else h  # (N, I)
+            mixed = up.new_zeros(num_tokens, up.shape[1]).index_add_(0, pairs.token, weighted)  # (T, I)
+            del weighted
             down = z = None
             if a is not None:
-                hk = h * mask.to(h.dtype) if mask is not None else h  # (N, I)
                 z = expert_matmul(hk, a, pairs)  # (N, r) unscaled
                 wd = weight * pairs.active.to(weight.dtype)[:, None]  # (N, 1) no down delta on unused slots
                 delta = expert_matmul(z * (wd * scale), b, pairs)  # (N, H)
@@ -228,8 +237,10 @@ class MixPairs(torch.autograd.Function):
         up, gate, weight, mask, z, a, b, token, expert, offsets = saved
         pairs = Pairs(token, expert, weight[:, 0], ctx.active, offsets)
         act, scale = ctx.act, ctx.scale
+        if grad_mixed is not None and fused.fusable(up, act):
+            return MixPairs._backward_fused(ctx, saved, pairs, grad_mixed, grad_down)
         pre = gate if gate is not None else up  # (N, I) the activation's input
-        silu = isinstance(act, torch.nn.SiLU)
+        silu = fused.is_silu(act)
         if silu:
             act_pre = F.silu(pre)  # (N, I) recomputed
         else:
@@ -281,37 +292,75 @@ class MixPairs(torch.autograd.Function):
             grad_gate = grad_pre
         return grad_up, grad_gate, grad_w, None, None, None, None, None, grad_a, grad_b
 
+    @staticmethod
+    def _backward_fused(ctx, saved, pairs, grad_mixed, grad_down):  # noqa: ANN001, ANN205
+        """:meth:`_backward` with its elementwise ops in one fused pass (:func:`loramix.fused.pairs_backward`):
+        the down LoRA's products first, as they do not need the activation."""
+        up, gate, weight, mask, z, a, b, token = saved[:8]
+        scale = ctx.scale
+        grad_w = weight.new_zeros(weight.shape)  # (N, 1)
+        grad_a = grad_b = grad_hk = gz = None
+        if a is not None and grad_down is not None:
+            gd = grad_down.to(up.dtype).index_select(0, token)  # (N, H)
+            active = ctx.active.to(weight.dtype)[:, None]  # (N, 1)
+            wd = weight * active  # (N, 1)
+            zs = z * (wd * scale)  # (N, r) the products B saw
+            gzs = expert_matmul(gd, b.transpose(1, 2), pairs)  # (N, r) gradient of zs
+            grad_b = expert_weight_grad(gd, zs, pairs, b.shape[0])  # (E, H, r)
+            grad_w += scale * active * (gzs * z).sum(-1, keepdim=True)
+            gz = gzs * (wd * scale)  # (N, r) gradient of z
+            grad_hk = expert_matmul(gz, a.transpose(1, 2), pairs)  # (N, I)
+        grad_mixed = grad_mixed.to(up.dtype)
+        grad_pair_w, hk, grad_up, grad_gate = fused.run(
+            fused.pairs_backward, up, gate, grad_mixed, token, weight, mask, grad_hk
+        )
+        grad_w += grad_pair_w
+        if grad_hk is not None:
+            del grad_hk
+            grad_a = expert_weight_grad(gz, hk, pairs, a.shape[0])  # (E, r, I)
+        return grad_up, grad_gate, grad_w, None, None, None, None, None, grad_a, grad_b
+
 
 class GatherRows(torch.autograd.Function):
     """``rows = frozen[token] (+ delta)``: each pair's row of a per-token tensor, plus its own delta.
 
-    Backward sums each pair's gradient into its token's row, in place in one zero tensor (autograd's
-    ``index_select`` backward adds into a copy of one).
+    Backward sums each token's pairs' gradients (read through ``slots``, (T, K)) into its row; on CPU both
+    directions are one fused pass (:mod:`loramix.fused`), elsewhere the sums are added in place into one zero
+    tensor (autograd's ``index_select`` backward adds into a copy of one).
     """
 
     @staticmethod
-    def forward(ctx, frozen, token, delta):  # noqa: ANN001, ANN205
-        rows = frozen.index_select(0, token)  # (N, I)
-        if delta is not None:
-            rows.add_(delta.to(rows.dtype))
-        ctx.save_for_backward(token)
+    def forward(ctx, frozen, token, delta, slots):  # noqa: ANN001, ANN205
+        if delta is not None and fused.fusable(frozen):
+            rows = fused.run(fused.gather_add, frozen, token, delta.to(frozen.dtype))  # (N, I)
+        else:
+            rows = frozen.index_select(0, token)  # (N, I)
+            if delta is not None:
+                rows.add_(delta.to(rows.dtype))
+        ctx.save_for_backward(token, slots)
         ctx.num_rows, ctx.delta_dtype = frozen.shape[0], None if delta is None else delta.dtype
         return rows
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        (token,) = ctx.saved_tensors
+        token, slots = ctx.saved_tensors
         grad_frozen = grad_delta = None
         if ctx.needs_input_grad[0]:
-            grad_frozen = grad.new_zeros(ctx.num_rows, grad.shape[1]).index_add_(0, token, grad)  # (T, I)
+            if slots is not None and fused.fusable(grad):
+                grad_frozen = fused.run(fused.token_sums, grad, slots)  # (T, I)
+            else:
+                grad_frozen = grad.new_zeros(ctx.num_rows, grad.shape[1]).index_add_(0, token, grad)  # (T, I)
         if ctx.needs_input_grad[2]:
             grad_delta = grad.to(ctx.delta_dtype)
-        return grad_frozen, None, grad_delta
+        return grad_frozen, None, grad_delta, None
 
 
-def gather_rows(frozen: torch.Tensor, token: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
-    """``frozen.index_select(0, token) + delta``: frozen (T, I), token (N,), delta (N, I) or None -> (N, I)."""
-    return GatherRows.apply(frozen, token, delta)
+def gather_rows(
+    frozen: torch.Tensor, token: torch.Tensor, delta: torch.Tensor | None = None, slots: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``frozen.index_select(0, token) + delta``: frozen (T, I), token (N,), delta (N, I) or None -> (N, I);
+    ``slots`` (T, K), the pairs of each token (:attr:`Pairs.slots`), lets backward sum them in one pass."""
+    return GatherRows.apply(frozen, token, delta, slots)
 
 
 def mix_pairs(

@@ -180,7 +180,8 @@ class MixLoraFFN(FrozenFFN):
                 r = e.lora_B.shape[-1]
                 deltas[role] = expert_matmul(z[:, offset : offset + r], e.lora_B, pairs)  # (N, I)
                 offset += r
-        rows = {role: gather_rows(t, pairs.token, deltas.get(role)) for role, t in frozen.items()}  # (N, I) each
+        rows = {role: gather_rows(t, pairs.token, deltas.get(role), pairs.slots)  # (N, I) each
+                for role, t in frozen.items()}
         return rows["up"], rows.get("gate")
 
     def _mix_pairs_recomputed(

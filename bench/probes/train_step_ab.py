@@ -8,7 +8,10 @@ the rounds after ``--skip`` (steady state)::
     python -m bench.probes.train_step_ab topk --no-recompute               # adds topk_stored: no recomputation
 
 ``--no-recompute`` adds a top-2 variant with ``recompute_experts = False`` on its MoE layers (the pairs'
-activations stored for backward instead of recomputed), timed in the same rounds.
+activations stored for backward instead of recomputed), timed in the same rounds. ``--no-fuse`` adds
+``topk_eager``: top-2 with ``loramix.fused.FUSE = False`` during its steps (the elementwise work as eager ops)::
+
+    python -m bench.probes.train_step_ab topk --no-fuse --rounds 6
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 
 import torch
 
+from loramix import fused
 from loramix.allocator import tune_malloc
 from loramix.benchmark.harness import fresh_copy, frozen_base, make_loramix, make_peft_lora
 from loramix.injection import get_state
@@ -34,6 +38,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--no-recompute", action="store_true",
                    help="also time a top-2 variant that stores the pairs' activations (recompute_experts = False)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="also time top-2 with loramix.fused.FUSE = False (eager elementwise ops)")
     args = p.parse_args()
     print("malloc tuned:", tune_malloc())
     torch.set_num_threads(1)
@@ -46,11 +52,14 @@ def main() -> None:
         variants["topk_stored"] = make_loramix(fresh_copy(base), router="topk")
         for layer in get_state(variants["topk_stored"][0]).moe_layers.values():
             layer.recompute_experts = False
+    if args.no_fuse:
+        variants["topk_eager"] = make_loramix(fresh_copy(base), router="topk")
     ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))
     opts = {k: torch.optim.AdamW(params, lr=1e-4) for k, (_, params) in variants.items()}
 
     def step(name: str) -> tuple[float, int]:
         model = variants[name][0].train()
+        fused.FUSE = name != "topk_eager"
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
@@ -76,10 +85,12 @@ def main() -> None:
         ratios = [t / lo for t, lo in zip(times[name][args.skip :], times["lora"][args.skip :], strict=True)]
         print(f"{name} / LoRA per round: median {statistics.median(ratios):.3f}, "
               f"{' '.join(f'{r:.2f}' for r in ratios)}")
-    if "topk_stored" in variants and "topk" in variants:
-        ratios = [n / o for n, o in zip(times["topk"][args.skip :], times["topk_stored"][args.skip :], strict=True)]
+    for other in ("topk_stored", "topk_eager"):
+        if other not in variants or "topk" not in variants:
+            continue
+        ratios = [n / o for n, o in zip(times["topk"][args.skip :], times[other][args.skip :], strict=True)]
         cells = " ".join(f"{r:.2f}" for r in ratios)
-        print(f"topk / topk_stored per round: median {statistics.median(ratios):.3f}, {cells}")
+        print(f"topk / {other} per round: median {statistics.median(ratios):.3f}, {cells}")
 
 
 if __name__ == "__main__":

@@ -201,8 +201,10 @@ class MixPairs(torch.autograd.Function):
     b (E, H, r) the down LoRA (None: ``down`` is None); mask (N, I) uint8 dropout keep-mask or None; scale
     includes the dropout's 1/(1-p). Backward recomputes h from the saved pre-activations (elementwise) instead
     of keeping the activation, its masked copy and the products, which autograd would: several (N, I) tensors
-    per layer. Eager mode only (its backward differentiates the activation with autograd); under
-    ``torch.compile`` the layer checkpoints the same maths instead.
+    per layer. With SiLU on CPU the elementwise passes of both directions are fused loops
+    (:mod:`loramix.fused`); otherwise eager ops, SiLU with its own backward kernel and any other activation
+    differentiated by autograd. Eager mode only; under ``torch.compile`` the layer checkpoints the same maths
+    instead.
     """
 
     @staticmethod

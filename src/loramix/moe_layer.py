@@ -10,7 +10,8 @@ shapes fix, so nothing is read back to the host and ``torch.compile(fullgraph=Tr
      the chosen experts' activations; each expert's own down-LoRA is added on top.
   In training the pairs' activations are recomputed in backward from their gate/up pre-activations
   (``recompute_experts``: ``loramix.grouped.MixPairs``, or activation checkpointing of step 3 under
-  ``torch.compile``), so the layer keeps two (N, I) tensors.
+  ``torch.compile``), so the layer keeps two (N, I) tensors. On CPU the elementwise passes over the pairs run
+  as fused loops (``loramix.fused``).
 Pairwise path (inference on a few tokens, i.e. decoding): every (token, slot) pair gathers its expert's
 LoRA weights and all pairs run as one batched matmul; for a one-token step that beats sorting.
 The reference path computes every expert's full FFN for every token and mixes the outputs; tests

@@ -215,11 +215,16 @@ def test_gather_rows_values_and_gradients(with_delta: bool) -> None:
     frozen = torch.randn(4, 6, generator=g).requires_grad_(True)
     token = torch.tensor([2, 0, 2, 1, 0, 2])  # token 3 never taken
     delta = torch.randn(6, 6, generator=g).requires_grad_(True) if with_delta else None
-    got = grouped.gather_rows(frozen, token, delta)
-    want = frozen.index_select(0, token) + (delta if with_delta else 0)
+    _assert_gather_rows_is_index_select(frozen, token, delta, None, g)
+
+
+def _assert_gather_rows_is_index_select(frozen, token, delta, slots, g) -> None:  # noqa: ANN001
+    """gather_rows against ``index_select (+ delta)`` in autograd ops: values and the gradients of both inputs."""
+    got = grouped.gather_rows(frozen, token, delta, slots)
+    want = frozen.index_select(0, token) + (delta if delta is not None else 0)
     torch.testing.assert_close(got, want)
-    probe = torch.randn(6, 6, generator=g)
-    inputs = [frozen] + ([delta] if with_delta else [])
+    probe = torch.randn(want.shape, generator=g)
+    inputs = [frozen] + ([delta] if delta is not None else [])
     for x, y in zip(torch.autograd.grad((got * probe).sum(), inputs), torch.autograd.grad((want * probe).sum(), inputs),
                     strict=True):
         torch.testing.assert_close(x, y)
@@ -237,13 +242,6 @@ def test_gather_rows_with_slots_sums_each_tokens_pairs(with_delta: bool, fuse: b
     pairs = routing_pairs(routing, 4, grouped=True)
     frozen = torch.randn(5, 6, generator=g).requires_grad_(True)
     delta = torch.randn(10, 6, generator=g).requires_grad_(True) if with_delta else None
-    got = grouped.gather_rows(frozen, pairs.token, delta, pairs.slots)
-    want = frozen.index_select(0, pairs.token) + (delta if with_delta else 0)
-    torch.testing.assert_close(got, want)
-    probe = torch.randn(10, 6, generator=g)
-    inputs = [frozen] + ([delta] if with_delta else [])
-    for x, y in zip(torch.autograd.grad((got * probe).sum(), inputs), torch.autograd.grad((want * probe).sum(), inputs),
-                    strict=True):
-        torch.testing.assert_close(x, y)
+    _assert_gather_rows_is_index_select(frozen, pairs.token, delta, pairs.slots, g)
     expected = (["gather_add"] if with_delta else []) + ["token_sums"]
     assert calls == (expected if fuse else [])

@@ -238,7 +238,7 @@ class MixPairs(torch.autograd.Function):
     def _backward(ctx, saved, grad_mixed, grad_down):  # noqa: ANN001, ANN205
         up, gate, weight, mask, z, a, b, token, expert, offsets = saved
         pairs = Pairs(token, expert, weight[:, 0], ctx.active, offsets)
-        act, scale = ctx.act, ctx.scale
+        act = ctx.act
         if grad_mixed is not None and fused.fusable(up, act):
             return MixPairs._backward_fused(ctx, saved, pairs, grad_mixed, grad_down)
         pre = gate if gate is not None else up  # (N, I) the activation's input
@@ -260,16 +260,9 @@ class MixPairs(torch.autograd.Function):
             grad_h = up.new_zeros(up.shape)
         grad_a = grad_b = None
         if a is not None and grad_down is not None:
-            gd = grad_down.to(up.dtype).index_select(0, token)  # (N, H)
+            gz, grad_b = MixPairs._down_products_backward(ctx, pairs, grad_down, weight, z, b, grad_w)
             maskf = mask.to(h.dtype) if mask is not None else None  # (N, I) converted once, used twice
             hk = h * maskf if maskf is not None else h  # (N, I)
-            active = ctx.active.to(weight.dtype)[:, None]  # (N, 1)
-            wd = weight * active  # (N, 1)
-            zs = z * (wd * scale)  # (N, r) the products B saw
-            gzs = expert_matmul(gd, b.transpose(1, 2), pairs)  # (N, r) gradient of zs
-            grad_b = expert_weight_grad(gd, zs, pairs, b.shape[0])  # (E, H, r)
-            grad_w += scale * active * (gzs * z).sum(-1, keepdim=True)
-            gz = gzs * (wd * scale)  # (N, r) gradient of z
             grad_a = expert_weight_grad(gz, hk, pairs, a.shape[0])  # (E, r, I)
             del hk
             grad_hk = expert_matmul(gz, a.transpose(1, 2), pairs)  # (N, I)
@@ -295,22 +288,28 @@ class MixPairs(torch.autograd.Function):
         return grad_up, grad_gate, grad_w, None, None, None, None, None, grad_a, grad_b
 
     @staticmethod
+    def _down_products_backward(ctx, pairs, grad_down, weight, z, b, grad_w):  # noqa: ANN001, ANN205
+        """Backward through the down LoRA's B and the routing weight, ``down = sum of weight * scale * z B^T``:
+        returns the gradient of z (N, r) and of b (E, H, r), and adds the weight's share to ``grad_w`` (N, 1)."""
+        scale = ctx.scale
+        gd = grad_down.to(z.dtype).index_select(0, pairs.token)  # (N, H)
+        active = ctx.active.to(weight.dtype)[:, None]  # (N, 1)
+        wd = weight * active  # (N, 1)
+        zs = z * (wd * scale)  # (N, r) the products B saw
+        gzs = expert_matmul(gd, b.transpose(1, 2), pairs)  # (N, r) gradient of zs
+        grad_b = expert_weight_grad(gd, zs, pairs, b.shape[0])  # (E, H, r)
+        grad_w += scale * active * (gzs * z).sum(-1, keepdim=True)
+        return gzs * (wd * scale), grad_b  # gradient of z (N, r)
+
+    @staticmethod
     def _backward_fused(ctx, saved, pairs, grad_mixed, grad_down):  # noqa: ANN001, ANN205
         """:meth:`_backward` with its elementwise ops in one fused pass (:func:`loramix.fused.pairs_backward`):
         the down LoRA's products first, as they do not need the activation."""
         up, gate, weight, mask, z, a, b, token = saved[:8]
-        scale = ctx.scale
         grad_w = weight.new_zeros(weight.shape)  # (N, 1)
         grad_a = grad_b = grad_hk = gz = None
         if a is not None and grad_down is not None:
-            gd = grad_down.to(up.dtype).index_select(0, token)  # (N, H)
-            active = ctx.active.to(weight.dtype)[:, None]  # (N, 1)
-            wd = weight * active  # (N, 1)
-            zs = z * (wd * scale)  # (N, r) the products B saw
-            gzs = expert_matmul(gd, b.transpose(1, 2), pairs)  # (N, r) gradient of zs
-            grad_b = expert_weight_grad(gd, zs, pairs, b.shape[0])  # (E, H, r)
-            grad_w += scale * active * (gzs * z).sum(-1, keepdim=True)
-            gz = gzs * (wd * scale)  # (N, r) gradient of z
+            gz, grad_b = MixPairs._down_products_backward(ctx, pairs, grad_down, weight, z, b, grad_w)
             grad_hk = expert_matmul(gz, a.transpose(1, 2), pairs)  # (N, I)
         grad_mixed = grad_mixed.to(up.dtype)
         grad_pair_w, hk, grad_up, grad_gate = fused.run(

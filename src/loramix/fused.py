@@ -122,5 +122,6 @@ def run(fn: Callable[..., Any], *args: Any) -> Any:
         except Exception as e:  # noqa: BLE001 - any backend failure: the eager ops compute the same
             first_line = (str(e).strip().splitlines() or [""])[0][:300]
             _failure = f"{type(e).__name__}: {first_line}"
-            logger.warning("fusing MixLoRA's elementwise ops failed (%s); they run eagerly from now on", _failure)
+            logger.warning("fusing MixLoRA's elementwise ops with torch.compile failed (%s); they run eagerly from "
+                           "now on, slower on CPU (a working C++ compiler, g++ or clang, makes them fused)", _failure)
     return fn(*args)

@@ -11,6 +11,7 @@ import torch
 from transformers.activations import ACT2FN
 
 import loramix.fused as fused
+from helpers.moe_layers import count_fused_calls
 from helpers.tiny_models import tiny_model
 from loramix import MixLoraConfig, inject
 from loramix.profiling import OpCounter
@@ -156,9 +157,7 @@ def test_training_step_is_the_same_with_and_without_fusing(autocast, monkeypatch
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    calls = []
-    run = fused.run
-    monkeypatch.setattr(fused, "run", lambda fn, *a: calls.append(fn.__name__) or run(fn, *a))
+    calls = count_fused_calls(monkeypatch)
     loss_fused, grads_fused = step(True)
     assert {"pairs_forward", "pairs_backward", "gather_add", "token_sums"} <= set(calls)
     loss_eager, grads_eager = step(False)

@@ -9,6 +9,7 @@ from transformers.activations import SiLUActivation
 
 import loramix.fused as fused
 import loramix.grouped as grouped
+from helpers.moe_layers import count_fused_calls
 from loramix.grouped import (
     expert_matmul,
     expert_matmul_reference,
@@ -158,7 +159,7 @@ def test_mix_pairs_matches_autograd(
     backward kernel; other activations go through autograd."""
     monkeypatch.setattr(grouped, "USE_GROUPED_MM", use_grouped)
     monkeypatch.setattr(fused, "FUSE", fuse)
-    calls = _count_fused_calls(monkeypatch)
+    calls = count_fused_calls(monkeypatch)
     g = torch.Generator().manual_seed(0)
     num_tokens, k, width, hidden, r, experts = 5, 2, 8, 4, 4, 3
 
@@ -194,19 +195,6 @@ def test_mix_pairs_matches_autograd(
     assert calls == (["pairs_forward", "pairs_backward"] if fuse and silu else [])
 
 
-def _count_fused_calls(monkeypatch) -> list[str]:
-    """The names of the fused passes run from now on (through :func:`loramix.fused.run`)."""
-    calls: list[str] = []
-    run = fused.run
-
-    def counting(fn, *args):  # noqa: ANN001, ANN202
-        calls.append(fn.__name__)
-        return run(fn, *args)
-
-    monkeypatch.setattr(fused, "run", counting)
-    return calls
-
-
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_gather_rows_values_and_gradients(with_delta: bool) -> None:
     """gather_rows equals index_select (+ delta), and its backward sums each pair's gradient into its token's row
@@ -236,7 +224,7 @@ def test_gather_rows_with_slots_sums_each_tokens_pairs(with_delta: bool, fuse: b
     """With the pairs' slots (each token's K pairs, sorted by expert) the backward sums a token's pairs in one
     fused pass on CPU, or adds them in place: both equal autograd's index_select."""
     monkeypatch.setattr(fused, "FUSE", fuse)
-    calls = _count_fused_calls(monkeypatch)
+    calls = count_fused_calls(monkeypatch)
     g = torch.Generator().manual_seed(0)
     routing = _routing(torch.randint(0, 4, (5, 2), generator=g).tolist(), [[True, True]] * 5, [[0.5, 0.5]] * 5)
     pairs = routing_pairs(routing, 4, grouped=True)

@@ -1,5 +1,5 @@
-"""MixLoraFFN fixtures shared by the layer and precision tests: a float64 layer on a tiny model's FFN, and one
-forward + backward of it on either path."""
+"""MixLoraFFN fixtures shared by the layer, grouped, fused and precision tests: a float64 layer on a tiny model's
+FFN, one forward + backward of it on either path, and a record of the fused passes that ran."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import functools
 
 import torch
 
+import loramix.fused as fused
 from loramix import MixLoraConfig
 from loramix.ffn_spec import check_targets, detect_ffn
 from loramix.moe_layer import MixLoraFFN
@@ -55,3 +56,16 @@ def run_layer(layer: MixLoraFFN, x: torch.Tensor, reference: bool, token_mask: t
     for (n, p), g in zip(params.items(), grads[1:], strict=True):
         named[n] = torch.zeros_like(p) if g is None else g
     return out.detach(), layer.last_routing, named
+
+
+def count_fused_calls(monkeypatch) -> list[str]:  # noqa: ANN001
+    """The names of the fused passes run from now on (through :func:`loramix.fused.run`), in order."""
+    calls: list[str] = []
+    run = fused.run
+
+    def counting(fn, *args):  # noqa: ANN001, ANN202
+        calls.append(fn.__name__)
+        return run(fn, *args)
+
+    monkeypatch.setattr(fused, "run", counting)
+    return calls

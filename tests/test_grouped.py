@@ -33,12 +33,12 @@ def test_routing_pairs_keep_every_slot_and_sort_by_expert() -> None:
     first slot (it carries the frozen FFN); sorted, the group ends count each expert's pairs."""
     routing = _routing([[2, 0], [1, 2], [0, 1], [3, 1]], [[True, True], [True, False], [True, True], [False, False]],
                        [[0.6, 0.4], [1.0, 0.5], [0.7, 0.3], [0.9, 0.1]])
-    flat = routing_pairs(routing, 4, grouped=False)
+    flat = routing_pairs(routing, 4, grouped=False, with_slots=True)
     assert flat.offsets is None
     assert flat.token.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and flat.expert.tolist() == [2, 0, 1, 2, 0, 1, 3, 1]
     assert flat.active.tolist() == [True, True, True, False, True, True, False, False]
     assert flat.weight.tolist() == pytest.approx([0.6, 0.4, 1.0, 0.0, 0.7, 0.3, 1.0, 0.0])
-    pairs = routing_pairs(routing, 4, grouped=True)
+    pairs = routing_pairs(routing, 4, grouped=True, with_slots=True)
     assert pairs.expert.tolist() == [0, 0, 1, 1, 1, 2, 2, 3]
     assert pairs.offsets.dtype == torch.int32 and pairs.offsets.tolist() == [2, 5, 7, 8]
     assert pairs.token.tolist() == [0, 2, 1, 2, 3, 0, 1, 3]  # stable: a token's slots keep their order
@@ -47,6 +47,7 @@ def test_routing_pairs_keep_every_slot_and_sort_by_expert() -> None:
     assert flat.slots.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert pairs.slots.tolist() == [[5, 0], [2, 6], [1, 3], [7, 4]]
     assert pairs.expert[pairs.slots].tolist() == routing.indices.tolist()
+    assert routing_pairs(routing, 4, grouped=True).slots is None and routing_pairs(routing, 4, False).slots is None
 
 
 def _case(dtype: torch.dtype, inp: int, out: int, counts: list[int], seed: int = 0):
@@ -227,7 +228,7 @@ def test_gather_rows_with_slots_sums_each_tokens_pairs(with_delta: bool, fuse: b
     calls = count_fused_calls(monkeypatch)
     g = torch.Generator().manual_seed(0)
     routing = _routing(torch.randint(0, 4, (5, 2), generator=g).tolist(), [[True, True]] * 5, [[0.5, 0.5]] * 5)
-    pairs = routing_pairs(routing, 4, grouped=True)
+    pairs = routing_pairs(routing, 4, grouped=True, with_slots=True)
     frozen = torch.randn(5, 6, generator=g).requires_grad_(True)
     delta = torch.randn(10, 6, generator=g).requires_grad_(True) if with_delta else None
     _assert_gather_rows_is_index_select(frozen, pairs.token, delta, pairs.slots, g)

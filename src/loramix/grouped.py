@@ -68,11 +68,12 @@ class Pairs:
     #                       first slot of a token no expert took, whose LoRA delta is 0 (it gets the frozen FFN)
     active: torch.Tensor  # (N,) bool: the slot is used (its expert's LoRA applies)
     offsets: torch.Tensor | None  # (E,) int32 end of each expert's rows (grouped path), None: unsorted
-    slots: torch.Tensor | None = None  # (T, K) long: where each token's K pairs are among these N
+    slots: torch.Tensor | None = None  # (T, K) long: where each token's K pairs are among these N (on request)
 
 
-def routing_pairs(routing: Routing, num_experts: int, grouped: bool) -> Pairs:
-    """All (token, slot) pairs of ``routing``; ``grouped`` sorts them by expert and sets the group ends."""
+def routing_pairs(routing: Routing, num_experts: int, grouped: bool, with_slots: bool = False) -> Pairs:
+    """All (token, slot) pairs of ``routing``; ``grouped`` sorts them by expert and sets the group ends;
+    ``with_slots`` sets :attr:`Pairs.slots` (one more op; only the fused CPU backward reads it)."""
     num_tokens, k = routing.indices.shape
     expert = routing.indices.reshape(-1)  # (N,) N = T*k, slot-major within a token
     active = routing.mask.reshape(-1)  # (N,)
@@ -83,11 +84,13 @@ def routing_pairs(routing: Routing, num_experts: int, grouped: bool) -> Pairs:
     position = torch.arange(num_tokens * k, device=expert.device)  # (N,)
     token = position // k  # (N,)
     if not grouped:
-        return Pairs(token, expert, weight, active, None, position.view(num_tokens, k))
+        return Pairs(token, expert, weight, active, None, position.view(num_tokens, k) if with_slots else None)
     order = torch.argsort(expert, stable=True)  # (N,) pairs sorted by expert
     expert = expert[order]
     ends = torch.searchsorted(expert, torch.arange(num_experts, device=expert.device), right=True, out_int32=True)
-    slots = torch.empty_like(position).scatter_(0, order, position).view(num_tokens, k)  # (T, k) inverse of order
+    slots = None
+    if with_slots:
+        slots = torch.empty_like(position).scatter_(0, order, position).view(num_tokens, k)  # (T, k) inverse of order
     return Pairs(token[order], expert, weight[order], active[order], ends, slots)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import fused
 from .config import MixLoraConfig
 from .dropout import FastDropout, dropout_keep_mask
 from .experts import AdapterExperts, ExpertLoRA, FrozenFFN
@@ -143,7 +144,8 @@ class MixLoraFFN(FrozenFFN):
     def mixlora_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         num_tokens = x.shape[0]
         dtype = compute_dtype(x)  # the autocast dtype under torch.autocast, else x's
-        pairs = routing_pairs(routing, self.num_experts, grouped_mm_supported(dtype, x.device))  # N = T*K pairs
+        grouped = grouped_mm_supported(dtype, x.device)
+        pairs = routing_pairs(routing, self.num_experts, grouped, with_slots=fused.fusable(x))  # N = T*K pairs
         # one dropout mask per token (T, H) for every expert's input: half the RNG work
         keep, rescale = dropout_keep_mask(x, self.mixlora_dropout.p, self.mixlora_dropout.training)
         up, gate = self.frozen_projections(x, dtype)  # (T, I) each, frozen projections once per token

@@ -145,7 +145,8 @@ class MixLoraFFN(FrozenFFN):
         num_tokens = x.shape[0]
         dtype = compute_dtype(x)  # the autocast dtype under torch.autocast, else x's
         grouped = grouped_mm_supported(dtype, x.device)
-        pairs = routing_pairs(routing, self.num_experts, grouped, with_slots=fused.fusable(x))  # N = T*K pairs
+        slots = torch.is_grad_enabled() and fused.fusable(x)  # read only by the fused backward
+        pairs = routing_pairs(routing, self.num_experts, grouped, with_slots=slots)  # N = T*K pairs
         # one dropout mask per token (T, H) for every expert's input: half the RNG work
         keep, rescale = dropout_keep_mask(x, self.mixlora_dropout.p, self.mixlora_dropout.training)
         up, gate = self.frozen_projections(x, dtype)  # (T, I) each, frozen projections once per token

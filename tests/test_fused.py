@@ -134,13 +134,16 @@ def test_a_failed_compile_is_logged_once_and_the_eager_ops_take_over(monkeypatch
     assert not fused.fusable(t["up"], ACT2FN["silu"])
 
 
-@pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16], ids=["float32", "bf16", "fp16"])
-def test_training_step_is_the_same_with_and_without_fusing(autocast, monkeypatch) -> None:
+@pytest.mark.parametrize(("weights", "autocast"), [
+    (torch.float32, None), (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, None),
+], ids=["float32", "bf16-autocast", "fp16-autocast", "bf16-base"])
+def test_training_step_is_the_same_with_and_without_fusing(weights, autocast, monkeypatch) -> None:
     """A tiny Llama MixLoRA model's loss and every trainable gradient, top-2 with dropout, fused passes against
-    the eager ops (same seed, so the same dropout masks), in float32 and under CPU autocast."""
+    the eager ops (same seed, so the same dropout masks): float32, CPU autocast, and a bf16 base (the pairs'
+    tensors in bf16, the adapter weights float32)."""
     torch.manual_seed(0)
     config = MixLoraConfig(num_experts=4, top_k=2, r=4, dropout=0.1, attn_r=0, balance_bias_rate=0.0)
-    model = inject(tiny_model("llama"), config)
+    model = inject(tiny_model("llama").to(weights), config)
     with torch.no_grad():  # B != 0: every expert's delta and gradient path carries signal
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -161,7 +164,7 @@ def test_training_step_is_the_same_with_and_without_fusing(autocast, monkeypatch
     loss_fused, grads_fused = step(True)
     assert {"pairs_forward", "pairs_backward", "gather_add", "token_sums"} <= set(calls)
     loss_eager, grads_eager = step(False)
-    tol = {None: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[autocast]
+    tol = {None: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[autocast if weights == torch.float32 else weights]
     torch.testing.assert_close(loss_fused, loss_eager, rtol=tol, atol=tol)
     assert grads_fused.keys() == grads_eager.keys() and any("mixlora_experts" in n for n in grads_fused)
     for name, grad in grads_fused.items():
